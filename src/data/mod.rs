@@ -1,0 +1,1 @@
+//! Data sets and tensor files: NumPy `.npy`/`.npz`, IDX (MNIST), images and preprocessing.

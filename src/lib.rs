@@ -1,0 +1,15 @@
+//! lithe: make trained neural networks small and fast, and prove it.
+//!
+//! The [`ir`] graph is the centre: [`onnx`] lowers files into it and raises it back out,
+//! [`runtime`] executes it with the [`kernels`] through the [`ops`], and [`passes`] rewrite it.
+
+pub mod data;
+pub mod error;
+pub mod ir;
+pub mod kernels;
+pub mod onnx;
+pub mod ops;
+pub mod passes;
+pub mod runtime;
+
+pub use error::{Error, Result};

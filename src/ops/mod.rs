@@ -1,0 +1,215 @@
+//! Operators, one module per family. Each op is an [`OpDef`]: its ONNX name and the opsets it
+//! covers, a shape/type inference rule and a compile step that turns a node into a [`Kernel`]
+//! (attributes parsed and constants prepared once, before any run). Later issues add backward
+//! and quantized forward beside the f32 forward of each family.
+
+use crate::error::{Error, Result};
+use crate::ir::{Node, Tensor, TypeInfo};
+
+pub mod activation;
+pub mod elementwise;
+pub mod nn;
+pub mod reduce;
+pub mod shape_ops;
+
+pub use activation::Activation;
+
+/// What inference sees of a node: its input types and the inputs whose values are constant.
+pub struct InferCtx<'a> {
+    pub node: &'a Node,
+    pub opset: i64,
+    /// One entry per node input; `None` for an omitted optional input or an unknown type.
+    pub input_types: Vec<Option<TypeInfo>>,
+    /// One entry per node input; `Some` when the value is known before running
+    /// (an initializer or a folded constant), as Reshape's shape usually is.
+    pub constants: Vec<Option<&'a Tensor>>,
+}
+
+impl InferCtx<'_> {
+    pub fn input_type(&self, i: usize) -> Result<&TypeInfo> {
+        self.input_types
+            .get(i)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| node_error(self.node, format!("type of input {i} is unknown")))
+    }
+
+    pub fn constant(&self, i: usize) -> Option<&Tensor> {
+        self.constants.get(i).copied().flatten()
+    }
+}
+
+/// What compilation sees of a node: as [`InferCtx`], plus an activation the planner asks the
+/// kernel to apply to its output (bias and activation fusion for Conv/Gemm/MatMul).
+pub struct CompileCtx<'a> {
+    pub node: &'a Node,
+    pub opset: i64,
+    pub input_types: Vec<Option<TypeInfo>>,
+    pub constants: Vec<Option<&'a Tensor>>,
+    /// Only set when [`OpDef::fuses_activation`] is true.
+    pub fused_activation: Option<Activation>,
+}
+
+impl CompileCtx<'_> {
+    pub fn constant(&self, i: usize) -> Option<&Tensor> {
+        self.constants.get(i).copied().flatten()
+    }
+
+    pub fn input_type(&self, i: usize) -> Option<&TypeInfo> {
+        self.input_types.get(i).and_then(Option::as_ref)
+    }
+}
+
+/// Scratch state for a run: a pool of released f32 buffers so steady-state inference does
+/// not allocate. Kernels take output buffers from it; the executor returns dead values to it.
+#[derive(Default)]
+pub struct RunCtx {
+    free_f32: Vec<Vec<f32>>,
+}
+
+impl RunCtx {
+    /// A zero-filled buffer of `len` floats, reusing a released buffer when one is big enough.
+    pub fn alloc_f32(&mut self, len: usize) -> Vec<f32> {
+        let pos = self
+            .free_f32
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match pos {
+            Some(i) => {
+                let mut buf = self.free_f32.swap_remove(i);
+                buf.clear();
+                buf.resize(len, 0.0);
+                buf
+            }
+            None => vec![0.0; len],
+        }
+    }
+
+    /// Returns a dead tensor's storage to the pool.
+    pub fn release(&mut self, t: Tensor) {
+        if let crate::ir::TensorData::F32(v) = t.into_data() {
+            // Bound the pool so a long graph of odd sizes cannot hoard memory.
+            if self.free_f32.len() < 32 && v.capacity() > 0 {
+                self.free_f32.push(v);
+            }
+        }
+    }
+}
+
+/// A node ready to run: attributes parsed, constant inputs prepared (e.g. packed weights).
+pub trait Kernel: Send + Sync {
+    /// `inputs` has one entry per node input (`None` when omitted); returns one tensor per output.
+    /// Kernels may use rayon; the executor runs them inside its thread pool.
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>>;
+}
+
+pub type InferFn = fn(&InferCtx) -> Result<Vec<TypeInfo>>;
+pub type CompileFn = fn(&CompileCtx) -> Result<Box<dyn Kernel>>;
+
+/// Definition of one ONNX operator as lithe implements it.
+pub struct OpDef {
+    pub op_type: &'static str,
+    /// "" for the default ONNX domain.
+    pub domain: &'static str,
+    /// Inclusive range of default-domain opsets whose semantics this implementation follows.
+    pub opsets: (i64, i64),
+    pub infer: InferFn,
+    pub compile: CompileFn,
+    /// True when `compile` honours [`CompileCtx::fused_activation`].
+    pub fuses_activation: bool,
+}
+
+fn all_ops() -> impl Iterator<Item = &'static OpDef> {
+    activation::OPS
+        .iter()
+        .chain(elementwise::OPS)
+        .chain(nn::OPS)
+        .chain(reduce::OPS)
+        .chain(shape_ops::OPS)
+}
+
+/// The op definition for a node under a model opset, or a clear error naming the op,
+/// its opset and the node.
+pub fn lookup(node: &Node, opset: i64) -> Result<&'static OpDef> {
+    let domain = if node.domain == "ai.onnx" {
+        ""
+    } else {
+        node.domain.as_str()
+    };
+    all_ops()
+        .find(|d| {
+            d.op_type == node.op_type
+                && d.domain == domain
+                && d.opsets.0 <= opset
+                && opset <= d.opsets.1
+        })
+        .ok_or_else(|| Error::UnsupportedOp {
+            op_type: node.op_type.clone(),
+            domain: if domain.is_empty() {
+                "ai.onnx".into()
+            } else {
+                domain.into()
+            },
+            opset,
+            node: node.display_name(),
+        })
+}
+
+/// Every supported (op type, domain, opset range), for `lithe inspect --ops` and docs.
+pub fn supported_ops() -> Vec<(&'static str, &'static str, (i64, i64))> {
+    all_ops().map(|d| (d.op_type, d.domain, d.opsets)).collect()
+}
+
+/// An error about `node`, carrying its name and op type.
+pub fn node_error(node: &Node, msg: impl Into<String>) -> Error {
+    Error::Node {
+        node: node.display_name(),
+        op_type: node.op_type.clone(),
+        msg: msg.into(),
+    }
+}
+
+/// The `i`th input of a kernel, or an error when a required input is missing.
+pub fn required<'a>(inputs: &[Option<&'a Tensor>], i: usize) -> Result<&'a Tensor> {
+    inputs
+        .get(i)
+        .copied()
+        .flatten()
+        .ok_or_else(|| Error::Graph(format!("required input {i} is missing")))
+}
+
+/// Normalises a possibly negative axis against `rank`.
+pub fn normalize_axis(axis: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a >= r.max(1) {
+        return Err(Error::Shape(format!(
+            "axis {axis} is out of range for rank {rank}"
+        )));
+    }
+    Ok(a as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_op_is_a_clear_error() {
+        let node = Node::new("n1", "FancyOp", vec!["x".into()], vec!["y".into()]);
+        let err = lookup(&node, 13).err().unwrap().to_string();
+        assert!(
+            err.contains("FancyOp") && err.contains("13") && err.contains("n1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn axis_normalisation() {
+        assert_eq!(normalize_axis(-1, 4).unwrap(), 3);
+        assert!(normalize_axis(4, 4).is_err());
+        assert!(normalize_axis(-5, 4).is_err());
+    }
+}

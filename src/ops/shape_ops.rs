@@ -1,0 +1,3 @@
+use super::OpDef;
+
+pub const OPS: &[OpDef] = &[];

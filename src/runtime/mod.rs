@@ -1,0 +1,1 @@
+//! Executes an IR graph on the CPU.
