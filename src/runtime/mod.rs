@@ -1,1 +1,7 @@
 //! Executes an IR graph on the CPU.
+
+pub mod plan;
+pub mod session;
+
+pub use plan::PlanOptions;
+pub use session::{Session, SessionOptions, StepTiming};

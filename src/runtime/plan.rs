@@ -1,0 +1,233 @@
+//! Turns a graph into a flat list of compiled steps over numbered value slots, deciding once
+//! which kernels absorb a following activation and when each intermediate value dies.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::ir::{Model, Node, Tensor, TypeInfo};
+use crate::ops::{self, activation::activation_of, CompileCtx, Kernel};
+
+pub type Slot = usize;
+
+pub struct Step {
+    pub node_name: String,
+    pub op_type: String,
+    /// Op types folded into this step (e.g. `Conv+Relu`), for profiles.
+    pub label: String,
+    pub kernel: Box<dyn Kernel>,
+    pub inputs: Vec<Option<Slot>>,
+    pub outputs: Vec<Slot>,
+    /// Slots whose last reader is this step: released right after it runs.
+    pub release_after: Vec<Slot>,
+}
+
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub slot_count: usize,
+    /// Constant values (initializers), indexed by slot.
+    pub constants: HashMap<Slot, Tensor>,
+    pub inputs: Vec<(String, Slot, TypeInfo)>,
+    pub outputs: Vec<(String, Slot)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    /// Fold a lone following activation into Conv/Gemm/MatMul epilogues.
+    pub fuse_activations: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            fuse_activations: true,
+        }
+    }
+}
+
+struct Slots {
+    ids: HashMap<String, Slot>,
+}
+
+impl Slots {
+    fn get_or_add(&mut self, name: &str) -> Slot {
+        let next = self.ids.len();
+        *self.ids.entry(name.to_string()).or_insert(next)
+    }
+}
+
+pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
+    let graph = &model.graph;
+    let opset = model.opset();
+    let mut slots = Slots {
+        ids: HashMap::new(),
+    };
+    let mut constants = HashMap::new();
+    for (name, t) in &graph.initializers {
+        constants.insert(slots.get_or_add(name), t.clone());
+    }
+    let inputs: Vec<(String, Slot, TypeInfo)> = graph
+        .inputs
+        .iter()
+        .map(|v| (v.name.clone(), slots.get_or_add(&v.name), v.ty.clone()))
+        .collect();
+
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for node in &graph.nodes {
+        for inp in node.inputs.iter().filter(|s| !s.is_empty()) {
+            *readers.entry(inp.as_str()).or_default() += 1;
+        }
+    }
+    let graph_outputs: std::collections::HashSet<&str> =
+        graph.outputs.iter().map(|v| v.name.as_str()).collect();
+    let producer_of: HashMap<&str, usize> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+
+    let mut absorbed = vec![false; graph.nodes.len()];
+    let mut steps = Vec::with_capacity(graph.nodes.len());
+    for (i, node) in graph.nodes.iter().enumerate() {
+        if absorbed[i] {
+            continue;
+        }
+        let def = ops::lookup(node, opset)?;
+        let input_types: Vec<Option<TypeInfo>> = node
+            .inputs
+            .iter()
+            .map(|n| if n.is_empty() { None } else { graph.type_of(n) })
+            .collect();
+        let consts: Vec<Option<&Tensor>> = node
+            .inputs
+            .iter()
+            .map(|n| graph.initializers.get(n))
+            .collect();
+
+        let mut fused: Option<(usize, ops::Activation)> = None;
+        if options.fuse_activations && def.fuses_activation && node.outputs.len() == 1 {
+            fused = fusable_activation(model, node, &readers, &graph_outputs, &producer_of)?;
+        }
+        let ctx = CompileCtx {
+            node,
+            opset,
+            input_types,
+            constants: consts,
+            fused_activation: fused.map(|(_, a)| a),
+        };
+        let kernel = (def.compile)(&ctx).map_err(|e| e.at_node(node))?;
+        let mut label = node.op_type.clone();
+        let outputs: Vec<Slot> = match fused {
+            Some((j, _)) => {
+                absorbed[j] = true;
+                let act = &graph.nodes[j];
+                label = format!("{}+{}", node.op_type, act.op_type);
+                vec![slots.get_or_add(&act.outputs[0])]
+            }
+            None => node.outputs.iter().map(|o| slots.get_or_add(o)).collect(),
+        };
+        let step_inputs = node
+            .inputs
+            .iter()
+            .map(|n| {
+                if n.is_empty() {
+                    None
+                } else {
+                    Some(slots.get_or_add(n))
+                }
+            })
+            .collect();
+        steps.push(Step {
+            node_name: node.display_name(),
+            op_type: node.op_type.clone(),
+            label,
+            kernel,
+            inputs: step_inputs,
+            outputs,
+            release_after: Vec::new(),
+        });
+    }
+
+    let outputs: Vec<(String, Slot)> = graph
+        .outputs
+        .iter()
+        .map(|v| {
+            slots
+                .ids
+                .get(&v.name)
+                .map(|&s| (v.name.clone(), s))
+                .ok_or_else(|| Error::Graph(format!("graph output '{}' is never produced", v.name)))
+        })
+        .collect::<Result<_>>()?;
+
+    // A slot dies after its last reader, unless it is a constant or a graph output.
+    let mut last_reader: HashMap<Slot, usize> = HashMap::new();
+    for (si, step) in steps.iter().enumerate() {
+        for s in step.inputs.iter().flatten() {
+            last_reader.insert(*s, si);
+        }
+    }
+    let keep: std::collections::HashSet<Slot> = outputs.iter().map(|(_, s)| *s).collect();
+    for (slot, si) in last_reader {
+        if !constants.contains_key(&slot) && !keep.contains(&slot) {
+            steps[si].release_after.push(slot);
+        }
+    }
+    Ok(Plan {
+        steps,
+        slot_count: slots.ids.len(),
+        constants,
+        inputs,
+        outputs,
+    })
+}
+
+/// The activation node that can be folded into `node`: the sole reader of its only output,
+/// that output not being a graph output, with constant parameters.
+fn fusable_activation(
+    model: &Model,
+    node: &Node,
+    readers: &HashMap<&str, usize>,
+    graph_outputs: &std::collections::HashSet<&str>,
+    producer_of: &HashMap<&str, usize>,
+) -> Result<Option<(usize, ops::Activation)>> {
+    let graph = &model.graph;
+    let out = node.outputs[0].as_str();
+    if graph_outputs.contains(out) || readers.get(out) != Some(&1) {
+        return Ok(None);
+    }
+    let Some((j, next)) = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.inputs.iter().any(|i| i == out))
+    else {
+        return Ok(None);
+    };
+    if next.inputs.first().map(String::as_str) != Some(out) || next.outputs.len() != 1 {
+        return Ok(None);
+    }
+    // Fusing moves the activation up to its producer; that is only sound when every other
+    // input of the activation (Clip bounds) exists before the producer runs.
+    let producer_index = producer_of.get(out).copied().unwrap_or(0);
+    for extra in next.inputs.iter().skip(1).filter(|s| !s.is_empty()) {
+        if producer_of
+            .get(extra.as_str())
+            .is_some_and(|&p| p >= producer_index)
+        {
+            return Ok(None);
+        }
+    }
+    let ctx = CompileCtx {
+        node: next,
+        opset: model.opset(),
+        input_types: vec![],
+        constants: next
+            .inputs
+            .iter()
+            .map(|n| graph.initializers.get(n))
+            .collect(),
+        fused_activation: None,
+    };
+    Ok(activation_of(&ctx)?.map(|a| (j, a)))
+}

@@ -1,0 +1,281 @@
+//! A compiled model ready to run many times: feeds are checked against the graph's declared
+//! inputs, steps run in order inside a thread pool of the requested size, dead values go back
+//! to a buffer pool, and an optional profile times each step.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::plan::{self, Plan, PlanOptions};
+use crate::error::{Error, Result};
+use crate::ir::{Dim, Model, Tensor};
+use crate::ops::RunCtx;
+
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Worker threads for kernels; 0 means one per core.
+    pub threads: usize,
+    pub plan: PlanOptions,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            threads: 0,
+            plan: PlanOptions::default(),
+        }
+    }
+}
+
+/// Time spent in one step during a profiled run.
+#[derive(Clone, Debug)]
+pub struct StepTiming {
+    pub node_name: String,
+    pub label: String,
+    pub elapsed: Duration,
+}
+
+pub struct Session {
+    plan: Plan,
+    pool: rayon::ThreadPool,
+    scratch: Mutex<Vec<RunCtx>>,
+}
+
+impl Session {
+    pub fn new(model: &Model, options: &SessionOptions) -> Result<Session> {
+        let plan = plan::build(model, &options.plan)?;
+        let threads = if options.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            options.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::Graph(format!("cannot start {threads} worker threads: {e}")))?;
+        Ok(Session {
+            plan,
+            pool,
+            scratch: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    pub fn input_names(&self) -> Vec<&str> {
+        self.plan
+            .inputs
+            .iter()
+            .map(|(n, _, _)| n.as_str())
+            .collect()
+    }
+
+    pub fn output_names(&self) -> Vec<&str> {
+        self.plan.outputs.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Declared type of each graph input.
+    pub fn input_types(&self) -> impl Iterator<Item = (&str, &crate::ir::TypeInfo)> {
+        self.plan.inputs.iter().map(|(n, _, t)| (n.as_str(), t))
+    }
+
+    /// Runs the model; `feeds` are matched to graph inputs by name. Returns the graph outputs
+    /// in declaration order.
+    pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        self.run_inner(feeds, None)
+    }
+
+    /// As [`Session::run`], also timing every step.
+    pub fn run_profiled(
+        &self,
+        feeds: &[(&str, Tensor)],
+    ) -> Result<(Vec<(String, Tensor)>, Vec<StepTiming>)> {
+        let mut timings = Vec::with_capacity(self.plan.steps.len());
+        let out = self.run_inner(feeds, Some(&mut timings))?;
+        Ok((out, timings))
+    }
+
+    fn run_inner(
+        &self,
+        feeds: &[(&str, Tensor)],
+        mut timings: Option<&mut Vec<StepTiming>>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut values: Vec<Option<Tensor>> = (0..self.plan.slot_count).map(|_| None).collect();
+        for (name, slot, ty) in &self.plan.inputs {
+            let tensor = feeds
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::Input {
+                    name: name.clone(),
+                    msg: "no value was given for this graph input".into(),
+                })?;
+            check_feed(name, tensor, ty)?;
+            values[*slot] = Some(tensor.clone());
+        }
+        for (name, _) in feeds {
+            if !self.plan.inputs.iter().any(|(n, _, _)| n == name) {
+                return Err(Error::Input {
+                    name: name.to_string(),
+                    msg: format!(
+                        "the model has no such input (inputs: {})",
+                        self.input_names().join(", ")
+                    ),
+                });
+            }
+        }
+        let mut ctx = self
+            .scratch
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop())
+            .unwrap_or_default();
+        let result = self.pool.install(|| {
+            for step in &self.plan.steps {
+                let started = timings.as_ref().map(|_| Instant::now());
+                let outputs = {
+                    let args: Vec<Option<&Tensor>> = step
+                        .inputs
+                        .iter()
+                        .map(|s| {
+                            s.and_then(|s| {
+                                values[s].as_ref().or_else(|| self.plan.constants.get(&s))
+                            })
+                        })
+                        .collect();
+                    if let Some(missing) = step
+                        .inputs
+                        .iter()
+                        .zip(&args)
+                        .position(|(s, a)| s.is_some() && a.is_none())
+                    {
+                        return Err(Error::Node {
+                            node: step.node_name.clone(),
+                            op_type: step.op_type.clone(),
+                            msg: format!("input {missing} has no value at run time"),
+                        });
+                    }
+                    step.kernel.run(&args, &mut ctx).map_err(|e| Error::Node {
+                        node: step.node_name.clone(),
+                        op_type: step.op_type.clone(),
+                        msg: e.to_string(),
+                    })?
+                };
+                if outputs.len() < step.outputs.len() {
+                    return Err(Error::Node {
+                        node: step.node_name.clone(),
+                        op_type: step.op_type.clone(),
+                        msg: format!(
+                            "produced {} outputs, expected {}",
+                            outputs.len(),
+                            step.outputs.len()
+                        ),
+                    });
+                }
+                for (slot, t) in step.outputs.iter().zip(outputs) {
+                    values[*slot] = Some(t);
+                }
+                for slot in &step.release_after {
+                    if let Some(t) = values[*slot].take() {
+                        ctx.release(t);
+                    }
+                }
+                if let (Some(t), Some(start)) = (timings.as_deref_mut(), started) {
+                    t.push(StepTiming {
+                        node_name: step.node_name.clone(),
+                        label: step.label.clone(),
+                        elapsed: start.elapsed(),
+                    });
+                }
+            }
+            Ok(())
+        });
+        if let Ok(mut s) = self.scratch.lock() {
+            s.push(ctx);
+        }
+        result?;
+        self.plan
+            .outputs
+            .iter()
+            .map(|(name, slot)| {
+                let t = values[*slot]
+                    .take()
+                    .or_else(|| self.plan.constants.get(slot).cloned())
+                    .ok_or_else(|| Error::Graph(format!("output '{name}' was not computed")))?;
+                Ok((name.clone(), t))
+            })
+            .collect()
+    }
+}
+
+fn check_feed(name: &str, t: &Tensor, ty: &crate::ir::TypeInfo) -> Result<()> {
+    let err = |msg: String| Error::Input {
+        name: name.to_string(),
+        msg,
+    };
+    if t.dtype() != ty.dtype {
+        return Err(err(format!("expected {} but got {}", ty.dtype, t.dtype())));
+    }
+    if let Some(dims) = &ty.shape {
+        if dims.len() != t.rank() {
+            return Err(err(format!("expected shape {ty} but got {:?}", t.shape())));
+        }
+        for (d, &n) in dims.iter().zip(t.shape()) {
+            if let Dim::Known(k) = d {
+                if *k != n {
+                    return Err(err(format!("expected shape {ty} but got {:?}", t.shape())));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{DType, Graph, Node, TypeInfo, ValueInfo};
+
+    fn relu_model() -> Model {
+        let graph = Graph {
+            inputs: vec![ValueInfo::new(
+                "x",
+                TypeInfo::new(DType::F32, vec![Dim::Sym("N".into()), Dim::Known(3)]),
+            )],
+            outputs: vec![ValueInfo::new("z", TypeInfo::unknown_shape(DType::F32))],
+            nodes: vec![
+                Node::new("r1", "Relu", vec!["x".into()], vec!["y".into()]),
+                Node::new("r2", "Sigmoid", vec!["y".into()], vec!["z".into()]),
+            ],
+            ..Graph::default()
+        };
+        Model::new(graph, 13)
+    }
+
+    #[test]
+    fn runs_a_chain_and_checks_feeds() {
+        let s = Session::new(
+            &relu_model(),
+            &SessionOptions {
+                threads: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let x = Tensor::from_f32(vec![2, 3], vec![-1.0, 0.0, 1.0, 2.0, -3.0, 4.0]).unwrap();
+        let out = s.run(&[("x", x)]).unwrap();
+        let z = out[0].1.as_f32().unwrap();
+        assert_eq!(z[0], 0.5);
+        assert!((z[2] - crate::kernels::activation::sigmoid(1.0)).abs() < 1e-7);
+
+        let bad = Tensor::from_f32(vec![2, 4], vec![0.0; 8]).unwrap();
+        let err = s.run(&[("x", bad)]).unwrap_err().to_string();
+        assert!(
+            err.contains("'x'") && err.contains("expected shape"),
+            "{err}"
+        );
+        let err = s.run(&[]).unwrap_err().to_string();
+        assert!(err.contains("no value"), "{err}");
+    }
+}
