@@ -3,6 +3,7 @@
 //! The [`ir`] graph is the centre: [`onnx`] lowers files into it and raises it back out,
 //! [`runtime`] executes it with the [`kernels`] through the [`ops`], and [`passes`] rewrite it.
 
+pub mod analysis;
 pub mod data;
 pub mod error;
 pub mod ir;
