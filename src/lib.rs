@@ -6,6 +6,7 @@
 pub mod analysis;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod ir;
 pub mod kernels;
 pub mod onnx;

@@ -1,0 +1,73 @@
+//! `lithe demo`: the main job on the embedded default. Today: inspect the embedded MNIST CNN,
+//! evaluate it on the embedded MNIST test set, and measure its latency. Each later capability
+//! (quantize, prune, ...) adds its step here.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use lithe::data::dataset::Split;
+
+use super::bench::{measure, synthetic_feeds};
+use super::common::{load_model, progress, session_for};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Evaluate on at most this many test images (default: all 10,000).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Seconds to spend on each latency measurement.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+}
+
+/// The embedded MNIST CNN: beside the sources when run from the repository, else under the
+/// current directory.
+pub fn embedded_model() -> Result<PathBuf> {
+    let candidates = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/models/mnist_cnn.onnx"),
+        PathBuf::from("assets/models/mnist_cnn.onnx"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .context("the embedded model assets/models/mnist_cnn.onnx is missing; run from the lithe repository")
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let path = embedded_model()?;
+    let model = load_model(&path)?;
+    println!("== 1. inspect: {}", path.display());
+    let stats = lithe::analysis::analyze(&model, &[])?;
+    print!("{}", super::inspect::render(&stats));
+    println!(
+        "total: {} parameters, {} MACs per image\n",
+        stats.total_params,
+        stats.total_macs
+    );
+
+    println!("== 2. evaluate on the embedded MNIST test set");
+    let pre = super::eval::choose_preprocess(None, &model)?;
+    let source = lithe::data::dataset::open("mnist", Split::Test, pre.as_ref())?;
+    let session = session_for(&model, args.threads)?;
+    let total = args.limit.map_or(source.len(), |l| l.min(source.len()));
+    let bar = progress(total as u64, "eval");
+    let acc = lithe::eval::evaluate(&session, source.as_ref(), 100, args.limit, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    println!("top-1 {:.2} % on {} images\n", acc.top1 * 100.0, acc.samples);
+
+    println!("== 3. latency ({} threads)", session.threads());
+    for batch in [1, 64] {
+        let feeds = synthetic_feeds(&session, batch, &[])?;
+        let refs: Vec<(&str, lithe::ir::Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let r = measure(&session, &refs, batch, args.seconds)?;
+        println!(
+            "batch {batch:>3}: p50 {:.3} ms, p90 {:.3} ms, {:.0} images/s",
+            r.p50_ms, r.p90_ms, r.items_per_second
+        );
+    }
+    Ok(())
+}
