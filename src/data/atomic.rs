@@ -36,7 +36,9 @@ where
     let file = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
     let mut w = BufWriter::new(file);
     fill(&mut w).map_err(|e| Error::io(path, e))?;
-    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
     // Without the sync a crash after the rename can leave an empty file under the final name.
     file.sync_all().map_err(|e| Error::io(path, e))?;
     drop(file);

@@ -164,7 +164,11 @@ mod tests {
         assert_eq!(read_idx_labels(&p).unwrap(), vec![7, 2, 1]);
         assert!(read_idx_images(&p).is_err());
         let p = dir.path("f.idx");
-        std::fs::write(&p, idx_bytes(0x0d, &[2], &[0x3f, 0x80, 0, 0, 0xc0, 0, 0, 0])).unwrap();
+        std::fs::write(
+            &p,
+            idx_bytes(0x0d, &[2], &[0x3f, 0x80, 0, 0, 0xc0, 0, 0, 0]),
+        )
+        .unwrap();
         assert_eq!(read_idx(&p).unwrap().as_f32().unwrap(), &[1.0, -2.0]);
     }
 

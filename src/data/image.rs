@@ -340,7 +340,9 @@ fn decode_png(bytes: &[u8], name: &str) -> Result<Image> {
         .filter(|&s| s <= MAX_IMAGE_BYTES)
         .ok_or_else(|| Error::TooLarge(format!("{name}: image is too large to decode")))?;
     let mut buf = vec![0u8; size];
-    let info = reader.next_frame(&mut buf).map_err(|e| err(e.to_string()))?;
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| err(e.to_string()))?;
     let (w, h) = (info.width as usize, info.height as usize);
     let in_ch = match info.color_type {
         png::ColorType::Grayscale => 1,
@@ -449,8 +451,10 @@ mod tests {
 
     #[test]
     fn jpeg_gray_and_cmyk_match_pillow_closely() {
-        for (jpg, npy, channels) in [("gray.jpg", "gray_jpg.npy", 1), ("cmyk.jpg", "cmyk_rgb.npy", 3)]
-        {
+        for (jpg, npy, channels) in [
+            ("gray.jpg", "gray_jpg.npy", 1),
+            ("cmyk.jpg", "cmyk_rgb.npy", 3),
+        ] {
             let img = read_image(fixture(jpg)).unwrap();
             let (shape, want) = npy_u8(npy);
             assert_eq!(img.channels, channels, "{jpg}");
@@ -494,7 +498,10 @@ mod tests {
         // round(0.5) = 0 vertically; padding goes right when the excess is odd.
         assert_eq!(px.center_crop(1, 1).data, vec![2]);
         assert_eq!(px.center_crop(4, 2).data, vec![1, 2, 3, 0, 4, 5, 6, 0]);
-        assert_eq!(px.center_crop(5, 2).data, vec![0, 1, 2, 3, 0, 0, 4, 5, 6, 0]);
+        assert_eq!(
+            px.center_crop(5, 2).data,
+            vec![0, 1, 2, 3, 0, 0, 4, 5, 6, 0]
+        );
     }
 
     #[test]
@@ -543,7 +550,13 @@ mod tests {
         for (file, w, h, c, mean) in [
             ("photos/chelsea.png", 451, 300, 3, 115.30514166050752),
             ("photos/rocket.jpg", 640, 427, 3, 65.27705893832943),
-            ("photos/hubble_deep_field.jpg", 1000, 872, 3, 19.15445374617737),
+            (
+                "photos/hubble_deep_field.jpg",
+                1000,
+                872,
+                3,
+                19.15445374617737,
+            ),
             ("photos/page.png", 384, 191, 1, 171.54482984293193),
         ] {
             let img = read_image(shared.join("images").join(file)).unwrap();

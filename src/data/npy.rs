@@ -253,8 +253,8 @@ fn parse_descr(descr: &str) -> std::result::Result<Elem, String> {
         "b1" | "?" => Elem::Bool,
         _ => {
             return Err(format!(
-                "unsupported dtype '{descr}' (supported: <f2 <f4 <f8 |i1 |u1 <i2 <i4 <i8 <u2 <u4 |b1)"
-            ))
+            "unsupported dtype '{descr}' (supported: <f2 <f4 <f8 |i1 |u1 <i2 <i4 <i8 <u2 <u4 |b1)"
+        ))
         }
     };
     if order == '>' && elem.size() > 1 {
@@ -281,7 +281,10 @@ fn parse_header(text: &str) -> std::result::Result<Header, String> {
     let value = p.value(0)?;
     p.skip_ws();
     if p.i != p.s.len() {
-        return Err(format!("unexpected text after the dictionary at byte {}", p.i));
+        return Err(format!(
+            "unexpected text after the dictionary at byte {}",
+            p.i
+        ));
     }
     let Value::Dict(entries) = value else {
         return Err("the header is not a dictionary".into());
@@ -290,7 +293,7 @@ fn parse_header(text: &str) -> std::result::Result<Header, String> {
     for (k, v) in entries {
         match (k.as_str(), v) {
             ("descr", Value::Str(s)) => descr = Some(s),
-            ("descr", Value::List(_)) => {
+            ("descr", Value::List) => {
                 return Err("structured (record) dtypes are not supported".into())
             }
             ("descr", _) => return Err("'descr' is not a string".into()),
@@ -329,7 +332,8 @@ enum Value {
     Int(i128),
     None,
     Tuple(Vec<Value>),
-    List(Vec<Value>),
+    /// Only ever a structured dtype's field list, which is rejected, so its items are dropped.
+    List,
     Dict(Vec<(String, Value)>),
 }
 
@@ -397,14 +401,19 @@ impl Parser<'_> {
                         return Ok(if open == b'(' {
                             Value::Tuple(items)
                         } else {
-                            Value::List(items)
+                            Value::List
                         });
                     }
                     items.push(self.value(depth + 1)?);
                     match self.peek() {
                         Some(b',') => self.i += 1,
                         Some(c) if c == close => {}
-                        _ => return Err(format!("expected ',' or a closing bracket at byte {}", self.i)),
+                        _ => {
+                            return Err(format!(
+                                "expected ',' or a closing bracket at byte {}",
+                                self.i
+                            ))
+                        }
                     }
                 }
             }
@@ -510,8 +519,11 @@ mod tests {
 
     fn samples() -> Vec<Tensor> {
         vec![
-            Tensor::from_f32(vec![2, 3], vec![1.5, -2.0, 0.0, f32::MAX, f32::MIN_POSITIVE, 7.25])
-                .unwrap(),
+            Tensor::from_f32(
+                vec![2, 3],
+                vec![1.5, -2.0, 0.0, f32::MAX, f32::MIN_POSITIVE, 7.25],
+            )
+            .unwrap(),
             Tensor::new(vec![3], TensorData::F16(vec![0x3c00, 0xc000, 0x7bff])).unwrap(),
             Tensor::new(vec![2, 2], TensorData::F64(vec![1e300, -1e-300, 0.5, 3.0])).unwrap(),
             Tensor::new(vec![4], TensorData::I8(vec![-128, -1, 0, 127])).unwrap(),
@@ -583,7 +595,10 @@ mod tests {
     #[test]
     fn big_endian_is_a_clear_error() {
         let err = read_npy(fixture("big_endian.npy")).unwrap_err().to_string();
-        assert!(err.contains("big_endian.npy") && err.contains("big-endian"), "{err}");
+        assert!(
+            err.contains("big_endian.npy") && err.contains("big-endian"),
+            "{err}"
+        );
     }
 
     #[test]

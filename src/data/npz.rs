@@ -212,7 +212,10 @@ impl NpzArchive {
     }
 
     fn read_at(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        if offset.checked_add(len as u64).is_none_or(|end| end > self.file_len) {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.file_len)
+        {
             return Err(self.err(format!(
                 "truncated: {len} bytes at offset {offset} lie past the end of the file"
             )));
@@ -279,9 +282,7 @@ impl NpzArchive {
             for field in [&mut size, &mut compressed, &mut local_offset] {
                 if *field == 0xffff_ffff {
                     if z64.len() < 8 {
-                        return Err(self.err(format!(
-                            "member '{member}': zip64 sizes are missing"
-                        )));
+                        return Err(self.err(format!("member '{member}': zip64 sizes are missing")));
                     }
                     *field = u64::from_le_bytes(z64[..8].try_into().unwrap_or([0xff; 8]));
                     z64 = &z64[8..];
@@ -362,7 +363,9 @@ impl NpzArchive {
                 )));
             }
             let mut buf = vec![0u8; size as usize];
-            raw.take(size).read_exact(&mut buf).map_err(|e| self.io(e))?;
+            raw.take(size)
+                .read_exact(&mut buf)
+                .map_err(|e| self.io(e))?;
             buf
         } else {
             // Deflate expands at most ~1032:1, which bounds what an honest member can claim
@@ -454,7 +457,10 @@ mod tests {
                 "labels".to_string(),
                 Tensor::from_i64(vec![2], vec![3, 9]).unwrap(),
             ),
-            ("empty".to_string(), Tensor::zeros(DType::U8, vec![0]).unwrap()),
+            (
+                "empty".to_string(),
+                Tensor::zeros(DType::U8, vec![0]).unwrap(),
+            ),
             (
                 "ünïcode".to_string(),
                 Tensor::new(vec![1], TensorData::Bool(vec![true])).unwrap(),

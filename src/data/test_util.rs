@@ -52,6 +52,8 @@ pub(crate) fn shared_dir(test: &str) -> Option<PathBuf> {
             return Some(c);
         }
     }
-    eprintln!("note: {test} skipped: shared folder not found (set LITHE_SHARED or put it at ../shared)");
+    eprintln!(
+        "note: {test} skipped: shared folder not found (set LITHE_SHARED or put it at ../shared)"
+    );
     None
 }
