@@ -89,18 +89,20 @@ impl Image {
     }
 
     /// Resizes to exactly `width` x `height` (Pillow bilinear; see the module docs).
-    pub fn resize(&self, width: usize, height: usize) -> Image {
+    /// Errors only when the result would exceed the decoded-image size limit.
+    pub fn resize(&self, width: usize, height: usize) -> Result<Image> {
         let c = self.channels;
+        check_size(width, height, c)?;
         if width == self.width && height == self.height {
-            return self.clone();
+            return Ok(self.clone());
         }
         if self.width == 0 || self.height == 0 || width == 0 || height == 0 {
-            return Image {
+            return Ok(Image {
                 width,
                 height,
                 channels: c,
                 data: vec![0; width * height * c],
-            };
+            });
         }
         let horiz = Coeffs::new(self.width, width);
         let vert = Coeffs::new(self.height, height);
@@ -153,16 +155,16 @@ impl Image {
                 data: out,
             };
         }
-        cur
+        Ok(cur)
     }
 
     /// Scales so the shorter side becomes `size`, keeping the aspect ratio with torchvision's
     /// rounding (`int(size * long / short)`); a no-op when the shorter side already matches.
-    pub fn resize_shorter(&self, size: usize) -> Image {
+    pub fn resize_shorter(&self, size: usize) -> Result<Image> {
         let (w, h) = (self.width, self.height);
         let (short, long) = if w <= h { (w, h) } else { (h, w) };
         if short == size || short == 0 {
-            return self.clone();
+            return Ok(self.clone());
         }
         let new_long = (size as f64 * long as f64 / short as f64) as usize;
         if w <= h {
@@ -174,7 +176,8 @@ impl Image {
 
     /// The centred `width` x `height` window, as torchvision's `center_crop`: offsets are
     /// rounded half-to-even and a crop larger than the image is padded with zeros.
-    pub fn center_crop(&self, width: usize, height: usize) -> Image {
+    pub fn center_crop(&self, width: usize, height: usize) -> Result<Image> {
+        check_size(width, height, self.channels)?;
         let left = crop_offset(self.width, width);
         let top = crop_offset(self.height, height);
         let c = self.channels;
@@ -193,12 +196,12 @@ impl Image {
                 px.copy_from_slice(&self.data[at..at + c]);
             }
         }
-        Image {
+        Ok(Image {
             width,
             height,
             channels: c,
             data,
-        }
+        })
     }
 
     /// Samples as f32 in planar CHW order, unscaled (0..=255).
@@ -212,6 +215,18 @@ impl Image {
             }
         }
         out
+    }
+}
+
+fn check_size(width: usize, height: usize, channels: usize) -> Result<()> {
+    match width
+        .checked_mul(height)
+        .and_then(|p| p.checked_mul(channels))
+    {
+        Some(n) if n <= MAX_IMAGE_BYTES => Ok(()),
+        _ => Err(Error::TooLarge(format!(
+            "a {width}x{height} image exceeds the {MAX_IMAGE_BYTES} byte limit"
+        ))),
     }
 }
 
@@ -476,19 +491,22 @@ mod tests {
         let img = read_image(fixture("rgb_37x23.png")).unwrap();
         for (w, h) in [(25, 16), (48, 30), (13, 40)] {
             let (_, want) = npy_u8(&format!("resize_{w}x{h}.npy"));
-            assert_eq!(img.resize(w, h).data, want, "{w}x{h}");
+            assert_eq!(img.resize(w, h).unwrap().data, want, "{w}x{h}");
         }
         let gray = img.to_gray();
         assert_eq!(gray.data, npy_u8("gray_37x23.npy").1);
-        assert_eq!(gray.resize(9, 7).data, npy_u8("resize_gray_9x7.npy").1);
+        assert_eq!(
+            gray.resize(9, 7).unwrap().data,
+            npy_u8("resize_gray_9x7.npy").1
+        );
     }
 
     #[test]
     fn shorter_side_and_crop_geometry() {
         let img = Image::new(37, 23, 1, vec![0; 37 * 23]).unwrap();
-        let r = img.resize_shorter(16);
+        let r = img.resize_shorter(16).unwrap();
         assert_eq!((r.width, r.height), (25, 16));
-        assert_eq!(img.resize_shorter(23), img);
+        assert_eq!(img.resize_shorter(23).unwrap(), img);
         // torchvision: round((25 - 12) / 2) = round(6.5) = 6, round((16 - 12) / 2) = 2.
         assert_eq!(crop_offset(25, 12), 6);
         assert_eq!(crop_offset(27, 12), 8); // round(7.5) = 8
@@ -496,10 +514,13 @@ mod tests {
         assert_eq!(crop_offset(37, 40), -1);
         let px = Image::new(3, 2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
         // round(0.5) = 0 vertically; padding goes right when the excess is odd.
-        assert_eq!(px.center_crop(1, 1).data, vec![2]);
-        assert_eq!(px.center_crop(4, 2).data, vec![1, 2, 3, 0, 4, 5, 6, 0]);
+        assert_eq!(px.center_crop(1, 1).unwrap().data, vec![2]);
         assert_eq!(
-            px.center_crop(5, 2).data,
+            px.center_crop(4, 2).unwrap().data,
+            vec![1, 2, 3, 0, 4, 5, 6, 0]
+        );
+        assert_eq!(
+            px.center_crop(5, 2).unwrap().data,
             vec![0, 1, 2, 3, 0, 0, 4, 5, 6, 0]
         );
     }
@@ -507,13 +528,17 @@ mod tests {
     #[test]
     fn degenerate_sizes_do_not_panic() {
         let img = Image::new(1, 1, 3, vec![10, 20, 30]).unwrap();
-        assert_eq!(img.resize(3, 2).data, [10, 20, 30].repeat(6));
-        assert_eq!(img.resize(0, 5).data.len(), 0);
+        assert_eq!(img.resize(3, 2).unwrap().data, [10, 20, 30].repeat(6));
+        assert_eq!(img.resize(0, 5).unwrap().data.len(), 0);
         let empty = Image::new(0, 0, 1, vec![]).unwrap();
-        assert_eq!(empty.resize(2, 2).data, vec![0; 4]);
-        assert_eq!(empty.center_crop(2, 1).data, vec![0; 2]);
+        assert_eq!(empty.resize(2, 2).unwrap().data, vec![0; 4]);
+        assert_eq!(empty.center_crop(2, 1).unwrap().data, vec![0; 2]);
         assert!(Image::new(2, 2, 3, vec![0; 5]).is_err());
         assert!(Image::new(usize::MAX, 2, 3, vec![]).is_err());
+        assert!(img.resize(1 << 20, 1 << 20).is_err());
+        let tall = Image::new(1, 1000, 1, vec![0; 1000]).unwrap();
+        assert!(tall.resize_shorter(1 << 15).is_err());
+        assert!(img.center_crop(usize::MAX, 2).is_err());
     }
 
     #[test]

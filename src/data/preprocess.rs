@@ -26,6 +26,9 @@ use crate::data::image::Image;
 use crate::error::{Error, Result};
 use crate::ir::{checked_numel, Tensor, TensorData};
 
+/// ONNX metadata key under which a model's preprocess spec is stored.
+pub const METADATA_KEY: &str = "lithe.preprocess";
+
 /// Largest side a spec may ask for; keeps a typo from allocating gigabytes.
 const MAX_SIDE: usize = 1 << 15;
 
@@ -260,18 +263,20 @@ impl Preprocess {
         };
         let [c, h, w] = self.output_shape(cols, rows);
         let total = checked_numel(&[n, c, h, w], 4)?;
+        if total == 0 {
+            return Tensor::from_f32(vec![n, c, h, w], vec![]);
+        }
         let mut out = Vec::with_capacity(total);
-        for chunk in pixels.chunks_exact(rows * cols).take(n) {
+        let px = rows * cols;
+        for i in 0..n {
             let img = Image {
                 width: cols,
                 height: rows,
                 channels: 1,
-                data: chunk.to_vec(),
+                data: pixels[i * px..(i + 1) * px].to_vec(),
             };
             self.apply_into(&img, &mut out)?;
         }
-        // rows * cols == 0 leaves chunks_exact empty; keep the declared shape consistent.
-        out.resize(total, 0.0);
         Tensor::from_f32(vec![n, c, h, w], out)
     }
 
@@ -283,13 +288,13 @@ impl Preprocess {
             Channels::Rgb | Channels::Bgr => image.to_rgb(),
         };
         match self.resize {
-            Some(Resize::Shorter(s)) => img = img.resize_shorter(s),
-            Some(Resize::Exact { width, height }) => img = img.resize(width, height),
+            Some(Resize::Shorter(s)) => img = img.resize_shorter(s)?,
+            Some(Resize::Exact { width, height }) => img = img.resize(width, height)?,
             None => {}
         }
         if let Some((w, h)) = self.crop {
             if (w, h) != (img.width, img.height) {
-                img = img.center_crop(w, h);
+                img = img.center_crop(w, h)?;
             }
         }
         let c = img.channels;
@@ -507,7 +512,7 @@ mod tests {
         let batch = p.apply_batch(&[img.clone(), img.to_gray()]).unwrap();
         assert_eq!(batch.shape(), &[2, 1, 25, 40]);
         let mixed = Preprocess::parse("gray").unwrap();
-        let small = img.resize(5, 5);
+        let small = img.resize(5, 5).unwrap();
         assert!(mixed.apply_batch(&[img, small]).is_err());
     }
 
