@@ -10,7 +10,9 @@ use lithe::runtime::{Session, SessionOptions};
 
 fn node_tests_dir() -> Option<PathBuf> {
     let candidates = [
-        std::env::var("LITHE_ONNX_NODE_TESTS").ok().map(PathBuf::from),
+        std::env::var("LITHE_ONNX_NODE_TESTS")
+            .ok()
+            .map(PathBuf::from),
         Some(PathBuf::from("/usr/share/libonnx-testdata/data/node")),
     ];
     candidates.into_iter().flatten().find(|p| p.is_dir())
@@ -39,10 +41,18 @@ fn read_pbs(dir: &Path, prefix: &str) -> Result<Vec<(String, Tensor)>, String> {
 
 fn close(actual: &Tensor, expected: &Tensor) -> Result<(), String> {
     if actual.shape() != expected.shape() {
-        return Err(format!("shape {:?}, expected {:?}", actual.shape(), expected.shape()));
+        return Err(format!(
+            "shape {:?}, expected {:?}",
+            actual.shape(),
+            expected.shape()
+        ));
     }
     if actual.dtype() != expected.dtype() {
-        return Err(format!("type {}, expected {}", actual.dtype(), expected.dtype()));
+        return Err(format!(
+            "type {}, expected {}",
+            actual.dtype(),
+            expected.dtype()
+        ));
     }
     match (actual.data(), expected.data()) {
         (TensorData::F32(_), _) | (TensorData::F16(_), _) | (TensorData::F64(_), _) => {
@@ -75,11 +85,23 @@ fn run_case(dir: &Path) -> Result<(), String> {
     let inputs = read_pbs(&data, "input")?;
     let expected = read_pbs(&data, "output")?;
     // Test inputs may be unnamed in the .pb; they follow the graph's input order.
-    let names: Vec<String> = session.input_names().iter().map(|s| s.to_string()).collect();
-    let feeds: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(inputs.into_iter().map(|(_, t)| t)).collect();
+    let names: Vec<String> = session
+        .input_names()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let feeds: Vec<(&str, Tensor)> = names
+        .iter()
+        .map(String::as_str)
+        .zip(inputs.into_iter().map(|(_, t)| t))
+        .collect();
     let outputs = session.run(&feeds).map_err(|e| e.to_string())?;
     if outputs.len() != expected.len() {
-        return Err(format!("{} outputs, expected {}", outputs.len(), expected.len()));
+        return Err(format!(
+            "{} outputs, expected {}",
+            outputs.len(),
+            expected.len()
+        ));
     }
     for ((name, actual), (_, want)) in outputs.iter().zip(&expected) {
         close(actual, want).map_err(|e| format!("output '{name}': {e}"))?;
@@ -98,7 +120,11 @@ fn onnx_node_conformance() {
         return;
     };
     let cases = manifest();
-    assert!(cases.len() >= 150, "the manifest lists only {} cases", cases.len());
+    assert!(
+        cases.len() >= 150,
+        "the manifest lists only {} cases",
+        cases.len()
+    );
     let mut failures = Vec::new();
     for case in &cases {
         let dir = root.join(case);
@@ -116,7 +142,11 @@ fn onnx_node_conformance() {
         failures.len(),
         cases.len()
     );
-    assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "failing cases:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// Runs every case in the test data and prints `PASS name` / `FAIL name: why`.
@@ -135,7 +165,10 @@ fn conformance_survey() {
     dirs.sort();
     let (mut pass, mut fail) = (0, 0);
     for dir in dirs {
-        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         match run_guarded(&dir) {
             Ok(()) => {
                 pass += 1;

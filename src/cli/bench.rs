@@ -48,7 +48,12 @@ pub struct BenchResult {
 }
 
 /// Runs `session` repeatedly for about `seconds` and summarises latencies.
-pub fn measure(session: &Session, feeds: &[(&str, Tensor)], batch: usize, seconds: f64) -> Result<BenchResult> {
+pub fn measure(
+    session: &Session,
+    feeds: &[(&str, Tensor)],
+    batch: usize,
+    seconds: f64,
+) -> Result<BenchResult> {
     let warm_until = Instant::now() + Duration::from_secs_f64((seconds * 0.1).min(0.5));
     session.run(feeds)?;
     while Instant::now() < warm_until {
@@ -77,13 +82,20 @@ pub fn measure(session: &Session, feeds: &[(&str, Tensor)], batch: usize, second
 }
 
 /// Synthetic feeds for every graph input, with `batch` as the leading dimension.
-pub fn synthetic_feeds(session: &Session, batch: usize, dims: &[(String, usize)]) -> Result<Vec<(String, Tensor)>> {
+pub fn synthetic_feeds(
+    session: &Session,
+    batch: usize,
+    dims: &[(String, usize)],
+) -> Result<Vec<(String, Tensor)>> {
     session
         .input_types()
         .enumerate()
         .map(|(i, (name, ty))| {
             let shape = concrete_shape(name, ty, batch, dims)?;
-            Ok((name.to_string(), synthetic_input(name, ty.dtype, shape, i as u64 + 1)?))
+            Ok((
+                name.to_string(),
+                synthetic_input(name, ty.dtype, shape, i as u64 + 1)?,
+            ))
         })
         .collect()
 }
@@ -125,7 +137,10 @@ fn print_profile(session: &Session, feeds: &[(&str, Tensor)]) -> Result<()> {
     for _ in 0..rounds {
         let (_, timings) = session.run_profiled(feeds)?;
         if totals.is_empty() {
-            totals = timings.iter().map(|t| (t.node_name.clone(), t.label.clone(), 0.0)).collect();
+            totals = timings
+                .iter()
+                .map(|t| (t.node_name.clone(), t.label.clone(), 0.0))
+                .collect();
         }
         for (acc, t) in totals.iter_mut().zip(&timings) {
             acc.2 += t.elapsed.as_secs_f64() * 1e3 / rounds as f64;
@@ -142,7 +157,11 @@ fn print_profile(session: &Session, feeds: &[(&str, Tensor)]) -> Result<()> {
     by_op.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut t = Table::new(&["op", "ms", "share"], &[false, true, true]);
     for (label, ms) in by_op {
-        t.row(vec![label, format!("{ms:.3}"), format!("{:.1}%", 100.0 * ms / sum.max(1e-12))]);
+        t.row(vec![
+            label,
+            format!("{ms:.3}"),
+            format!("{:.1}%", 100.0 * ms / sum.max(1e-12)),
+        ]);
     }
     print!("{}", t.render());
     Ok(())

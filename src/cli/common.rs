@@ -30,14 +30,21 @@ pub fn parse_dims(pairs: &[String]) -> Result<Vec<(String, usize)>> {
             let (k, v) = p
                 .split_once('=')
                 .with_context(|| format!("'{p}' should look like name=value"))?;
-            let v: usize = v.parse().with_context(|| format!("'{v}' in '{p}' is not a size"))?;
+            let v: usize = v
+                .parse()
+                .with_context(|| format!("'{v}' in '{p}' is not a size"))?;
             Ok((k.to_string(), v))
         })
         .collect()
 }
 
 /// Concrete shape for an input: symbolic dims from `dims`, else the first dim is the batch.
-pub fn concrete_shape(name: &str, ty: &TypeInfo, batch: usize, dims: &[(String, usize)]) -> Result<Vec<usize>> {
+pub fn concrete_shape(
+    name: &str,
+    ty: &TypeInfo,
+    batch: usize,
+    dims: &[(String, usize)],
+) -> Result<Vec<usize>> {
     let Some(shape) = &ty.shape else {
         bail!("input '{name}' has no declared shape; give one with --input {name}=file.npy")
     };
@@ -84,7 +91,9 @@ pub fn synthetic_input(name: &str, dtype: DType, shape: Vec<usize>, seed: u64) -
             let v = (0..n)
                 .map(|_| {
                     // Sum of uniforms: cheap, bell-shaped, deterministic.
-                    let s: f32 = (0..4).map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32).sum();
+                    let s: f32 = (0..4)
+                        .map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32)
+                        .sum();
                     s - 2.0
                 })
                 .collect();
@@ -112,7 +121,9 @@ pub fn synthetic_input(name: &str, dtype: DType, shape: Vec<usize>, seed: u64) -
                 t
             }
         }
-        other => bail!("cannot make synthetic data for input '{name}' of type {other}; pass --input"),
+        other => {
+            bail!("cannot make synthetic data for input '{name}' of type {other}; pass --input")
+        }
     })
 }
 

@@ -30,11 +30,9 @@ pub fn embedded_model() -> Result<PathBuf> {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/models/mnist_cnn.onnx"),
         PathBuf::from("assets/models/mnist_cnn.onnx"),
     ];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .context("the embedded model assets/models/mnist_cnn.onnx is missing; run from the lithe repository")
+    candidates.iter().find(|p| p.is_file()).cloned().context(
+        "the embedded model assets/models/mnist_cnn.onnx is missing; run from the lithe repository",
+    )
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -45,24 +43,30 @@ pub fn run(args: Args) -> Result<()> {
     print!("{}", super::inspect::render(&stats));
     println!(
         "total: {} parameters, {} MACs per image\n",
-        stats.total_params,
-        stats.total_macs
+        stats.total_params, stats.total_macs
     );
 
     println!("== 2. evaluate on the embedded MNIST test set");
     let pre = super::eval::choose_preprocess(None, &model)?;
-    let source = lithe::data::dataset::open("mnist", Split::Test, pre.as_ref())?;
+    let source = lithe::data::dataset::open_dataset("mnist", Split::Test, pre.as_ref())?;
     let session = session_for(&model, args.threads)?;
     let total = args.limit.map_or(source.len(), |l| l.min(source.len()));
     let bar = progress(total as u64, "eval");
-    let acc = lithe::eval::evaluate(&session, source.as_ref(), 100, args.limit, |n| bar.inc(n as u64))?;
+    let acc = lithe::eval::evaluate(&session, source.as_ref(), 100, args.limit, |n| {
+        bar.inc(n as u64)
+    })?;
     bar.finish_and_clear();
-    println!("top-1 {:.2} % on {} images\n", acc.top1 * 100.0, acc.samples);
+    println!(
+        "top-1 {:.2} % on {} images\n",
+        acc.top1 * 100.0,
+        acc.samples
+    );
 
     println!("== 3. latency ({} threads)", session.threads());
     for batch in [1, 64] {
         let feeds = synthetic_feeds(&session, batch, &[])?;
-        let refs: Vec<(&str, lithe::ir::Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let refs: Vec<(&str, lithe::ir::Tensor)> =
+            feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         let r = measure(&session, &refs, batch, args.seconds)?;
         println!(
             "batch {batch:>3}: p50 {:.3} ms, p90 {:.3} ms, {:.0} images/s",

@@ -37,14 +37,21 @@ pub struct Args {
 
 /// The preprocessing to apply: the flag, else the model's recorded one, else the data set's.
 pub fn choose_preprocess(flag: Option<&str>, model: &Model) -> Result<Option<Preprocess>> {
-    let text = flag.or_else(|| model.metadata_value(lithe::data::preprocess::METADATA_KEY));
-    text.map(|t| t.parse::<Preprocess>().with_context(|| format!("bad preprocessing '{t}'")))
-        .transpose()
+    let text = flag.or_else(|| model.metadata_value(lithe::data::PREPROCESS_METADATA_KEY));
+    text.map(|t| {
+        t.parse::<Preprocess>()
+            .with_context(|| format!("bad preprocessing '{t}'"))
+    })
+    .transpose()
 }
 
-pub fn open_data(spec: &str, split: &str, preprocess: Option<&Preprocess>) -> Result<Box<dyn BatchSource>> {
+pub fn open_data(
+    spec: &str,
+    split: &str,
+    preprocess: Option<&Preprocess>,
+) -> Result<Box<dyn BatchSource>> {
     let split: Split = split.parse()?;
-    Ok(dataset::open(spec, split, preprocess)?)
+    Ok(dataset::open_dataset(spec, split, preprocess)?)
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -54,7 +61,9 @@ pub fn run(args: Args) -> Result<()> {
     let session = session_for(&model, args.threads)?;
     let total = args.limit.map_or(source.len(), |l| l.min(source.len()));
     let bar = progress(total as u64, "eval");
-    let acc = lithe::eval::evaluate(&session, source.as_ref(), args.batch, args.limit, |n| bar.inc(n as u64))?;
+    let acc = lithe::eval::evaluate(&session, source.as_ref(), args.batch, args.limit, |n| {
+        bar.inc(n as u64)
+    })?;
     bar.finish_and_clear();
     if args.json {
         println!(

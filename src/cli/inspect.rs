@@ -58,7 +58,12 @@ pub fn run(args: Args) -> Result<()> {
     if !kinds.is_empty() {
         let parts: Vec<String> = kinds
             .iter()
-            .map(|(k, m)| format!("{k} {:.1}%", 100.0 * *m as f64 / stats.total_macs.max(1) as f64))
+            .map(|(k, m)| {
+                format!(
+                    "{k} {:.1}%",
+                    100.0 * *m as f64 / stats.total_macs.max(1) as f64
+                )
+            })
             .collect();
         println!("MACs by kind: {}", parts.join(", "));
     }
@@ -67,8 +72,13 @@ pub fn run(args: Args) -> Result<()> {
 
 pub fn render(stats: &ModelStats) -> String {
     let mut t = Table::new(
-        &["layer", "kind", "input", "output", "params", "MACs", "w min", "w max", "w mean", "w std", "zeros"],
-        &[false, false, false, false, true, true, true, true, true, true, true],
+        &[
+            "layer", "kind", "input", "output", "params", "MACs", "w min", "w max", "w mean",
+            "w std", "zeros",
+        ],
+        &[
+            false, false, false, false, true, true, true, true, true, true, true,
+        ],
     );
     for l in &stats.layers {
         let w = l.weights.as_ref();
@@ -78,8 +88,16 @@ pub fn render(stats: &ModelStats) -> String {
             l.kind.clone(),
             l.inputs.first().cloned().unwrap_or_default(),
             l.outputs.join(" "),
-            if l.params > 0 { human_count(l.params as u64) } else { String::new() },
-            if l.macs > 0 { human_count(l.macs) } else { String::new() },
+            if l.params > 0 {
+                human_count(l.params as u64)
+            } else {
+                String::new()
+            },
+            if l.macs > 0 {
+                human_count(l.macs)
+            } else {
+                String::new()
+            },
             f(w.map(|w| w.min)),
             f(w.map(|w| w.max)),
             f(w.map(|w| w.mean)),

@@ -10,7 +10,11 @@ mod run;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lithe", version, about = "Make trained neural networks small and fast, and prove it.")]
+#[command(
+    name = "lithe",
+    version,
+    about = "Make trained neural networks small and fast, and prove it."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -54,7 +54,10 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.output {
         if path.extension().is_some_and(|e| e == "npy") {
             if outputs.len() != 1 {
-                bail!("the model has {} outputs; write them to an .npz", outputs.len());
+                bail!(
+                    "the model has {} outputs; write them to an .npz",
+                    outputs.len()
+                );
             }
             lithe::data::npy::write_npy(path, &outputs[0].1)?;
         } else {
@@ -68,7 +71,9 @@ pub fn run(args: Args) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"outputs": outs, "milliseconds": elapsed.as_secs_f64() * 1e3}))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({"outputs": outs, "milliseconds": elapsed.as_secs_f64() * 1e3})
+            )?
         );
         return Ok(());
     }
