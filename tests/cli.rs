@@ -1,0 +1,108 @@
+//! The real `lithe` binary on real models: each subcommand's output, and one-line errors with
+//! a non-zero exit for bad files.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn lithe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lithe"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("lithe runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+const MODEL: &str = "assets/models/mnist_cnn.onnx";
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lithe-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d.join(name)
+}
+
+#[test]
+fn inspect_lists_layers_params_and_macs() {
+    let o = lithe(&["inspect", MODEL]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("conv") && text.contains("fc"), "{text}");
+    // 421,644 parameters, as the model card says.
+    assert!(text.contains("421.6K parameters"), "{text}");
+
+    let o = lithe(&["inspect", MODEL, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["stats"]["total_params"], 421_644);
+    assert!(v["stats"]["total_macs"].as_u64().unwrap_or(0) > 1_000_000);
+}
+
+#[test]
+fn eval_reports_accuracy_on_embedded_mnist() {
+    let o = lithe(&["eval", MODEL, "--data", "mnist", "--limit", "500", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["accuracy"]["samples"], 500);
+    assert!(v["accuracy"]["top1"].as_f64().unwrap_or(0.0) > 0.97, "{v}");
+}
+
+#[test]
+fn run_reads_npy_and_writes_npz() {
+    let source = lithe::data::dataset::open_dataset("mnist", lithe::data::dataset::Split::Test, None).expect("mnist");
+    let (images, _) = source.batch(0, 3).expect("batch");
+    let input = tmp("three.npy");
+    lithe::data::npy::write_npy(&input, &images).expect("write");
+    let output = tmp("out.npz");
+    let spec = format!("input={}", input.display());
+    let o = lithe(&["run", MODEL, "--input", &spec, "--output", output.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let outs = lithe::data::npz::read_npz(&output).expect("outputs");
+    assert_eq!(outs[0].1.shape(), &[3, 10]);
+}
+
+#[test]
+fn bench_reports_latency() {
+    let o = lithe(&["bench", MODEL, "--batch", "4", "--threads", "1", "--seconds", "0.2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(v["p50_ms"].as_f64().unwrap_or(0.0) > 0.0);
+    assert_eq!(v["batch"], 4);
+}
+
+fn assert_one_line_failure(o: &Output, expect: &str) {
+    assert!(!o.status.success(), "should fail");
+    let err = stderr(o);
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains(expect), "'{expect}' not in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_files_give_one_line_errors() {
+    let bytes = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(MODEL)).expect("model");
+    let truncated = tmp("truncated.onnx");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).expect("write");
+    assert_one_line_failure(&lithe(&["inspect", truncated.to_str().unwrap_or_default()]), "truncated.onnx");
+
+    let random = tmp("random.onnx");
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(&random, noise).expect("write");
+    assert_one_line_failure(&lithe(&["run", random.to_str().unwrap_or_default()]), "random.onnx");
+
+    assert_one_line_failure(&lithe(&["inspect", "no/such/model.onnx"]), "no/such/model.onnx");
+    assert_one_line_failure(&lithe(&["eval", MODEL, "--data", "no-such-set"]), "no-such-set");
+}
