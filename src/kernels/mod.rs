@@ -2,3 +2,10 @@
 //! beside it, and tests compare the two.
 
 pub mod activation;
+pub mod conv;
+pub mod gemm;
+pub mod scratch;
+pub mod simd;
+
+#[cfg(test)]
+pub(crate) mod testutil;
