@@ -580,9 +580,6 @@ fn plan(job: &Job, threads: usize) -> (bool, usize) {
     };
     let cost_n = cost(nu, NR, job.m, if repack_a { job.m } else { 0 });
     let cost_m = cost(mu, MR, job.n, if repack_b { job.n } else { 0 });
-    if let Ok(v) = std::env::var("LITHE_SPLIT") {
-        return (v == "n", threads.min(if v == "n" { nu } else { mu }));
-    }
     if cost_n <= cost_m {
         (true, threads.min(nu))
     } else {

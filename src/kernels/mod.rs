@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod conv;
 pub mod gemm;
+pub mod pool;
 pub mod scratch;
 pub mod simd;
 
