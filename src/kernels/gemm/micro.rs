@@ -149,14 +149,15 @@ mod avx2 {
             ap = ap.add(MR);
             bp = bp.add(NR);
         }
-        for u in 1..U {
-            for r in 0..R {
-                for v in 0..V {
-                    acc[0][r][v] = _mm256_add_ps(acc[0][r][v], acc[u][r][v]);
+        let (head, rest) = acc.split_at_mut(1);
+        for set in rest.iter() {
+            for (dst, src) in head[0].iter_mut().zip(set) {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = _mm256_add_ps(*d, s);
                 }
             }
         }
-        let acc = &acc[0];
+        let acc = &head[0];
         if c.cols == 8 * V {
             store::<R, V>(acc, c, ep);
         } else {
