@@ -2,3 +2,11 @@
 //! beside it, and tests compare the two.
 
 pub mod activation;
+pub mod conv;
+pub mod gemm;
+pub mod pool;
+pub mod scratch;
+pub mod simd;
+
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -1,0 +1,624 @@
+//! 2-D convolution, NCHW, f32, with groups, strides, dilations, asymmetric pads and a fused
+//! bias + activation epilogue. 1-D convolution is the `H = 1` case.
+//!
+//! Strategies, picked per call from the geometry:
+//! - depthwise (`groups == C_in == C_out`): a direct kernel ([`depthwise`]);
+//! - 1x1, stride 1, no padding: a plain GEMM of the weights with the image;
+//! - anything else: GEMM of the packed weights with the image's im2col matrix. That matrix
+//!   is never materialised: it is an implicit [`GatherRef`] over a zero-padded copy of one
+//!   image, packed panel by panel inside the GEMM, so each thread only touches its columns.
+//!
+//! Weights are packed once ([`Conv2d::new`]); a call allocates nothing but scratch reuse.
+
+mod depthwise;
+
+use rayon::prelude::*;
+
+use super::activation::Activation;
+use super::gemm::{self, Bias, Epilogue, GatherRef, Lhs, MatMut, MatRef, PackedA, Rhs};
+use super::scratch;
+use super::simd::has_avx2_fma;
+use crate::error::{Error, Result};
+
+/// Work (multiply-adds) below which splitting over threads costs more than it saves.
+const PAR_MIN_MACS: usize = 1 << 17;
+
+/// Shape parameters of a 2-D convolution that do not depend on the input size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conv2dGeom {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub groups: usize,
+    /// `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// `[sh, sw]`, each at least 1.
+    pub stride: [usize; 2],
+    /// `[dh, dw]`, each at least 1.
+    pub dilation: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+}
+
+impl Conv2dGeom {
+    /// Checks the invariants every kernel relies on.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Shape(format!("conv: {msg}")));
+        if self.groups == 0 || self.c_in % self.groups != 0 || self.c_out % self.groups != 0 {
+            return bad(format!(
+                "{} input and {} output channels do not divide into {} groups",
+                self.c_in, self.c_out, self.groups
+            ));
+        }
+        if self.kernel.contains(&0) || self.stride.contains(&0) || self.dilation.contains(&0) {
+            return bad(format!(
+                "kernel {:?}, strides {:?} and dilations {:?} must be positive",
+                self.kernel, self.stride, self.dilation
+            ));
+        }
+        Ok(())
+    }
+
+    /// Output `(height, width)` for an `h x w` input with the stored pads.
+    pub fn out_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        self.out_hw_with(h, w, self.pads)
+    }
+
+    /// Output `(height, width)` for an `h x w` input and explicit pads.
+    pub fn out_hw_with(&self, h: usize, w: usize, pads: [usize; 4]) -> Result<(usize, usize)> {
+        let dim = |size: usize, lo: usize, hi: usize, k: usize, s: usize, d: usize| {
+            let span = d * (k - 1) + 1;
+            let padded = size + lo + hi;
+            if padded < span {
+                Err(Error::Shape(format!(
+                    "conv: padded input extent {padded} is smaller than the kernel extent {span}"
+                )))
+            } else {
+                Ok((padded - span) / s + 1)
+            }
+        };
+        Ok((
+            dim(
+                h,
+                pads[0],
+                pads[2],
+                self.kernel[0],
+                self.stride[0],
+                self.dilation[0],
+            )?,
+            dim(
+                w,
+                pads[1],
+                pads[3],
+                self.kernel[1],
+                self.stride[1],
+                self.dilation[1],
+            )?,
+        ))
+    }
+
+    fn is_depthwise(&self) -> bool {
+        self.groups == self.c_in && self.c_out == self.c_in
+    }
+
+    /// Rows of one group's weight matrix: `C_in / groups * kh * kw`.
+    fn k(&self) -> usize {
+        self.c_in / self.groups * self.kernel[0] * self.kernel[1]
+    }
+}
+
+/// A convolution with its weights prepared for repeated calls.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    geom: Conv2dGeom,
+    /// Depthwise: the raw `[C, kh * kw]` filters. Otherwise empty.
+    dw_weights: Vec<f32>,
+    /// One packed `C_out/g x K` matrix per group (empty for depthwise).
+    packed: Vec<PackedA>,
+    bias: Option<Vec<f32>>,
+    act: Option<Activation>,
+}
+
+impl Conv2d {
+    /// Prepares `weight` (`[C_out, C_in / groups, kh, kw]`, row-major) and the optional bias
+    /// (`[C_out]`); `act` is applied to the output.
+    pub fn new(
+        geom: Conv2dGeom,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        act: Option<Activation>,
+    ) -> Result<Conv2d> {
+        geom.validate()?;
+        let k = geom.k();
+        if weight.len() != geom.c_out * k {
+            return Err(Error::Shape(format!(
+                "conv: weight has {} values, expected {} x {} x {} x {}",
+                weight.len(),
+                geom.c_out,
+                geom.c_in / geom.groups,
+                geom.kernel[0],
+                geom.kernel[1]
+            )));
+        }
+        if let Some(b) = bias {
+            if b.len() != geom.c_out {
+                return Err(Error::Shape(format!(
+                    "conv: bias has {} values for {} output channels",
+                    b.len(),
+                    geom.c_out
+                )));
+            }
+        }
+        let (dw_weights, packed) = if geom.is_depthwise() {
+            (weight.to_vec(), Vec::new())
+        } else {
+            let m = geom.c_out / geom.groups;
+            let packed = weight
+                .chunks_exact(m * k)
+                .map(|w| MatRef::row_major(w, m, k).map(PackedA::new))
+                .collect::<Result<Vec<_>>>()?;
+            (Vec::new(), packed)
+        };
+        Ok(Conv2d {
+            geom,
+            dw_weights,
+            packed,
+            bias: bias.map(<[f32]>::to_vec),
+            act,
+        })
+    }
+
+    pub fn geom(&self) -> &Conv2dGeom {
+        &self.geom
+    }
+
+    /// Convolves `x` (`[n, C_in, h, w]`) into `out` (`[n, C_out, oh, ow]`) with the stored pads.
+    pub fn run(&self, x: &[f32], [n, h, w]: [usize; 3], out: &mut [f32]) -> Result<()> {
+        self.run_with_pads(x, [n, h, w], self.geom.pads, out)
+    }
+
+    /// As [`Conv2d::run`] with pads chosen per call (ONNX `auto_pad` depends on the input size).
+    pub fn run_with_pads(
+        &self,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+        pads: [usize; 4],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let g = &self.geom;
+        let (oh, ow) = g.out_hw_with(h, w, pads)?;
+        if x.len() != n * g.c_in * h * w || out.len() != n * g.c_out * oh * ow {
+            return Err(Error::Shape(format!(
+                "conv: input has {} values for [{n}, {}, {h}, {w}] and output {} for [{n}, {}, {oh}, {ow}]",
+                x.len(),
+                g.c_in,
+                out.len(),
+                g.c_out
+            )));
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        let threads = rayon::current_num_threads();
+        if g.is_depthwise() {
+            self.run_depthwise(x, [n, h, w], pads, out, threads);
+        } else {
+            self.run_gemm(x, [n, h, w], pads, (oh, ow), out, threads)?;
+        }
+        Ok(())
+    }
+
+    fn run_depthwise(
+        &self,
+        x: &[f32],
+        [_, h, w]: [usize; 3],
+        pads: [usize; 4],
+        out: &mut [f32],
+        threads: usize,
+    ) {
+        let g = &self.geom;
+        let plane = depthwise::Plane::new(g, h, w, pads);
+        let (oh, ow) = g.out_hw_with(h, w, pads).unwrap_or((0, 0));
+        let taps_n = g.kernel[0] * g.kernel[1];
+        let avx = has_avx2_fma();
+        scratch::with_usize(taps_n, |taps| {
+            depthwise::tap_offsets(g, &plane, taps);
+            let taps = &*taps;
+            let one = |(i, dst): (usize, &mut [f32])| {
+                let ch = i % g.c_in;
+                depthwise::plane(
+                    g,
+                    &plane,
+                    &x[i * h * w..(i + 1) * h * w],
+                    (h, w),
+                    pads,
+                    &self.dw_weights[ch * taps_n..(ch + 1) * taps_n],
+                    taps,
+                    self.bias.as_ref().map_or(0.0, |b| b[ch]),
+                    self.act,
+                    dst,
+                    avx,
+                );
+            };
+            let per_plane = oh * ow * taps_n;
+            if threads > 1 && per_plane * out.len() / (oh * ow) >= PAR_MIN_MACS {
+                let min_len = (PAR_MIN_MACS / 8 / per_plane.max(1)).max(1);
+                out.par_chunks_mut(oh * ow)
+                    .with_min_len(min_len)
+                    .enumerate()
+                    .for_each(one);
+            } else {
+                out.chunks_mut(oh * ow).enumerate().for_each(one);
+            }
+        });
+    }
+
+    fn run_gemm(
+        &self,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+        pads: [usize; 4],
+        (oh, ow): (usize, usize),
+        out: &mut [f32],
+        threads: usize,
+    ) -> Result<()> {
+        let g = &self.geom;
+        let cin_g = g.c_in / g.groups;
+        let cout_g = g.c_out / g.groups;
+        let ohw = oh * ow;
+        let k = g.k();
+        let direct = g.kernel == [1, 1] && g.stride == [1, 1] && pads == [0; 4];
+        let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
+        let padded = pads != [0; 4];
+        let image_macs = g.c_out * ohw * k;
+        // Parallel over images when each image alone is too small to split well.
+        let per_image = threads > 1 && n > 1 && image_macs < PAR_MIN_MACS * 8;
+        let gemm_threads = if per_image { 1 } else { threads };
+
+        let image = |x_img: &[f32], out_img: &mut [f32], row_off: &[usize], col_off: &[usize]| {
+            let run_groups = |src: &[f32], out_img: &mut [f32]| -> Result<()> {
+                let plane = if padded { hp * wp } else { h * w };
+                for (gi, dst) in out_img.chunks_exact_mut(cout_g * ohw).enumerate() {
+                    let base = &src[gi * cin_g * plane..(gi + 1) * cin_g * plane];
+                    let rhs = if direct {
+                        Rhs::Mat(MatRef::row_major(base, cin_g, h * w)?)
+                    } else {
+                        Rhs::Gather(GatherRef::new(base, row_off, col_off)?)
+                    };
+                    let bias = match &self.bias {
+                        Some(b) => Bias::PerRow(&b[gi * cout_g..(gi + 1) * cout_g]),
+                        None => Bias::None,
+                    };
+                    gemm::gemm_threads(
+                        gemm_threads,
+                        1.0,
+                        Lhs::Packed(&self.packed[gi]),
+                        rhs,
+                        0.0,
+                        MatMut::row_major(dst, cout_g, ohw)?,
+                        Epilogue {
+                            bias,
+                            act: self.act,
+                        },
+                    )?;
+                }
+                Ok(())
+            };
+            if padded {
+                scratch::with_f32(g.c_in * hp * wp, |buf| {
+                    pad_image(x_img, buf, g.c_in, (h, w), pads);
+                    run_groups(buf, out_img)
+                })
+            } else {
+                run_groups(x_img, out_img)
+            }
+        };
+
+        scratch::with_usize(k + ohw, |offs| {
+            let (row_off, col_off) = offs.split_at_mut(k);
+            if !direct {
+                im2col_offsets(
+                    g,
+                    (oh, ow),
+                    if padded { (hp, wp) } else { (h, w) },
+                    row_off,
+                    col_off,
+                );
+            }
+            let (row_off, col_off) = (&*row_off, &*col_off);
+            let in_len = g.c_in * h * w;
+            let out_len = g.c_out * ohw;
+            if per_image {
+                out.par_chunks_mut(out_len)
+                    .zip(x.par_chunks(in_len))
+                    .try_for_each(|(o, xi)| image(xi, o, row_off, col_off))
+            } else {
+                out.chunks_mut(out_len)
+                    .zip(x.chunks(in_len))
+                    .try_for_each(|(o, xi)| image(xi, o, row_off, col_off))
+            }
+        })
+    }
+}
+
+/// Offsets of the implicit im2col matrix over a `[C, hp, wp]` (already padded) image:
+/// row `(c, ky, kx)` starts at `c*hp*wp + ky*dh*wp + kx*dw`, column `(oy, ox)` adds
+/// `oy*sh*wp + ox*sw`.
+fn im2col_offsets(
+    g: &Conv2dGeom,
+    (oh, ow): (usize, usize),
+    (hp, wp): (usize, usize),
+    row_off: &mut [usize],
+    col_off: &mut [usize],
+) {
+    let [kh, kw] = g.kernel;
+    for (p, r) in row_off.iter_mut().enumerate() {
+        let (c, ky, kx) = (p / (kh * kw), p / kw % kh, p % kw);
+        *r = c * hp * wp + ky * g.dilation[0] * wp + kx * g.dilation[1];
+    }
+    for (j, col) in col_off.iter_mut().enumerate().take(oh * ow) {
+        let (oy, ox) = (j / ow, j % ow);
+        *col = oy * g.stride[0] * wp + ox * g.stride[1];
+    }
+}
+
+/// Copies a `[c, h, w]` image into `[c, h + top + bottom, w + left + right]` with zero borders.
+fn pad_image(x: &[f32], buf: &mut [f32], c: usize, (h, w): (usize, usize), pads: [usize; 4]) {
+    let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
+    for (src, dst) in x
+        .chunks_exact(h * w)
+        .zip(buf.chunks_exact_mut(hp * wp))
+        .take(c)
+    {
+        dst[..pads[0] * wp].fill(0.0);
+        dst[(pads[0] + h) * wp..].fill(0.0);
+        for (s, d) in src
+            .chunks_exact(w)
+            .zip(dst[pads[0] * wp..].chunks_exact_mut(wp))
+        {
+            d[..pads[1]].fill(0.0);
+            d[pads[1]..pads[1] + w].copy_from_slice(s);
+            d[pads[1] + w..].fill(0.0);
+        }
+    }
+}
+
+/// The plain definition, kept as the reference the fast paths are tested against.
+/// Shapes as in [`Conv2d::run`]; `weight` as in [`Conv2d::new`].
+pub fn conv2d_reference(
+    g: &Conv2dGeom,
+    x: &[f32],
+    [n, h, w]: [usize; 3],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    act: Option<Activation>,
+    out: &mut [f32],
+) -> Result<()> {
+    g.validate()?;
+    let (oh, ow) = g.out_hw(h, w)?;
+    let cin_g = g.c_in / g.groups;
+    let cout_g = g.c_out / g.groups;
+    let [kh, kw] = g.kernel;
+    if x.len() != n * g.c_in * h * w
+        || out.len() != n * g.c_out * oh * ow
+        || weight.len() != g.c_out * cin_g * kh * kw
+    {
+        return Err(Error::Shape(
+            "conv2d_reference: buffer sizes disagree".into(),
+        ));
+    }
+    for b in 0..n {
+        for co in 0..g.c_out {
+            let grp = co / cout_g;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = 0.0f32;
+                    for ci in 0..cin_g {
+                        let c = grp * cin_g + ci;
+                        for ky in 0..kh {
+                            let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize
+                                - g.pads[0] as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..kw {
+                                let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
+                                    - g.pads[1] as isize;
+                                if ix < 0 || ix >= w as isize {
+                                    continue;
+                                }
+                                let xv = x[((b * g.c_in + c) * h + iy as usize) * w + ix as usize];
+                                let wv = weight[((co * cin_g + ci) * kh + ky) * kw + kx];
+                                acc += xv * wv;
+                            }
+                        }
+                    }
+                    let v = acc + bias.map_or(0.0, |bb| bb[co]);
+                    out[((b * g.c_out + co) * oh + oy) * ow + ox] =
+                        act.map_or(v, |a| a.apply_scalar(v));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::{assert_close, Rng};
+
+    fn check(
+        g: &Conv2dGeom,
+        [n, h, w]: [usize; 3],
+        act: Option<Activation>,
+        threads: usize,
+        rng: &mut Rng,
+    ) {
+        let (oh, ow) = g.out_hw(h, w).unwrap();
+        let x = rng.vec(n * g.c_in * h * w);
+        let wt = rng.vec(g.c_out * g.k());
+        let bias = rng.vec(g.c_out);
+        let mut want = vec![0.0; n * g.c_out * oh * ow];
+        conv2d_reference(g, &x, [n, h, w], &wt, Some(&bias), act, &mut want).unwrap();
+        let conv = Conv2d::new(g.clone(), &wt, Some(&bias), act).unwrap();
+        let mut got = vec![f32::NAN; want.len()];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| conv.run(&x, [n, h, w], &mut got)).unwrap();
+        assert_close(
+            &got,
+            &want,
+            1e-4,
+            &format!("{g:?} input {n}x{h}x{w} threads {threads}"),
+        );
+    }
+
+    fn geom(
+        c_in: usize,
+        c_out: usize,
+        groups: usize,
+        k: [usize; 2],
+        s: [usize; 2],
+        d: [usize; 2],
+        p: [usize; 4],
+    ) -> Conv2dGeom {
+        Conv2dGeom {
+            c_in,
+            c_out,
+            groups,
+            kernel: k,
+            stride: s,
+            dilation: d,
+            pads: p,
+        }
+    }
+
+    #[test]
+    fn gemm_paths_match_reference() {
+        let mut rng = Rng::new(1);
+        let cases = [
+            // 1x1 direct, and 1x1 with stride (gathered).
+            (geom(8, 12, 1, [1, 1], [1, 1], [1, 1], [0; 4]), [2, 5, 7]),
+            (geom(8, 12, 1, [1, 1], [2, 2], [1, 1], [0; 4]), [1, 9, 6]),
+            // 3x3 pad 1 (MNIST-like), asymmetric pads, strides and dilations.
+            (
+                geom(3, 16, 1, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+                [1, 11, 13],
+            ),
+            (
+                geom(4, 6, 1, [3, 2], [2, 1], [1, 2], [0, 1, 2, 3]),
+                [2, 9, 8],
+            ),
+            (
+                geom(6, 9, 3, [3, 3], [1, 2], [2, 1], [2, 1, 0, 1]),
+                [1, 10, 9],
+            ),
+            // Grouped with channel multiplier (not depthwise).
+            (
+                geom(4, 8, 4, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+                [3, 7, 7],
+            ),
+            // 1-D as H = 1.
+            (
+                geom(5, 7, 1, [1, 4], [1, 2], [1, 1], [0, 2, 0, 1]),
+                [2, 1, 17],
+            ),
+        ];
+        for (i, (g, shape)) in cases.iter().enumerate() {
+            let act = [None, Some(Activation::Relu), Some(Activation::HardSwish)][i % 3];
+            for threads in [1, 2] {
+                check(g, *shape, act, threads, &mut rng);
+            }
+        }
+    }
+
+    #[test]
+    fn depthwise_matches_reference() {
+        let mut rng = Rng::new(2);
+        let cases = [
+            (
+                geom(5, 5, 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+                [2, 12, 45],
+            ),
+            (
+                geom(3, 3, 3, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+                [1, 17, 70],
+            ),
+            (
+                geom(4, 4, 4, [5, 5], [1, 1], [1, 1], [2, 2, 2, 2]),
+                [1, 9, 7],
+            ),
+            (
+                geom(4, 4, 4, [5, 5], [2, 2], [1, 1], [2, 2, 2, 2]),
+                [1, 14, 14],
+            ),
+            (
+                geom(2, 2, 2, [3, 3], [2, 3], [2, 1], [0, 1, 3, 2]),
+                [2, 13, 37],
+            ),
+            (geom(1, 1, 1, [3, 3], [1, 1], [1, 1], [0; 4]), [1, 5, 5]),
+        ];
+        for (i, (g, shape)) in cases.iter().enumerate() {
+            let act = [
+                Some(Activation::HardSwish),
+                None,
+                Some(Activation::Sigmoid),
+                Some(Activation::Clip { min: 0.0, max: 6.0 }),
+            ][i % 4];
+            for threads in [1, 3] {
+                check(g, *shape, act, threads, &mut rng);
+            }
+        }
+    }
+
+    #[test]
+    fn random_geometries_match_reference() {
+        let mut rng = Rng::new(9);
+        for _ in 0..30 {
+            let groups = rng.range(1, 3);
+            let depthwise = rng.range(0, 2) == 0;
+            let (c_in, c_out) = if depthwise {
+                let c = rng.range(1, 4);
+                (c, c)
+            } else {
+                (groups * rng.range(1, 3), groups * rng.range(1, 4))
+            };
+            let groups = if depthwise { c_in } else { groups };
+            let k = [rng.range(1, 4), rng.range(1, 4)];
+            let s = [rng.range(1, 3), rng.range(1, 3)];
+            let d = [rng.range(1, 2), rng.range(1, 2)];
+            let p = [
+                rng.range(0, 2),
+                rng.range(0, 2),
+                rng.range(0, 2),
+                rng.range(0, 2),
+            ];
+            let g = geom(c_in, c_out, groups, k, s, d, p);
+            let ext = |i: usize| (k[i] - 1) * d[i] + 1;
+            let shape = [
+                rng.range(1, 2),
+                rng.range(ext(0), 12),
+                rng.range(ext(1), 12),
+            ];
+            check(
+                &g,
+                shape,
+                Some(Activation::LeakyRelu { alpha: 0.1 }),
+                rng.range(1, 2),
+                &mut rng,
+            );
+        }
+    }
+
+    #[test]
+    fn bad_geometry_is_an_error() {
+        let g = geom(3, 4, 2, [3, 3], [1, 1], [1, 1], [0; 4]);
+        assert!(Conv2d::new(g, &[0.0; 36], None, None).is_err());
+        let g = geom(2, 2, 1, [5, 5], [1, 1], [1, 1], [0; 4]);
+        assert!(g.out_hw(3, 3).is_err());
+        let conv = Conv2d::new(g, &[0.0; 100], None, None).unwrap();
+        assert!(conv.run(&[0.0; 8], [1, 2, 2], &mut [0.0; 4]).is_err());
+    }
+}

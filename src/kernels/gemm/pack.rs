@@ -1,0 +1,84 @@
+//! Packing of operand blocks into the panel layouts the micro-kernels stream through:
+//! A as `MR`-row panels (element `(r, p)` at `p * MR + r`), B as `NR`-column panels
+//! (element `(p, j)` at `p * NR + j`). Partial panels are zero padded.
+
+use super::micro::{MR, NR};
+use super::{GatherRef, MatRef};
+
+/// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of `a` into `dst`
+/// (`ceil(mc / MR) * MR * kc` floats).
+pub fn pack_a(dst: &mut [f32], a: &MatRef, i0: usize, mc: usize, p0: usize, kc: usize) {
+    let panels = mc.div_ceil(MR);
+    for (panel, chunk) in dst.chunks_exact_mut(MR * kc).take(panels).enumerate() {
+        let r0 = i0 + panel * MR;
+        let rows = MR.min(i0 + mc - r0);
+        if rows < MR {
+            chunk.fill(0.0);
+        }
+        for r in 0..rows {
+            let start = (r0 + r) * a.rs + p0 * a.cs;
+            if a.cs == 1 {
+                let src = &a.data[start..start + kc];
+                for (p, &x) in src.iter().enumerate() {
+                    chunk[p * MR + r] = x;
+                }
+            } else {
+                for p in 0..kc {
+                    chunk[p * MR + r] = a.data[start + p * a.cs];
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `p0..p0 + kc`, columns `j0..j0 + nc` of `b` into `dst`
+/// (`ceil(nc / NR) * NR * kc` floats).
+pub fn pack_b(dst: &mut [f32], b: &MatRef, p0: usize, kc: usize, j0: usize, nc: usize) {
+    let panels = nc.div_ceil(NR);
+    for (panel, chunk) in dst.chunks_exact_mut(NR * kc).take(panels).enumerate() {
+        let c0 = j0 + panel * NR;
+        let cols = NR.min(j0 + nc - c0);
+        if b.cs == 1 {
+            for p in 0..kc {
+                let start = (p0 + p) * b.rs + c0;
+                let d = &mut chunk[p * NR..(p + 1) * NR];
+                d[..cols].copy_from_slice(&b.data[start..start + cols]);
+                d[cols..].fill(0.0);
+            }
+        } else {
+            if cols < NR {
+                chunk.fill(0.0);
+            }
+            // Walk each source column along p: contiguous when B is a transposed row-major matrix.
+            for j in 0..cols {
+                let start = p0 * b.rs + (c0 + j) * b.cs;
+                for p in 0..kc {
+                    chunk[p * NR + j] = b.data[start + p * b.rs];
+                }
+            }
+        }
+    }
+}
+
+/// As [`pack_b`] for an implicit matrix `B[p, j] = base[row_off[p] + col_off[j]]`.
+pub fn pack_b_gather(dst: &mut [f32], g: &GatherRef, p0: usize, kc: usize, j0: usize, nc: usize) {
+    let panels = nc.div_ceil(NR);
+    for (panel, chunk) in dst.chunks_exact_mut(NR * kc).take(panels).enumerate() {
+        let c0 = j0 + panel * NR;
+        let cols = NR.min(j0 + nc - c0);
+        let co = &g.col_off[c0..c0 + cols];
+        let contiguous = co.windows(2).all(|w| w[1] == w[0] + 1);
+        let rows = &g.row_off[p0..p0 + kc];
+        for (d, &ro) in chunk.chunks_exact_mut(NR).zip(rows) {
+            if contiguous {
+                let start = ro + co[0];
+                d[..cols].copy_from_slice(&g.base[start..start + cols]);
+            } else {
+                for (x, &o) in d.iter_mut().zip(co) {
+                    *x = g.base[ro + o];
+                }
+            }
+            d[cols..].fill(0.0);
+        }
+    }
+}

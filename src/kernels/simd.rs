@@ -1,0 +1,111 @@
+//! Run-time CPU feature selection and the 8-lane AVX forms of the epilogue activations.
+//!
+//! The vector forms use the same operation order as [`Activation::apply_scalar`] (separate
+//! multiply and add, never a fused multiply-add) so fused and unfused graphs agree bit for bit.
+//! Sigmoid and Tanh have no vector form here; callers apply them with the scalar code on the
+//! stored, cache-hot output.
+
+use super::activation::Activation;
+
+/// True when AVX2 and FMA are available on this CPU (checked at run time; the crate is not
+/// compiled with `target-cpu=native`).
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// True when [`avx::act`] computes `act` (false means: apply it with scalar code afterwards).
+#[inline]
+pub fn has_vector_form(act: Activation) -> bool {
+    !matches!(act, Activation::Sigmoid | Activation::Tanh)
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx {
+    use super::Activation;
+    use std::arch::x86_64::*;
+
+    /// `act` applied to eight lanes; identity for activations without a vector form.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn act(v: __m256, act: Activation) -> __m256 {
+        match act {
+            Activation::Relu => _mm256_max_ps(v, _mm256_setzero_ps()),
+            Activation::Clip { min, max } => {
+                _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(min)), _mm256_set1_ps(max))
+            }
+            Activation::HardSigmoid { alpha, beta } => {
+                let y = _mm256_add_ps(
+                    _mm256_mul_ps(v, _mm256_set1_ps(alpha)),
+                    _mm256_set1_ps(beta),
+                );
+                clamp01(y)
+            }
+            Activation::HardSwish => {
+                let y = _mm256_add_ps(
+                    _mm256_mul_ps(v, _mm256_set1_ps(1.0 / 6.0)),
+                    _mm256_set1_ps(0.5),
+                );
+                _mm256_mul_ps(v, clamp01(y))
+            }
+            Activation::LeakyRelu { alpha } => {
+                let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps());
+                _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(alpha)), neg)
+            }
+            Activation::Sigmoid | Activation::Tanh => v,
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn clamp01(y: __m256) -> __m256 {
+        _mm256_min_ps(_mm256_max_ps(y, _mm256_setzero_ps()), _mm256_set1_ps(1.0))
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_activations_match_scalar_bits() {
+        if !has_avx2_fma() {
+            return;
+        }
+        let acts = [
+            Activation::Relu,
+            Activation::Clip { min: 0.0, max: 6.0 },
+            Activation::HardSigmoid {
+                alpha: 0.2,
+                beta: 0.5,
+            },
+            Activation::HardSwish,
+            Activation::LeakyRelu { alpha: 0.1 },
+        ];
+        let xs: Vec<f32> = (0..64).map(|i| (i as f32 - 32.0) * 0.37).collect();
+        for act in acts {
+            for chunk in xs.chunks(8) {
+                let mut out = [0f32; 8];
+                // SAFETY: features checked above; `chunk` and `out` hold eight floats.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let v = avx::act(_mm256_loadu_ps(chunk.as_ptr()), act);
+                    _mm256_storeu_ps(out.as_mut_ptr(), v);
+                }
+                for (o, &x) in out.iter().zip(chunk) {
+                    assert_eq!(o.to_bits(), act.apply_scalar(x).to_bits(), "{act:?} at {x}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! ONNX pooling, 1-D and 2-D: `MaxPool` (opsets 1-21; the optional `Indices` output is not
+//! supported), `AveragePool` (1-21, with `count_include_pad`, `ceil_mode` and, from opset 19,
+//! `dilations`), and `GlobalAveragePool` / `GlobalMaxPool` (1-21, any rank).
+
+use super::{data, f32_input, nchw, require_f32, Window};
+use crate::error::Result;
+use crate::ir::{Dim, Node, Tensor, TypeInfo};
+use crate::kernels::pool::{global_pool, pool2d, Pool2dGeom, PoolKind};
+use crate::ops::{node_error, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
+
+const fn def(
+    op_type: &'static str,
+    infer: crate::ops::InferFn,
+    compile: crate::ops::CompileFn,
+) -> OpDef {
+    OpDef {
+        op_type,
+        domain: "",
+        opsets: (1, 21),
+        infer,
+        compile,
+        fuses_activation: false,
+    }
+}
+
+pub const MAX_POOL: OpDef = def("MaxPool", infer_pool, compile_pool);
+pub const AVERAGE_POOL: OpDef = def("AveragePool", infer_pool, compile_pool);
+pub const GLOBAL_AVERAGE_POOL: OpDef = def("GlobalAveragePool", infer_global, compile_global);
+pub const GLOBAL_MAX_POOL: OpDef = def("GlobalMaxPool", infer_global, compile_global);
+
+/// Parsed attributes of a windowed pool.
+struct PoolAttrs {
+    window: Window,
+    kind: PoolKind,
+    ceil_mode: bool,
+}
+
+fn pool_attrs(node: &Node) -> Result<PoolAttrs> {
+    let kernel = match node.attr_ints("kernel_shape")? {
+        Some(k) if !k.is_empty() && k.iter().all(|&x| x > 0) => {
+            k.iter().map(|&x| x as usize).collect()
+        }
+        Some(k) => {
+            return Err(node_error(
+                node,
+                format!("kernel_shape {k:?} must be non-empty and positive"),
+            ))
+        }
+        None => return Err(node_error(node, "attribute 'kernel_shape' is required")),
+    };
+    if node.op_type == "MaxPool" && node.outputs.get(1).is_some_and(|o| !o.is_empty()) {
+        return Err(node_error(
+            node,
+            "the optional Indices output of MaxPool is not supported",
+        ));
+    }
+    let kind = if node.op_type == "MaxPool" {
+        PoolKind::Max
+    } else {
+        PoolKind::Avg {
+            count_include_pad: node.attr_int_or("count_include_pad", 0)? != 0,
+        }
+    };
+    Ok(PoolAttrs {
+        window: Window::parse(node, kernel)?,
+        kind,
+        ceil_mode: node.attr_int_or("ceil_mode", 0)? != 0,
+    })
+}
+
+fn infer_pool(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
+    let node = ctx.node;
+    let at = pool_attrs(node)?;
+    let x = ctx.input_type(0)?;
+    let Some(xs) = &x.shape else {
+        return Ok(vec![TypeInfo::unknown_shape(x.dtype)]);
+    };
+    if xs.len() != at.window.rank() + 2 {
+        return Err(node_error(
+            node,
+            format!(
+                "input rank {} does not match the {}-D kernel_shape",
+                xs.len(),
+                at.window.rank()
+            ),
+        ));
+    }
+    let mut out = xs[..2].to_vec();
+    out.extend(at.window.out_dims(node, &xs[2..], at.ceil_mode)?);
+    Ok(vec![TypeInfo::new(x.dtype, out)])
+}
+
+struct PoolKernel {
+    node: Node,
+    at: PoolAttrs,
+}
+
+fn compile_pool(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
+    require_f32(ctx.node, ctx.input_type(0), 0)?;
+    let at = pool_attrs(ctx.node)?;
+    if at.window.rank() > 2 {
+        return Err(node_error(
+            ctx.node,
+            "only 1-D and 2-D pooling is supported",
+        ));
+    }
+    Ok(Box::new(PoolKernel {
+        node: ctx.node.clone(),
+        at,
+    }))
+}
+
+impl Kernel for PoolKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let node = &self.node;
+        let x = f32_input(node, inputs, 0)?;
+        if x.rank() != self.at.window.rank() + 2 {
+            return Err(node_error(
+                node,
+                format!(
+                    "input of shape {:?} does not match the {}-D kernel_shape",
+                    x.shape(),
+                    self.at.window.rank()
+                ),
+            ));
+        }
+        let [n, c, h, w] = nchw(node, x.shape())?;
+        let (kernel, stride, dilation, pads) = self.at.window.as_2d([h, w]);
+        let geom = Pool2dGeom {
+            kernel,
+            stride,
+            dilation,
+            pads,
+            ceil_mode: self.at.ceil_mode,
+        };
+        let (oh, ow) = geom.out_hw(h, w).map_err(|e| e.at_node(node))?;
+        let mut out = ctx.alloc_f32(n * c * oh * ow);
+        pool2d(&geom, self.at.kind, data(x), [n * c, h, w], &mut out)
+            .map_err(|e| e.at_node(node))?;
+        let shape = if x.rank() == 3 {
+            vec![n, c, ow]
+        } else {
+            vec![n, c, oh, ow]
+        };
+        Ok(vec![Tensor::from_f32(shape, out)?])
+    }
+}
+
+fn infer_global(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
+    let x = ctx.input_type(0)?;
+    let Some(xs) = &x.shape else {
+        return Ok(vec![TypeInfo::unknown_shape(x.dtype)]);
+    };
+    if xs.len() < 2 {
+        return Err(node_error(
+            ctx.node,
+            format!("input rank {} is below 2", xs.len()),
+        ));
+    }
+    let mut out = xs[..2].to_vec();
+    out.extend(std::iter::repeat_n(Dim::Known(1), xs.len() - 2));
+    Ok(vec![TypeInfo::new(x.dtype, out)])
+}
+
+struct GlobalKernel {
+    node: Node,
+    kind: PoolKind,
+}
+
+fn compile_global(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
+    require_f32(ctx.node, ctx.input_type(0), 0)?;
+    let kind = if ctx.node.op_type == "GlobalMaxPool" {
+        PoolKind::Max
+    } else {
+        PoolKind::Avg {
+            count_include_pad: false,
+        }
+    };
+    Ok(Box::new(GlobalKernel {
+        node: ctx.node.clone(),
+        kind,
+    }))
+}
+
+impl Kernel for GlobalKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let node = &self.node;
+        let x = f32_input(node, inputs, 0)?;
+        let s = x.shape();
+        if s.len() < 2 {
+            return Err(node_error(
+                node,
+                format!("input of shape {s:?} has rank below 2"),
+            ));
+        }
+        let planes = s[0] * s[1];
+        let mut out = ctx.alloc_f32(planes);
+        global_pool(
+            self.kind,
+            data(x),
+            planes,
+            s[2..].iter().product(),
+            &mut out,
+        )
+        .map_err(|e| e.at_node(node))?;
+        let mut shape = s[..2].to_vec();
+        shape.resize(s.len(), 1);
+        Ok(vec![Tensor::from_f32(shape, out)?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Attr, DType};
+    use crate::ops::nn::test_support::{infer, node, run};
+
+    fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
+        Tensor::from_f32(shape.to_vec(), v).unwrap()
+    }
+
+    fn ramp(shape: &[usize]) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        t(shape, (1..=n).map(|v| v as f32).collect())
+    }
+
+    #[test]
+    fn max_and_average_hand_checked() {
+        let x = ramp(&[1, 1, 4, 4]);
+        let n = node("MaxPool", 1)
+            .with_attr("kernel_shape", Attr::Ints(vec![2, 2]))
+            .with_attr("strides", Attr::Ints(vec![2, 2]));
+        let out = run(&n, 12, &[Some(&x)], &[false], None).unwrap();
+        assert_eq!(out[0].shape(), &[1, 1, 2, 2]);
+        assert_eq!(out[0].as_f32().unwrap(), &[6., 8., 14., 16.]);
+        let n = node("AveragePool", 1)
+            .with_attr("kernel_shape", Attr::Ints(vec![3, 3]))
+            .with_attr("pads", Attr::Ints(vec![1, 1, 1, 1]))
+            .with_attr("strides", Attr::Ints(vec![2, 2]));
+        let out = run(&n, 11, &[Some(&x)], &[false], None).unwrap();
+        // Top-left window sees 1, 2, 5, 6 (excluding pads: / 4).
+        assert_eq!(out[0].as_f32().unwrap(), &[3.5, 5., 9.5, 11.]);
+        let n = n.with_attr("count_include_pad", Attr::Int(1));
+        let out = run(&n, 11, &[Some(&x)], &[false], None).unwrap();
+        assert_eq!(out[0].as_f32().unwrap()[0], 14.0 / 9.0);
+    }
+
+    #[test]
+    fn one_d_auto_pad_and_ceil_mode() {
+        let x = ramp(&[1, 2, 5]);
+        let n = node("MaxPool", 1)
+            .with_attr("kernel_shape", Attr::Ints(vec![2]))
+            .with_attr("strides", Attr::Ints(vec![2]))
+            .with_attr("ceil_mode", Attr::Int(1));
+        let out = run(&n, 12, &[Some(&x)], &[false], None).unwrap();
+        assert_eq!(out[0].shape(), &[1, 2, 3]);
+        assert_eq!(out[0].as_f32().unwrap(), &[2., 4., 5., 7., 9., 10.]);
+        let n = node("MaxPool", 1)
+            .with_attr("kernel_shape", Attr::Ints(vec![3]))
+            .with_attr("auto_pad", Attr::String("SAME_UPPER".into()));
+        let out = run(&n, 12, &[Some(&x)], &[false], None).unwrap();
+        assert_eq!(
+            out[0].as_f32().unwrap(),
+            &[2., 3., 4., 5., 5., 7., 8., 9., 10., 10.]
+        );
+    }
+
+    #[test]
+    fn global_pools() {
+        let x = ramp(&[2, 3, 2, 2]);
+        let out = run(
+            &node("GlobalAveragePool", 1),
+            1,
+            &[Some(&x)],
+            &[false],
+            None,
+        )
+        .unwrap();
+        assert_eq!(out[0].shape(), &[2, 3, 1, 1]);
+        assert_eq!(
+            out[0].as_f32().unwrap(),
+            &[2.5, 6.5, 10.5, 14.5, 18.5, 22.5]
+        );
+        let out = run(&node("GlobalMaxPool", 1), 1, &[Some(&x)], &[false], None).unwrap();
+        assert_eq!(out[0].as_f32().unwrap(), &[4., 8., 12., 16., 20., 24.]);
+        let ty = infer(
+            &node("GlobalAveragePool", 1),
+            13,
+            vec![Some(TypeInfo::new(
+                DType::F32,
+                vec![
+                    Dim::Sym("N".into()),
+                    Dim::Known(8),
+                    Dim::Unknown,
+                    Dim::Known(7),
+                ],
+            ))],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            ty[0].shape.as_deref().unwrap(),
+            &[
+                Dim::Sym("N".into()),
+                Dim::Known(8),
+                Dim::Known(1),
+                Dim::Known(1)
+            ]
+        );
+    }
+
+    #[test]
+    fn indices_output_and_missing_kernel_are_errors() {
+        let mut n = node("MaxPool", 1).with_attr("kernel_shape", Attr::Ints(vec![2, 2]));
+        n.outputs.push("indices".into());
+        let x = ramp(&[1, 1, 4, 4]);
+        let err = run(&n, 12, &[Some(&x)], &[false], None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("Indices") && err.contains("n0"), "{err}");
+        assert!(run(&node("AveragePool", 1), 12, &[Some(&x)], &[false], None).is_err());
+        let ty = infer(
+            &node("MaxPool", 1)
+                .with_attr("kernel_shape", Attr::Ints(vec![2, 2]))
+                .with_attr("strides", Attr::Ints(vec![2, 2])),
+            12,
+            vec![Some(TypeInfo::new(
+                DType::F32,
+                vec![
+                    Dim::Sym("N".into()),
+                    Dim::Known(32),
+                    Dim::Known(28),
+                    Dim::Sym("W".into()),
+                ],
+            ))],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            ty[0].shape.as_deref().unwrap(),
+            &[
+                Dim::Sym("N".into()),
+                Dim::Known(32),
+                Dim::Known(14),
+                Dim::Unknown
+            ]
+        );
+    }
+}
