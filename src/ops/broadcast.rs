@@ -204,9 +204,9 @@ impl<const K: usize> Plan<K> {
             rem /= self.dims[d];
         }
         let mut base = [0usize; K];
-        for d in 0..nd {
-            for k in 0..K {
-                base[k] += idx[d] * self.strides[d][k];
+        for (&i, st) in idx.iter().zip(&self.strides) {
+            for (b, &s) in base.iter_mut().zip(st) {
+                *b += i * s;
             }
         }
         let mut j = lo % self.inner;
@@ -214,22 +214,23 @@ impl<const K: usize> Plan<K> {
         while pos < hi {
             let n = (self.inner - j).min(hi - pos);
             let mut offs = base;
-            for k in 0..K {
-                offs[k] += j * self.inner_strides[k];
+            for (o, &s) in offs.iter_mut().zip(&self.inner_strides) {
+                *o += j * s;
             }
             seg(pos, n, offs);
             pos += n;
             j = 0;
             for d in (0..nd).rev() {
                 idx[d] += 1;
-                for k in 0..K {
-                    base[k] += self.strides[d][k];
+                let st = &self.strides[d];
+                for (b, &s) in base.iter_mut().zip(st) {
+                    *b += s;
                 }
                 if idx[d] < self.dims[d] {
                     break;
                 }
-                for k in 0..K {
-                    base[k] -= self.strides[d][k] * self.dims[d];
+                for (b, &s) in base.iter_mut().zip(st) {
+                    *b -= s * self.dims[d];
                 }
                 idx[d] = 0;
             }
