@@ -7,10 +7,15 @@ use crate::error::{Error, Result};
 use crate::ir::{Node, Tensor, TypeInfo};
 
 pub mod activation;
+pub mod broadcast;
 pub mod elementwise;
+pub mod erf;
 pub mod nn;
 pub mod reduce;
 pub mod shape_ops;
+#[cfg(test)]
+pub mod testutil;
+pub mod typed;
 
 pub use activation::Activation;
 
