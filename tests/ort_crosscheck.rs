@@ -190,6 +190,12 @@ fn exported_models_round_trip_and_run_in_onnx_runtime() {
         let b = lithe_outputs(&reloaded, &feeds);
         assert_eq!(a, b, "{file}: outputs changed after a round trip");
         if let Some(py) = python() {
+            let checked = Command::new(&py)
+                .arg(repo().join("scripts/onnx_check.py"))
+                .arg(&exported)
+                .status()
+                .expect("python runs");
+            assert!(checked.success(), "{file}: onnx.checker rejects the exported model");
             let theirs_original = ort_outputs(&py, &original, &feeds, "rt-orig");
             let theirs_exported = ort_outputs(&py, &exported, &feeds, "rt-exp");
             assert_eq!(theirs_original, theirs_exported, "{file}: ORT disagrees with itself after export");
