@@ -233,8 +233,10 @@ mod tests {
         assert_eq!(f.fake_quantize(0.0078), 0.0);
         assert_eq!(f.encode(f32::NAN), 0);
         assert_eq!(f.encode(-0.0), 0);
-        assert_eq!(round_log2(1.4142135), 0);
-        assert_eq!(round_log2(1.4142137), 1);
+        // The f32 nearest sqrt 2 is below it, the next one above.
+        let below = std::f32::consts::SQRT_2;
+        assert_eq!(round_log2(below), 0);
+        assert_eq!(round_log2(f32::from_bits(below.to_bits() + 1)), 1);
         assert_eq!(round_log2(1e-45), -149);
     }
 
