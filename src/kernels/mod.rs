@@ -2,3 +2,4 @@
 //! beside it, and tests compare the two.
 
 pub mod activation;
+pub mod qgemm;

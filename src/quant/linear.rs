@@ -275,17 +275,13 @@ impl QParams {
         Ok(())
     }
 
-    /// `saturate(round_half_even(x / scale) + zero_point)`. NaN maps to the zero point (the code
-    /// of real 0); infinities saturate.
+    /// `saturate(round_half_even(x / scale) + zero_point)`, computed as ONNX Runtime's MLAS
+    /// does: `x / scale` clamped to `[qmin - zp, qmax - zp]`, rounded, shifted by the zero
+    /// point. Infinities saturate; NaN becomes `qmin` (the clamp's `max` drops it), as in MLAS.
     #[inline]
     pub fn quantize(&self, x: f32) -> i32 {
-        let v = round_half_even(x / self.scale) + self.zero_point as f32;
-        let v = v.clamp(self.qmin as f32, self.qmax as f32);
-        if v.is_nan() {
-            self.zero_point
-        } else {
-            v as i32
-        }
+        let (lo, hi) = code_bounds(self.qmin, self.qmax, self.zero_point);
+        round_to_code(x / self.scale, lo, hi).wrapping_add(self.zero_point)
     }
 
     /// `(q - zero_point) * scale`, computed in f32 as ONNX `DequantizeLinear` does.
@@ -304,8 +300,9 @@ impl QParams {
     pub fn quantize_slice<T: QStore>(&self, x: &[f32], out: &mut [T]) -> Result<()> {
         check_lengths(x.len(), out.len())?;
         check_store::<T>(self)?;
+        let (lo, hi) = code_bounds(self.qmin, self.qmax, self.zero_point);
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = T::from_code(self.quantize(v));
+            *o = T::from_code(round_to_code(v / self.scale, lo, hi).wrapping_add(self.zero_point));
         }
         Ok(())
     }
@@ -538,6 +535,41 @@ pub fn round_half_even(x: f32) -> f32 {
     }
 }
 
+/// `[qmin - zp, qmax - zp]` as f32 bounds for [`round_to_code`]: rounded inward when not
+/// exactly representable and limited to i32's range, so a value clamped to them converts to
+/// i32 exactly and adding `zp` back stays within `[qmin, qmax]` without overflow. (Only grids
+/// wider than 2^24 codes are affected: they saturate up to 127 codes short of their ends.)
+#[inline]
+pub(crate) fn code_bounds(qmin: i32, qmax: i32, zp: i32) -> (f32, f32) {
+    const TOP: i64 = 2_147_483_520; // largest f32 below 2^31
+    let lo_i = (i64::from(qmin) - i64::from(zp)).clamp(i64::from(i32::MIN), TOP);
+    let hi_i = (i64::from(qmax) - i64::from(zp)).clamp(i64::from(i32::MIN), TOP);
+    // Only integers beyond 2^24 round, and those are non-zero: one ulp is one bit step of
+    // the magnitude (`f32::next_up` needs Rust 1.86).
+    let mut lo = lo_i as f32;
+    if (lo as i64) < lo_i {
+        let b = lo.to_bits();
+        lo = f32::from_bits(if lo > 0.0 { b + 1 } else { b - 1 });
+    }
+    let mut hi = hi_i as f32;
+    if (hi as i64) > hi_i {
+        let b = hi.to_bits();
+        hi = f32::from_bits(if hi > 0.0 { b - 1 } else { b + 1 });
+    }
+    (lo, hi)
+}
+
+/// `round_half_even(clamp(v, lo, hi))` as i32 for bounds from [`code_bounds`]; NaN becomes
+/// `lo`. Written so loops over it vectorise (a saturating `as` cast would be scalarised).
+#[inline]
+pub(crate) fn round_to_code(v: f32, lo: f32, hi: f32) -> i32 {
+    let v = if v > lo { v } else { lo };
+    let v = if v < hi { v } else { hi };
+    // SAFETY: `v` is finite and within [lo, hi], integers in i32's range by `code_bounds`
+    // (or at most half a unit inside them), so the rounded value is an i32.
+    unsafe { round_half_even(v).to_int_unchecked::<i32>() }
+}
+
 /// Min and max of `data`, or an error naming `name` when a value is NaN or infinite or the slice
 /// is empty.
 pub fn finite_min_max(data: &[f32], name: &str) -> Result<(f32, f32)> {
@@ -554,27 +586,28 @@ pub fn finite_min_max(data: &[f32], name: &str) -> Result<(f32, f32)> {
     Ok((lo, hi))
 }
 
-/// Min and max, NaN-poisoned: a NaN anywhere makes a result NaN, found by the caller. Eight
-/// independent lanes let the loop vectorise.
+/// Min and max, poisoned by non-finite values: a NaN or infinity anywhere makes both results
+/// NaN, for the caller to report. Eight independent lanes of plain compares and a `x * 0`
+/// accumulator (0 for finite `x`, NaN otherwise) keep the loop vectorisable.
 pub(crate) fn min_max(data: &[f32]) -> (f32, f32) {
     let mut lo = [f32::INFINITY; 8];
     let mut hi = [f32::NEG_INFINITY; 8];
-    let mut nan = [false; 8];
+    let mut poison = [0f32; 8];
     let chunks = data.chunks_exact(8);
     let rest = chunks.remainder();
     for c in chunks {
         for i in 0..8 {
             lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
             hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
-            nan[i] |= c[i].is_nan();
+            poison[i] += c[i] * 0.0;
         }
     }
     for (i, &v) in rest.iter().enumerate() {
         lo[i] = if v < lo[i] { v } else { lo[i] };
         hi[i] = if v > hi[i] { v } else { hi[i] };
-        nan[i] |= v.is_nan();
+        poison[i] += v * 0.0;
     }
-    if nan.iter().any(|&n| n) {
+    if poison.iter().any(|p| p.is_nan()) {
         return (f32::NAN, f32::NAN);
     }
     let lo = lo.iter().fold(f32::INFINITY, |a, &b| a.min(b));
@@ -816,8 +849,34 @@ mod tests {
         assert_eq!(p.quantize(-100.0), 0);
         assert_eq!(p.quantize(f32::INFINITY), 20);
         assert_eq!(p.quantize(f32::NEG_INFINITY), 0);
-        assert_eq!(p.quantize(f32::NAN), 10);
+        assert_eq!(p.quantize(f32::NAN), 0);
         assert_eq!(p.dequantize(12), 1.0);
+    }
+
+    #[test]
+    fn code_bounds_are_exact_and_inward() {
+        assert_eq!(code_bounds(0, 255, 128), (-128.0, 127.0));
+        assert_eq!(
+            code_bounds(i32::MIN, i32::MAX, 0),
+            (-2147483648.0, 2147483520.0)
+        );
+        let (lo, hi) = code_bounds(-16_777_217, 16_777_217, 0);
+        assert_eq!((lo, hi), (-16_777_216.0, 16_777_216.0));
+        // 2^24 + 3 rounds to 2^24 + 4 as f32; inward is 2^24 + 2.
+        assert_eq!(
+            code_bounds(-16_777_219, 16_777_219, 0),
+            (-16_777_218.0, 16_777_218.0)
+        );
+        let p = QParams {
+            scale: 1.0,
+            zero_point: -5,
+            qmin: i32::MIN,
+            qmax: i32::MAX,
+        };
+        assert_eq!(p.quantize(f32::INFINITY), 2147483520 - 5);
+        // i32::MIN + 5 is not an f32; the bound rounds inward to -2^31 + 128.
+        assert_eq!(p.quantize(f32::NEG_INFINITY), -2147483520 - 5);
+        assert_eq!(p.quantize(-7.5), -13);
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod minmax;
 mod moments;
 mod threshold;
 
-pub use histogram::{HistKind, Histogram, DEFAULT_BINS};
+pub use histogram::{HistKind, Histogram, DEFAULT_BINS, MAX_BINS};
 pub use minmax::MinMax;
 pub use moments::MeanStd;
 
