@@ -111,7 +111,8 @@ impl Codebook {
 /// Lloyd's algorithm with `k` centroids linearly initialised over `[min, max]`, iterated until
 /// no centroid moves or `max_iter` rounds. A cluster that empties keeps its centroid.
 pub fn lloyd(data: &[f32], k: usize, max_iter: usize, name: &str) -> Result<Codebook> {
-    let pts = Points::from_data(data, usize::MAX, name)?;
+    let (x, w) = Points::distinct(data, name)?;
+    let pts = Points::with_prefix(x, w);
     check_k(k, name)?;
     let (lo, hi) = (pts.x[0], pts.x[pts.x.len() - 1]);
     let init: Vec<f64> = if k == 1 {
@@ -137,12 +138,15 @@ pub fn optimal_with(data: &[f32], k: usize, max_points: usize, name: &str) -> Re
     if max_points < 2 {
         return Err(tensor_error(name, "the k-means DP needs at least 2 points"));
     }
-    let full = Points::from_data(data, usize::MAX, name)?;
-    let reduced = if full.x.len() > max_points {
-        Points::from_data(data, max_points, name)?
+    let (x, w) = Points::distinct(data, name)?;
+    let reduced = if x.len() > max_points {
+        let (bx, bw) = bin(&x, &w, max_points);
+        Some(Points::with_prefix(bx, bw))
     } else {
-        full.clone()
+        None
     };
+    let full = Points::with_prefix(x, w);
+    let reduced = reduced.as_ref().unwrap_or(&full);
     let centroids = reduced.dp(k);
     // Lloyd steps on the full data only lower the SSE; on exact input they change nothing.
     let centroids = full.lloyd(centroids, DEFAULT_MAX_ITER);
@@ -162,9 +166,8 @@ struct Points {
 }
 
 impl Points {
-    /// Sorted distinct values of `data`; when there are more than `max_points`, equal-width
-    /// bins over `[min, max]` represented by their means.
-    fn from_data(data: &[f32], max_points: usize, name: &str) -> Result<Points> {
+    /// Sorted distinct values of `data` with their multiplicities.
+    fn distinct(data: &[f32], name: &str) -> Result<(Vec<f64>, Vec<f64>)> {
         if data.is_empty() {
             return Err(tensor_error(name, "cannot cluster an empty tensor"));
         }
@@ -183,10 +186,7 @@ impl Points {
                 w.push(1.0);
             }
         }
-        if x.len() > max_points {
-            (x, w) = bin(&x, &w, max_points);
-        }
-        Ok(Points::with_prefix(x, w))
+        Ok((x, w))
     }
 
     fn with_prefix(x: Vec<f64>, w: Vec<f64>) -> Points {

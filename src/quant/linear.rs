@@ -8,7 +8,7 @@
 //! and `DequantizeLinear`: `x = (q - zero_point) * scale`.
 
 use crate::error::{Error, Result};
-use crate::ir::{Tensor, TensorData};
+use crate::ir::{DType, Tensor, TensorData};
 
 /// Which integer grid a tensor is quantized onto. Fields are private so every scheme in
 /// circulation has been validated; build one with [`QScheme::new`] or a constant.
@@ -104,6 +104,17 @@ impl QScheme {
 
     pub fn narrow_range(&self) -> bool {
         self.narrow_range
+    }
+
+    /// Narrowest tensor element type holding the codes: u8 or i8 up to 8 bits, i16 for wider
+    /// signed grids, i32 for wider unsigned ones (the IR has no u16).
+    pub fn storage_dtype(&self) -> DType {
+        match (self.signed, self.bits <= 8) {
+            (false, true) => DType::U8,
+            (true, true) => DType::I8,
+            (true, false) => DType::I16,
+            (false, false) => DType::I32,
+        }
     }
 
     /// Bits actually used for the grid (one less under `reduce_range`).
@@ -782,6 +793,9 @@ mod tests {
         assert_eq!((r.qmin(), r.qmax()), (0, 127));
         let r = QScheme::S8_SYMMETRIC.with_reduce_range(true).unwrap();
         assert_eq!((r.qmin(), r.qmax()), (-63, 63));
+        assert_eq!(QScheme::U8_AFFINE.storage_dtype(), DType::U8);
+        assert_eq!(s(4, true, true).storage_dtype(), DType::I8);
+        assert_eq!(s(16, true, false).storage_dtype(), DType::I16);
         assert!(QScheme::new(1, true, true).is_err());
         assert!(QScheme::new(17, true, true).is_err());
         assert!(QScheme::new(2, true, true)

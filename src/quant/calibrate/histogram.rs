@@ -528,5 +528,15 @@ mod tests {
         assert_eq!(a.bins(), whole.bins());
         assert_eq!(a.count(), 1000);
         assert_eq!(a.observed_range().unwrap(), whole.observed_range().unwrap());
+        // A histogram that never got a spread (all zeros) merges as repeated zeros.
+        let mut zeros = Histogram::new("x", HistKind::Signed, 64).unwrap();
+        zeros.observe(&[0.0; 5]).unwrap();
+        let bin0 = a.bins()[a.bin_of(a.grid.unwrap(), 0.0)];
+        a.merge(&zeros).unwrap();
+        assert_eq!(a.count(), 1005);
+        assert_eq!(a.bins()[a.bin_of(a.grid.unwrap(), 0.0)], bin0 + 5);
+        assert!(a
+            .merge(&Histogram::new("x", HistKind::Abs, 64).unwrap())
+            .is_err());
     }
 }
