@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod onnx;
 pub mod ops;
 pub mod passes;
+pub mod quant;
 pub mod runtime;
 
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@ pub mod activation;
 pub mod conv;
 pub mod gemm;
 pub mod pool;
+pub mod qgemm;
 pub mod scratch;
 pub mod simd;
 
