@@ -55,13 +55,22 @@ fn eval_reports_accuracy_on_embedded_mnist() {
 
 #[test]
 fn run_reads_npy_and_writes_npz() {
-    let source = lithe::data::dataset::open_dataset("mnist", lithe::data::dataset::Split::Test, None).expect("mnist");
+    let source =
+        lithe::data::dataset::open_dataset("mnist", lithe::data::dataset::Split::Test, None)
+            .expect("mnist");
     let (images, _) = source.batch(0, 3).expect("batch");
     let input = tmp("three.npy");
     lithe::data::npy::write_npy(&input, &images).expect("write");
     let output = tmp("out.npz");
     let spec = format!("input={}", input.display());
-    let o = lithe(&["run", MODEL, "--input", &spec, "--output", output.to_str().unwrap_or_default()]);
+    let o = lithe(&[
+        "run",
+        MODEL,
+        "--input",
+        &spec,
+        "--output",
+        output.to_str().unwrap_or_default(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let outs = lithe::data::npz::read_npz(&output).expect("outputs");
     assert_eq!(outs[0].1.shape(), &[3, 10]);
@@ -69,7 +78,17 @@ fn run_reads_npy_and_writes_npz() {
 
 #[test]
 fn bench_reports_latency() {
-    let o = lithe(&["bench", MODEL, "--batch", "4", "--threads", "1", "--seconds", "0.2", "--json"]);
+    let o = lithe(&[
+        "bench",
+        MODEL,
+        "--batch",
+        "4",
+        "--threads",
+        "1",
+        "--seconds",
+        "0.2",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert!(v["p50_ms"].as_f64().unwrap_or(0.0) > 0.0);
@@ -86,10 +105,14 @@ fn assert_one_line_failure(o: &Output, expect: &str) {
 
 #[test]
 fn bad_files_give_one_line_errors() {
-    let bytes = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(MODEL)).expect("model");
+    let bytes =
+        std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(MODEL)).expect("model");
     let truncated = tmp("truncated.onnx");
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).expect("write");
-    assert_one_line_failure(&lithe(&["inspect", truncated.to_str().unwrap_or_default()]), "truncated.onnx");
+    assert_one_line_failure(
+        &lithe(&["inspect", truncated.to_str().unwrap_or_default()]),
+        "truncated.onnx",
+    );
 
     let random = tmp("random.onnx");
     let mut state = 0x1234_5678_9abc_def0u64;
@@ -102,8 +125,17 @@ fn bad_files_give_one_line_errors() {
         })
         .collect();
     std::fs::write(&random, noise).expect("write");
-    assert_one_line_failure(&lithe(&["run", random.to_str().unwrap_or_default()]), "random.onnx");
+    assert_one_line_failure(
+        &lithe(&["run", random.to_str().unwrap_or_default()]),
+        "random.onnx",
+    );
 
-    assert_one_line_failure(&lithe(&["inspect", "no/such/model.onnx"]), "no/such/model.onnx");
-    assert_one_line_failure(&lithe(&["eval", MODEL, "--data", "no-such-set"]), "no-such-set");
+    assert_one_line_failure(
+        &lithe(&["inspect", "no/such/model.onnx"]),
+        "no/such/model.onnx",
+    );
+    assert_one_line_failure(
+        &lithe(&["eval", MODEL, "--data", "no-such-set"]),
+        "no-such-set",
+    );
 }

@@ -34,7 +34,12 @@ fn tmp_dir(tag: &str) -> PathBuf {
     d
 }
 
-fn ort_outputs(py: &str, model: &Path, feeds: &[(String, Tensor)], tag: &str) -> Vec<(String, Tensor)> {
+fn ort_outputs(
+    py: &str,
+    model: &Path,
+    feeds: &[(String, Tensor)],
+    tag: &str,
+) -> Vec<(String, Tensor)> {
     let dir = tmp_dir(tag);
     let inp = dir.join("in.npz");
     let out = dir.join("out.npz");
@@ -46,7 +51,11 @@ fn ort_outputs(py: &str, model: &Path, feeds: &[(String, Tensor)], tag: &str) ->
         .arg(&out)
         .status()
         .expect("python runs");
-    assert!(status.success(), "ONNX Runtime failed on {}", model.display());
+    assert!(
+        status.success(),
+        "ONNX Runtime failed on {}",
+        model.display()
+    );
     lithe::data::npz::read_npz(&out).expect("ORT outputs")
 }
 
@@ -62,7 +71,10 @@ fn relative_error(ours: &Tensor, theirs: &Tensor) -> f32 {
     assert_eq!(ours.shape(), theirs.shape());
     let (a, b) = (ours.to_f32_vec(), theirs.to_f32_vec());
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 fn compare(name: &str, model_path: &Path, feeds: Vec<(String, Tensor)>) {
@@ -75,8 +87,14 @@ fn compare(name: &str, model_path: &Path, feeds: Vec<(String, Tensor)>) {
     let theirs = ort_outputs(&py, model_path, &feeds, name);
     for ((n, a), (_, b)) in ours.iter().zip(&theirs) {
         let err = relative_error(a, b);
-        println!("{name}: output '{n}' {:?}: max |lithe - ORT| / max|ORT| = {err:.2e}", a.shape());
-        assert!(err <= 1e-4, "{name}: output '{n}' differs from ONNX Runtime by {err:e} (relative)");
+        println!(
+            "{name}: output '{n}' {:?}: max |lithe - ORT| / max|ORT| = {err:.2e}",
+            a.shape()
+        );
+        assert!(
+            err <= 1e-4,
+            "{name}: output '{n}' differs from ONNX Runtime by {err:e} (relative)"
+        );
     }
 }
 
@@ -140,7 +158,13 @@ fn minilm_matches_onnx_runtime_on_sentences() {
     let model = lithe::onnx::load_model(&model_path).expect("load");
     let out = lithe_outputs(&model, &feeds);
     let hidden = out[0].1.to_f32_vec();
-    let mask = feeds.iter().find(|(n, _)| n == "attention_mask").expect("mask").1.to_i64_vec().expect("ints");
+    let mask = feeds
+        .iter()
+        .find(|(n, _)| n == "attention_mask")
+        .expect("mask")
+        .1
+        .to_i64_vec()
+        .expect("ints");
     let (seq, dim) = (out[0].1.shape()[1], out[0].1.shape()[2]);
     let embed = |s: usize| -> Vec<f32> {
         let mut e = vec![0f32; dim];
@@ -195,10 +219,16 @@ fn exported_models_round_trip_and_run_in_onnx_runtime() {
                 .arg(&exported)
                 .status()
                 .expect("python runs");
-            assert!(checked.success(), "{file}: onnx.checker rejects the exported model");
+            assert!(
+                checked.success(),
+                "{file}: onnx.checker rejects the exported model"
+            );
             let theirs_original = ort_outputs(&py, &original, &feeds, "rt-orig");
             let theirs_exported = ort_outputs(&py, &exported, &feeds, "rt-exp");
-            assert_eq!(theirs_original, theirs_exported, "{file}: ORT disagrees with itself after export");
+            assert_eq!(
+                theirs_original, theirs_exported,
+                "{file}: ORT disagrees with itself after export"
+            );
             println!("{file}: round trip bit-identical in lithe; ORT gives identical outputs on the export");
         }
     }

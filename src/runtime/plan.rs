@@ -24,6 +24,8 @@ pub struct Step {
 pub struct Plan {
     pub steps: Vec<Step>,
     pub slot_count: usize,
+    /// Value name of each slot.
+    pub slot_names: Vec<String>,
     /// Constant values (initializers), indexed by slot.
     pub constants: HashMap<Slot, Tensor>,
     pub inputs: Vec<(String, Slot, TypeInfo)>,
@@ -173,9 +175,14 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             steps[si].release_after.push(slot);
         }
     }
+    let mut slot_names = vec![String::new(); slots.ids.len()];
+    for (name, &slot) in &slots.ids {
+        slot_names[slot] = name.clone();
+    }
     Ok(Plan {
         steps,
         slot_count: slots.ids.len(),
+        slot_names,
         constants,
         inputs,
         outputs,

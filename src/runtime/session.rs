@@ -83,7 +83,18 @@ impl Session {
     /// Runs the model; `feeds` are matched to graph inputs by name. Returns the graph outputs
     /// in declaration order.
     pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>> {
-        self.run_inner(feeds, None)
+        self.run_inner(feeds, None, None)
+    }
+
+    /// As [`Session::run`], also showing every computed value (by name) to `observer` as soon
+    /// as it exists. Calibration uses this to collect activation statistics without keeping
+    /// the values. With activation fusion on, a fused op's pre-activation output is not seen.
+    pub fn run_observed(
+        &self,
+        feeds: &[(&str, Tensor)],
+        observer: &mut (dyn FnMut(&str, &Tensor) + Send),
+    ) -> Result<Vec<(String, Tensor)>> {
+        self.run_inner(feeds, None, Some(observer))
     }
 
     /// As [`Session::run`], also timing every step.
@@ -92,7 +103,7 @@ impl Session {
         feeds: &[(&str, Tensor)],
     ) -> Result<(Vec<(String, Tensor)>, Vec<StepTiming>)> {
         let mut timings = Vec::with_capacity(self.plan.steps.len());
-        let out = self.run_inner(feeds, Some(&mut timings))?;
+        let out = self.run_inner(feeds, Some(&mut timings), None)?;
         Ok((out, timings))
     }
 
@@ -100,6 +111,7 @@ impl Session {
         &self,
         feeds: &[(&str, Tensor)],
         mut timings: Option<&mut Vec<StepTiming>>,
+        mut observer: Option<&mut (dyn FnMut(&str, &Tensor) + Send)>,
     ) -> Result<Vec<(String, Tensor)>> {
         let mut values: Vec<Option<Tensor>> = (0..self.plan.slot_count).map(|_| None).collect();
         for (name, slot, ty) in &self.plan.inputs {
@@ -174,6 +186,9 @@ impl Session {
                     });
                 }
                 for (slot, t) in step.outputs.iter().zip(outputs) {
+                    if let Some(obs) = observer.as_deref_mut() {
+                        obs(&self.plan.slot_names[*slot], &t);
+                    }
                     values[*slot] = Some(t);
                 }
                 for slot in &step.release_after {
@@ -277,5 +292,16 @@ mod tests {
         );
         let err = s.run(&[]).unwrap_err().to_string();
         assert!(err.contains("no value"), "{err}");
+
+        let mut seen = Vec::new();
+        let x = Tensor::from_f32(vec![1, 3], vec![-1.0, 0.0, 1.0]).unwrap();
+        s.run_observed(&[("x", x)], &mut |name, t| {
+            seen.push((name.to_string(), t.shape().to_vec()))
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![("y".to_string(), vec![1, 3]), ("z".to_string(), vec![1, 3])]
+        );
     }
 }
