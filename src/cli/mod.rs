@@ -6,6 +6,7 @@ mod demo;
 mod eval;
 mod inspect;
 mod run;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ enum Command {
     Bench(bench::Args),
     /// The main job on the embedded default: the MNIST CNN on the embedded MNIST test set.
     Demo(demo::Args),
+    /// Train a zoo model from scratch, or fine-tune an ONNX model, on a labelled data set.
+    Train(Box<train::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,5 +44,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Train(a) => train::run(*a),
     }
 }

@@ -75,6 +75,10 @@ pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<LossOutput> {
     let mut correct = 0;
     for (i, (row, g)) in z.chunks_exact(c).zip(grad.chunks_exact_mut(c)).enumerate() {
         let label = labels[i] as usize;
+        // Non-finite logits make the loss NaN, so divergence is reported, not clamped away.
+        if row.iter().any(|v| !v.is_finite()) {
+            loss = f64::NAN;
+        }
         let p = softmax_t(row, 1.0);
         loss -= p[label].max(f64::MIN_POSITIVE).ln();
         for (k, (gk, &pk)) in g.iter_mut().zip(&p).enumerate() {
