@@ -295,3 +295,71 @@ fn mlp_1200_with_dropout_and_jitter_reaches_1_3_percent() {
         assert!(e <= 0.013, "error {e}");
     }
 }
+
+#[test]
+fn fine_tunes_an_imported_onnx_model() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/models/mnist_cnn.onnx");
+    let (Some(train), Some(test)) = (mnist(Split::Train, 640), mnist(Split::Test, 1000)) else {
+        return;
+    };
+    let model = lithe::onnx::load_model(&path).unwrap();
+    let config = TrainConfig {
+        epochs: 1,
+        batch: 64,
+        lr: 0.001,
+        seed: 2,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(model, config).unwrap();
+    let before = t.evaluate(&test).unwrap().accuracy;
+    t.fit(Arc::new(train), Some(&test), &mut |_| {}).unwrap();
+    let after = t.history[0].test.as_ref().unwrap().accuracy;
+    assert!(before > 0.98 && after > 0.98, "{before} -> {after}");
+}
+
+#[test]
+fn distils_a_student_from_a_teacher() {
+    let (Some(train), Some(test)) = (mnist(Split::Train, 4000), mnist(Split::Test, 1000)) else {
+        return;
+    };
+    let train = Arc::new(train);
+    let config = TrainConfig {
+        epochs: 2,
+        batch: 64,
+        lr: 0.05,
+        seed: 4,
+        ..TrainConfig::default()
+    };
+    let mut teacher = Trainer::new(
+        zoo::build("lenet-300-100", &ZooConfig::mnist(4)).unwrap(),
+        config.clone(),
+    )
+    .unwrap();
+    teacher.fit(train.clone(), None, &mut |_| {}).unwrap();
+    let teacher = teacher.export();
+    let mut student = Trainer::new(
+        zoo::build("lenet-300-100", &ZooConfig::mnist(5)).unwrap(),
+        config,
+    )
+    .unwrap();
+    student
+        .set_teacher(
+            &teacher,
+            lithe::train::Distillation {
+                temperature: 4.0,
+                alpha: 0.9,
+                beta: 0.1,
+            },
+        )
+        .unwrap();
+    student.fit(train, Some(&test), &mut |_| {}).unwrap();
+    let acc = student
+        .history
+        .last()
+        .unwrap()
+        .test
+        .as_ref()
+        .unwrap()
+        .accuracy;
+    assert!(acc > 0.9, "student accuracy {acc}");
+}

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use super::conv::Conv2dGeom;
 use super::gemm::{self, Epilogue, GatherRef, Lhs, MatMut, MatRef, PackedA, Rhs};
 use super::scratch;
+use super::simd::has_avx2_fma;
 use crate::error::{Error, Result};
 
 /// `(oh, ow)`, after checking the buffer sizes of a backward call.
@@ -62,9 +63,8 @@ fn im2col_offsets(
     (rows, cols)
 }
 
-/// One input channel per group, several groups: the per-group GEMMs would have one row (or
-/// column), so direct loops do better. (A single group with one input channel is an
-/// ordinary GEMM.)
+/// One input channel per group, several groups: the per-group input-gradient GEMMs would
+/// have a single row, so direct loops do better.
 fn is_depthwise_like(g: &Conv2dGeom) -> bool {
     g.groups > 1 && g.c_in == g.groups
 }
@@ -121,7 +121,7 @@ pub fn conv2d_backward_weight(
         dw.fill(0.0);
         return Ok(());
     }
-    if is_depthwise_like(g) {
+    if g.c_in == g.groups {
         depthwise_weight(g, x, [n, h, w], (oh, ow), dy, dw);
         return Ok(());
     }
@@ -190,8 +190,9 @@ fn valid_range(out: usize, stride: usize, off: usize, pad: usize, size: usize) -
     (lo, hi.max(lo))
 }
 
-/// Weight gradient when each group has a single input channel (depthwise and its channel
-/// multiplier form): direct loops, parallel over output channels.
+/// Weight gradient when each group has a single input channel (depthwise, its channel
+/// multiplier form, and a first layer on gray images): direct dot products, parallel over
+/// output channels. `K` is tiny here, so a GEMM would spend its time packing.
 fn depthwise_weight(
     g: &Conv2dGeom,
     x: &[f32],
@@ -201,32 +202,256 @@ fn depthwise_weight(
     dw: &mut [f32],
 ) {
     let [kh, kw] = g.kernel;
-    let cout_g = g.c_out / g.groups;
+    let avx = has_avx2_fma();
     dw.par_chunks_mut(kh * kw)
         .enumerate()
         .for_each(|(co, taps)| {
-            let ci = co / cout_g;
-            for (t, tap) in taps.iter_mut().enumerate() {
-                let (ky, kx) = (t / kw, t % kw);
-                let (oy0, oy1) = valid_range(oh, g.stride[0], ky * g.dilation[0], g.pads[0], h);
-                let (ox0, ox1) = valid_range(ow, g.stride[1], kx * g.dilation[1], g.pads[1], w);
-                let mut acc = 0.0f32;
-                for i in 0..n {
-                    let xs = &x[(i * g.c_in + ci) * h * w..][..h * w];
-                    let ds = &dy[(i * g.c_out + co) * oh * ow..][..oh * ow];
-                    for oy in oy0..oy1 {
-                        let iy = oy * g.stride[0] + ky * g.dilation[0] - g.pads[0];
-                        let xrow = &xs[iy * w..(iy + 1) * w];
-                        let drow = &ds[oy * ow..(oy + 1) * ow];
-                        for (j, &d) in drow[ox0..ox1].iter().enumerate() {
-                            let ix = (ox0 + j) * g.stride[1] + kx * g.dilation[1] - g.pads[1];
-                            acc += d * xrow[ix];
+            let job = ChannelJob {
+                g,
+                x,
+                dims: [n, h, w],
+                out: (oh, ow),
+                dy,
+                co,
+                avx,
+            };
+            job.run(taps);
+        });
+}
+
+/// The weight gradient of one output channel of a single-input-channel-per-group conv.
+struct ChannelJob<'a> {
+    g: &'a Conv2dGeom,
+    x: &'a [f32],
+    dims: [usize; 3],
+    out: (usize, usize),
+    dy: &'a [f32],
+    co: usize,
+    avx: bool,
+}
+
+impl ChannelJob<'_> {
+    fn run(&self, taps: &mut [f32]) {
+        if self.g.stride == [1, 1] {
+            self.run_flat(taps)
+        } else {
+            self.run_rows(taps)
+        }
+    }
+
+    /// Stride 1: with `dY` laid out at the padded input's row pitch (zeros past each row),
+    /// tap `(ky, kx)` is one contiguous dot product per image, at a fixed offset into the
+    /// padded input plane.
+    fn run_flat(&self, taps: &mut [f32]) {
+        let Self { g, x, dy, co, .. } = *self;
+        let [n, h, w] = self.dims;
+        let (oh, ow) = self.out;
+        let [kh, kw] = g.kernel;
+        let ci = co / (g.c_out / g.groups);
+        let (hp, wp) = (h + g.pads[0] + g.pads[2], w + g.pads[1] + g.pads[3]);
+        let len = (oh - 1) * wp + ow;
+        let offsets: Vec<usize> = (0..kh * kw)
+            .map(|t| (t / kw) * g.dilation[0] * wp + (t % kw) * g.dilation[1])
+            .collect();
+        let mut acc: Vec<Lanes> = (0..kh * kw).map(|_| Lanes::default()).collect();
+        let padded = g.pads != [0; 4];
+        scratch::with_f32(hp * wp + oh * wp, |buf| {
+            let (xbuf, dbuf) = buf.split_at_mut(hp * wp);
+            for i in 0..n {
+                let xs = &x[(i * g.c_in + ci) * h * w..][..h * w];
+                let ds = &dy[(i * g.c_out + co) * oh * ow..][..oh * ow];
+                let xp: &[f32] = if padded {
+                    pad_planes(xs, xbuf, (h, w), g.pads);
+                    xbuf
+                } else {
+                    xs
+                };
+                let dp: &[f32] = if wp == ow {
+                    ds
+                } else {
+                    for (src, dst) in ds.chunks_exact(ow).zip(dbuf.chunks_exact_mut(wp)) {
+                        dst[..ow].copy_from_slice(src);
+                        dst[ow..].fill(0.0);
+                    }
+                    dbuf
+                };
+                for (a, &off) in acc.iter_mut().zip(&offsets) {
+                    a.dot(&dp[..len], &xp[off..off + len], self.avx);
+                }
+            }
+        });
+        for (t, a) in taps.iter_mut().zip(&acc) {
+            *t = a.sum();
+        }
+    }
+
+    /// Any stride: one short dot product per output row.
+    fn run_rows(&self, taps: &mut [f32]) {
+        let Self { g, x, dy, co, .. } = *self;
+        let [n, h, w] = self.dims;
+        let (oh, ow) = self.out;
+        let kw = g.kernel[1];
+        let ci = co / (g.c_out / g.groups);
+        for (t, tap) in taps.iter_mut().enumerate() {
+            let (ky, kx) = (t / kw, t % kw);
+            let (oy0, oy1) = valid_range(oh, g.stride[0], ky * g.dilation[0], g.pads[0], h);
+            let (ox0, ox1) = valid_range(ow, g.stride[1], kx * g.dilation[1], g.pads[1], w);
+            let x0 = ox0 * g.stride[1] + kx * g.dilation[1];
+            if x0 < g.pads[1] || ox0 >= ox1 {
+                *tap = 0.0;
+                continue;
+            }
+            let x0 = x0 - g.pads[1];
+            let mut acc = Lanes::default();
+            for i in 0..n {
+                let xs = &x[(i * g.c_in + ci) * h * w..][..h * w];
+                let ds = &dy[(i * g.c_out + co) * oh * ow..][..oh * ow];
+                for oy in oy0..oy1 {
+                    let iy = oy * g.stride[0] + ky * g.dilation[0] - g.pads[0];
+                    let xrow = &xs[iy * w..(iy + 1) * w];
+                    let drow = &ds[oy * ow + ox0..oy * ow + ox1];
+                    if g.stride[1] == 1 {
+                        acc.dot(drow, &xrow[x0..x0 + drow.len()], self.avx);
+                    } else {
+                        for (j, &d) in drow.iter().enumerate() {
+                            acc.tail += d * xrow[x0 + j * g.stride[1]];
                         }
                     }
                 }
-                *tap = acc;
             }
-        });
+            *tap = acc.sum();
+        }
+    }
+}
+
+/// `y += alpha * x` (equal lengths), with 8-lane FMAs when available.
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32], avx: bool) {
+    let n = x.len().min(y.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        // SAFETY: AVX2 and FMA support was checked at run time; both slices hold `n` values.
+        unsafe { axpy_avx2(alpha, &x[..n], &mut y[..n]) };
+        return;
+    }
+    let _ = avx;
+    for (d, &s) in y[..n].iter_mut().zip(&x[..n]) {
+        *d += alpha * s;
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == y.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let a = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    while i + 8 <= n {
+        _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+        i += 8;
+    }
+    while i < n {
+        *py.add(i) = alpha.mul_add(*px.add(i), *py.add(i));
+        i += 1;
+    }
+}
+
+/// Thirty-two independent partial sums (four 8-lane vectors, enough to hide the latency of
+/// the adds) plus a scalar tail, always combined in the same order.
+struct Lanes {
+    v: [f32; LANES],
+    tail: f32,
+}
+
+const LANES: usize = 32;
+
+impl Default for Lanes {
+    fn default() -> Lanes {
+        Lanes {
+            v: [0.0; LANES],
+            tail: 0.0,
+        }
+    }
+}
+
+impl Lanes {
+    /// Adds `a . b` (equal lengths).
+    #[inline]
+    fn dot(&mut self, a: &[f32], b: &[f32], avx: bool) {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        #[cfg(target_arch = "x86_64")]
+        if avx {
+            // SAFETY: AVX2 and FMA support was checked at run time; `a` and `b` have `n`
+            // elements each.
+            unsafe { self.dot_avx2(a, b) };
+            return;
+        }
+        let _ = avx;
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+            self.tail += x * y;
+        }
+        for (x, y) in ca.zip(cb) {
+            for ((acc, &p), &q) in self.v.iter_mut().zip(x).zip(y) {
+                *acc += p * q;
+            }
+        }
+    }
+
+    /// Four 8-lane FMA accumulators over 32-element blocks, then 8-element blocks into the
+    /// first, then scalars.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `a.len() == b.len()`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_avx2(&mut self, a: &[f32], b: &[f32]) {
+        use std::arch::x86_64::*;
+        let n = a.len();
+        let (pa, pb, pv) = (a.as_ptr(), b.as_ptr(), self.v.as_mut_ptr());
+        let mut acc = [
+            _mm256_loadu_ps(pv),
+            _mm256_loadu_ps(pv.add(8)),
+            _mm256_loadu_ps(pv.add(16)),
+            _mm256_loadu_ps(pv.add(24)),
+        ];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let o = i + 8 * k;
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            i += 8;
+        }
+        for (k, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(pv.add(8 * k), *acc);
+        }
+        while i < n {
+            self.tail += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+    }
+
+    fn sum(&self) -> f32 {
+        // Pairwise, in a fixed order.
+        let mut v = self.v;
+        let mut n = LANES;
+        while n > 1 {
+            n /= 2;
+            for k in 0..n {
+                v[k] += v[k + n];
+            }
+        }
+        v[0] + self.tail
+    }
 }
 
 /// Gradient of the input (`[n, C_in, h, w]`, overwritten) of a convolution with `weight`
@@ -358,31 +583,109 @@ fn depthwise_data(
     (oh, ow): (usize, usize),
     dx: &mut [f32],
 ) {
-    let [kh, kw] = g.kernel;
-    let cout_g = g.c_out / g.groups;
+    let avx = has_avx2_fma();
     dx.par_chunks_mut(h * w)
         .enumerate()
         .for_each(|(plane, dst)| {
-            let (i, ci) = (plane / g.c_in, plane % g.c_in);
+            let job = PlaneJob {
+                g,
+                weight,
+                dy,
+                hw: (h, w),
+                out: (oh, ow),
+                plane,
+                avx,
+            };
+            job.run(dst);
+        });
+}
+
+/// The input gradient of one `(image, channel)` plane of a single-input-channel-per-group
+/// conv.
+struct PlaneJob<'a> {
+    g: &'a Conv2dGeom,
+    weight: &'a [f32],
+    dy: &'a [f32],
+    hw: (usize, usize),
+    out: (usize, usize),
+    plane: usize,
+    avx: bool,
+}
+
+impl PlaneJob<'_> {
+    fn run(&self, dst: &mut [f32]) {
+        if self.g.stride == [1, 1] {
+            self.run_flat(dst)
+        } else {
+            self.run_rows(dst)
+        }
+    }
+
+    /// Stride 1: each tap adds a scaled copy of the row-pitched `dY` plane into the padded
+    /// input plane at a fixed offset (the transpose of the weight gradient's dot products).
+    fn run_flat(&self, dst: &mut [f32]) {
+        let g = self.g;
+        let (h, w) = self.hw;
+        let (oh, ow) = self.out;
+        let [kh, kw] = g.kernel;
+        let cout_g = g.c_out / g.groups;
+        let (i, ci) = (self.plane / g.c_in, self.plane % g.c_in);
+        let (hp, wp) = (h + g.pads[0] + g.pads[2], w + g.pads[1] + g.pads[3]);
+        let len = (oh - 1) * wp + ow;
+        scratch::with_f32(hp * wp + oh * wp, |buf| {
+            let (xbuf, dbuf) = buf.split_at_mut(hp * wp);
+            xbuf.fill(0.0);
             for co in ci * cout_g..(ci + 1) * cout_g {
-                let ds = &dy[(i * g.c_out + co) * oh * ow..][..oh * ow];
-                let taps = &weight[co * kh * kw..(co + 1) * kh * kw];
+                let ds = &self.dy[(i * g.c_out + co) * oh * ow..][..oh * ow];
+                let dp: &[f32] = if wp == ow {
+                    ds
+                } else {
+                    for (src, d) in ds.chunks_exact(ow).zip(dbuf.chunks_exact_mut(wp)) {
+                        d[..ow].copy_from_slice(src);
+                        d[ow..].fill(0.0);
+                    }
+                    dbuf
+                };
+                let taps = &self.weight[co * kh * kw..(co + 1) * kh * kw];
                 for (t, &wt) in taps.iter().enumerate() {
-                    let (ky, kx) = (t / kw, t % kw);
-                    let (oy0, oy1) = valid_range(oh, g.stride[0], ky * g.dilation[0], g.pads[0], h);
-                    let (ox0, ox1) = valid_range(ow, g.stride[1], kx * g.dilation[1], g.pads[1], w);
-                    for oy in oy0..oy1 {
-                        let iy = oy * g.stride[0] + ky * g.dilation[0] - g.pads[0];
-                        let drow = &ds[oy * ow..(oy + 1) * ow];
-                        let xrow = &mut dst[iy * w..(iy + 1) * w];
-                        for (j, &d) in drow[ox0..ox1].iter().enumerate() {
-                            let ix = (ox0 + j) * g.stride[1] + kx * g.dilation[1] - g.pads[1];
-                            xrow[ix] += d * wt;
-                        }
+                    let off = (t / kw) * g.dilation[0] * wp + (t % kw) * g.dilation[1];
+                    axpy(wt, &dp[..len], &mut xbuf[off..off + len], self.avx);
+                }
+            }
+            for (y, row) in dst.chunks_exact_mut(w).enumerate() {
+                let s = (y + g.pads[0]) * wp + g.pads[1];
+                row.copy_from_slice(&xbuf[s..s + w]);
+            }
+        });
+    }
+
+    /// Any stride: one short scaled add per output row.
+    fn run_rows(&self, dst: &mut [f32]) {
+        let g = self.g;
+        let (h, w) = self.hw;
+        let (oh, ow) = self.out;
+        let [kh, kw] = g.kernel;
+        let cout_g = g.c_out / g.groups;
+        let (i, ci) = (self.plane / g.c_in, self.plane % g.c_in);
+        for co in ci * cout_g..(ci + 1) * cout_g {
+            let ds = &self.dy[(i * g.c_out + co) * oh * ow..][..oh * ow];
+            let taps = &self.weight[co * kh * kw..(co + 1) * kh * kw];
+            for (t, &wt) in taps.iter().enumerate() {
+                let (ky, kx) = (t / kw, t % kw);
+                let (oy0, oy1) = valid_range(oh, g.stride[0], ky * g.dilation[0], g.pads[0], h);
+                let (ox0, ox1) = valid_range(ow, g.stride[1], kx * g.dilation[1], g.pads[1], w);
+                for oy in oy0..oy1 {
+                    let iy = oy * g.stride[0] + ky * g.dilation[0] - g.pads[0];
+                    let drow = &ds[oy * ow..(oy + 1) * ow];
+                    let xrow = &mut dst[iy * w..(iy + 1) * w];
+                    for (j, &d) in drow[ox0..ox1].iter().enumerate() {
+                        let ix = (ox0 + j) * g.stride[1] + kx * g.dilation[1] - g.pads[1];
+                        xrow[ix] += d * wt;
                     }
                 }
             }
-        });
+        }
+    }
 }
 
 /// Calls `f(i, ci, co, ky, kx, oy, ox, iy, ix)` for every (image, tap, output) triple whose
@@ -511,6 +814,9 @@ mod tests {
             geom(3, 6, 3, [3, 3], [1, 2], [2, 1], [2, 1, 0, 2]),
             geom(8, 4, 1, [1, 1], [1, 1], [1, 1], [0; 4]),
             geom(6, 9, 3, [1, 3], [1, 3], [1, 1], [0, 2, 0, 1]),
+            geom(4, 8, 4, [3, 3], [1, 1], [2, 1], [1, 2, 2, 1]),
+            geom(6, 6, 6, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            geom(1, 3, 1, [3, 2], [1, 1], [1, 2], [2, 0, 1, 1]),
         ];
         for g in cases {
             for (n, h, w) in [(1, 7, 9), (3, 8, 6)] {

@@ -444,12 +444,14 @@ impl Trainer {
         self.params.write_to(&mut model.graph);
         model.set_metadata(EPOCH_METADATA_KEY, self.epoch.to_string());
         let last = self.history.last();
+        // f32 hyper-parameters as their shortest decimal form (0.02, not 0.0199999996).
+        let short = |v: f32| v.to_string().parse::<f64>().unwrap_or(v as f64);
         let summary = serde_json::json!({
             "epochs": self.epoch,
             "batch": self.config.batch,
-            "lr": self.config.lr,
+            "lr": short(self.config.lr),
             "optimizer": self.config.optimizer.to_string(),
-            "weight_decay": self.config.weight_decay,
+            "weight_decay": short(self.config.weight_decay),
             "seed": self.config.seed,
             "test_accuracy": last.and_then(|s| s.test.as_ref()).map(|t| t.accuracy),
         });
