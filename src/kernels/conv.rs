@@ -20,6 +20,7 @@ use super::gemm::{self, Bias, Epilogue, GatherRef, Lhs, MatMut, MatRef, PackedA,
 use super::scratch;
 use super::simd::has_avx2_fma;
 use crate::error::{Error, Result};
+use crate::ir::checked_numel;
 
 /// Work (multiply-adds) below which splitting over threads costs more than it saves.
 const PAR_MIN_MACS: usize = 1 << 17;
@@ -58,6 +59,18 @@ impl Conv2dGeom {
                 self.kernel, self.stride, self.dilation
             ));
         }
+        let k = (self.c_in / self.groups)
+            .checked_mul(self.kernel[0])
+            .and_then(|x| x.checked_mul(self.kernel[1]))
+            .and_then(|x| x.checked_mul(self.c_out));
+        if k.is_none() {
+            return bad(format!(
+                "weight of {} x {} x {:?} is too large",
+                self.c_out,
+                self.c_in / self.groups,
+                self.kernel
+            ));
+        }
         Ok(())
     }
 
@@ -69,8 +82,8 @@ impl Conv2dGeom {
     /// Output `(height, width)` for an `h x w` input and explicit pads.
     pub fn out_hw_with(&self, h: usize, w: usize, pads: [usize; 4]) -> Result<(usize, usize)> {
         let dim = |size: usize, lo: usize, hi: usize, k: usize, s: usize, d: usize| {
-            let span = d * (k - 1) + 1;
-            let padded = size + lo + hi;
+            let span = d.saturating_mul(k - 1).saturating_add(1);
+            let padded = size.saturating_add(lo).saturating_add(hi);
             if padded < span {
                 Err(Error::Shape(format!(
                     "conv: padded input extent {padded} is smaller than the kernel extent {span}"
@@ -155,9 +168,10 @@ impl Conv2d {
             (weight.to_vec(), Vec::new())
         } else {
             let m = geom.c_out / geom.groups;
-            let packed = weight
-                .chunks_exact(m * k)
-                .map(|w| MatRef::row_major(w, m, k).map(PackedA::new))
+            let packed = (0..geom.groups)
+                .map(|g| {
+                    MatRef::row_major(&weight[g * m * k..(g + 1) * m * k], m, k).map(PackedA::new)
+                })
                 .collect::<Result<Vec<_>>>()?;
             (Vec::new(), packed)
         };
@@ -200,6 +214,16 @@ impl Conv2d {
         }
         if out.is_empty() {
             return Ok(());
+        }
+        // The padded scratch image must be allocatable (pads come from the model file).
+        let hp = h.checked_add(pads[0]).and_then(|x| x.checked_add(pads[2]));
+        let wp = w.checked_add(pads[1]).and_then(|x| x.checked_add(pads[3]));
+        match (hp, wp) {
+            (Some(hp), Some(wp)) => {
+                let row = wp.saturating_add(2 * g.stride[1] + 32);
+                checked_numel(&[g.c_in.max(1), hp, row], 4)?;
+            }
+            _ => return Err(Error::TooLarge(format!("conv: pads {pads:?} overflow"))),
         }
         let threads = rayon::current_num_threads();
         if g.is_depthwise() {

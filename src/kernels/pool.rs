@@ -55,8 +55,8 @@ impl Pool2dGeom {
     fn out_len(&self, axis: usize, size: usize) -> Result<usize> {
         let (lo, hi) = (self.pads[axis], self.pads[axis + 2]);
         let (k, s, d) = (self.kernel[axis], self.stride[axis], self.dilation[axis]);
-        let span = d * (k - 1) + 1;
-        let padded = size + lo + hi;
+        let span = d.saturating_mul(k - 1).saturating_add(1);
+        let padded = size.saturating_add(lo).saturating_add(hi);
         if padded < span {
             return Err(Error::Shape(format!(
                 "pool: padded input extent {padded} is smaller than the window extent {span}"
