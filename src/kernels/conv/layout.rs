@@ -48,6 +48,12 @@ impl Phased {
 
     /// Writes the padded, phase-split copy of the `h x w` plane `src` into `dst` (one plane).
     pub fn fill(&self, dst: &mut [f32], src: &[f32], (h, w): (usize, usize), pads: [usize; 4]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx {
+            // SAFETY: AVX2 was detected in `new`, which also sized `wq` for the vector stores.
+            unsafe { avx2::fill(self, dst, src, (h, w), pads) };
+            return;
+        }
         let top = pads[0] * self.row;
         dst[..top].fill(0.0);
         dst[top + h * self.row..self.plane].fill(0.0);
@@ -56,20 +62,6 @@ impl Phased {
             .chunks_exact(w)
             .zip(dst[top..].chunks_exact_mut(self.row))
             .take(h);
-        #[cfg(target_arch = "x86_64")]
-        if self.avx {
-            for (s, d) in rows {
-                // SAFETY: AVX2 was detected in `new`, which also sized `wq` for these stores.
-                unsafe {
-                    if self.sx == 1 {
-                        avx2::row1(d, s, left);
-                    } else {
-                        avx2::row2(d, s, left, self.wq);
-                    }
-                }
-            }
-            return;
-        }
         // Generic stride: walk each row with a running (phase, index) instead of dividing.
         let start = (left % self.sx, left / self.sx);
         for (s, d) in rows {
@@ -89,7 +81,45 @@ impl Phased {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::Phased;
     use std::arch::x86_64::*;
+
+    /// [`Phased::fill`] for strides 1 and 2; one target-feature function so the row copies
+    /// inline (planes of small layers have many short rows).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn fill(
+        l: &Phased,
+        dst: &mut [f32],
+        src: &[f32],
+        (h, w): (usize, usize),
+        pads: [usize; 4],
+    ) {
+        let top = pads[0] * l.row;
+        let bottom = top + h * l.row;
+        zero(&mut dst[..top]);
+        zero(&mut dst[bottom..l.plane]);
+        let rows = src
+            .chunks_exact(w)
+            .zip(dst[top..bottom].chunks_exact_mut(l.row));
+        for (s, d) in rows {
+            if l.sx == 1 {
+                row1(d, s, pads[1]);
+            } else {
+                row2(d, s, pads[1], l.wq);
+            }
+        }
+    }
+
+    /// Zeroes `d` (any length) with vector stores.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn zero(d: &mut [f32]) {
+        if d.len() >= 8 {
+            zero_tail(d, 0);
+        } else {
+            d.fill(0.0);
+        }
+    }
 
     /// Lanes `0..n` set (n may be negative or above 8).
     #[inline]
@@ -131,8 +161,9 @@ mod avx2 {
     }
 
     /// Stride 1: zeros, `src` at `left`, zeros. Needs `d.len() >= left + ceil8(w) + 8`.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn row1(d: &mut [f32], src: &[f32], left: usize) {
+    unsafe fn row1(d: &mut [f32], src: &[f32], left: usize) {
         let w = src.len();
         assert!(d.len() >= left + w.div_ceil(8) * 8 + 8);
         let z = _mm256_setzero_ps();
@@ -153,8 +184,9 @@ mod avx2 {
     /// Stride 2: input columns go to padded column `left + x`, i.e. phase `(left + x) % 2` at
     /// index `(left + x) / 2`. Sixteen columns per step are split with shuffles; even input
     /// columns all land in one phase, odd ones in the other.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn row2(d: &mut [f32], src: &[f32], left: usize, wq: usize) {
+    unsafe fn row2(d: &mut [f32], src: &[f32], left: usize, wq: usize) {
         let w = src.len();
         let k = left / 2;
         let (even_at, odd_at) = if left % 2 == 0 {
