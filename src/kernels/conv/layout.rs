@@ -18,13 +18,17 @@ pub struct Phased {
     pub row: usize,
     /// Floats per plane.
     pub plane: usize,
+    /// Padded width: the columns kernels read for valid outputs. Vector kernels may also
+    /// read a few columns past it into lanes they discard, so those are left unwritten.
+    wp: usize,
     avx: bool,
 }
 
 impl Phased {
     /// Layout for `h x w` planes with `[top, left, bottom, right]` pads and column stride `sx`.
     pub fn new(h: usize, w: usize, pads: [usize; 4], sx: usize) -> Phased {
-        let mut wq = (w + pads[1] + pads[3]).div_ceil(sx);
+        let wp = w + pads[1] + pads[3];
+        let mut wq = wp.div_ceil(sx);
         let avx = sx <= 2 && crate::kernels::simd::has_avx2_fma();
         if avx {
             // Whole vectors per phase plus room for the vector stores that run past the data
@@ -37,6 +41,7 @@ impl Phased {
             wq,
             row: sx * wq,
             plane: sx * wq * hp,
+            wp,
             avx,
         }
     }
@@ -103,7 +108,7 @@ mod avx2 {
             .zip(dst[top..bottom].chunks_exact_mut(l.row));
         for (s, d) in rows {
             if l.sx == 1 {
-                row1(d, s, pads[1]);
+                row1(d, s, pads[1], l.wp);
             } else {
                 row2(d, s, pads[1], l.wq);
             }
@@ -144,11 +149,19 @@ mod avx2 {
         }
     }
 
+    /// A zero vector the optimiser cannot see through: otherwise it turns short loops of
+    /// zero stores into `memset` calls, which cost more than the stores on short rows.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn opaque_zero() -> __m256 {
+        std::hint::black_box(_mm256_setzero_ps())
+    }
+
     /// Zeroes `d[from..]` with 8-float stores (the last one aligned to the end).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn zero_tail(d: &mut [f32], from: usize) {
-        let z = _mm256_setzero_ps();
+        let z = opaque_zero();
         let end = d.len();
         let mut i = from;
         while i + 8 <= end {
@@ -160,13 +173,14 @@ mod avx2 {
         }
     }
 
-    /// Stride 1: zeros, `src` at `left`, zeros. Needs `d.len() >= left + ceil8(w) + 8`.
+    /// Stride 1: zeros, `src` at `left`, zeros up to the padded width `wp`.
+    /// Needs `d.len() >= max(left + ceil8(w), wp) + 8`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn row1(d: &mut [f32], src: &[f32], left: usize) {
+    unsafe fn row1(d: &mut [f32], src: &[f32], left: usize, wp: usize) {
         let w = src.len();
-        assert!(d.len() >= left + w.div_ceil(8) * 8 + 8);
-        let z = _mm256_setzero_ps();
+        assert!(d.len() >= (left + w.div_ceil(8) * 8).max(wp) + 8);
+        let z = opaque_zero();
         let mut i = 0;
         while i < left {
             _mm256_storeu_ps(d.as_mut_ptr().add(i), z);
@@ -178,7 +192,11 @@ mod avx2 {
             _mm256_storeu_ps(d.as_mut_ptr().add(left + x), load8(src, x));
             x += 8;
         }
-        zero_tail(d, left + x);
+        let mut i = left + x;
+        while i < wp {
+            _mm256_storeu_ps(d.as_mut_ptr().add(i), z);
+            i += 8;
+        }
     }
 
     /// Stride 2: input columns go to padded column `left + x`, i.e. phase `(left + x) % 2` at
