@@ -2,16 +2,17 @@
 //! bias + activation epilogue. 1-D convolution is the `H = 1` case.
 //!
 //! Strategies, picked per call from the geometry:
-//! - depthwise (`groups == C_in == C_out`): a direct kernel ([`depthwise`]);
+//! - depthwise (`groups == C_in == C_out`): a direct, vectorised kernel;
 //! - 1x1, stride 1, no padding: a plain GEMM of the weights with the image;
 //! - anything else: GEMM of the packed weights with the image's im2col matrix. That matrix
 //!   is never materialised: it is an implicit [`GatherRef`] over a zero-padded copy of one
 //!   image, packed panel by panel inside the GEMM, so each thread only touches its columns.
 //!
-//! Weights are packed once ([`Conv2d::new`]); a call allocates nothing but scratch reuse.
+//! Weights are packed once ([`Conv2d::new`]); a call then allocates nothing (scratch comes from
+//! per-thread pools).
 
 mod depthwise;
-pub(crate) mod layout;
+mod layout;
 
 use rayon::prelude::*;
 

@@ -92,9 +92,8 @@ impl<'a> MatRef<'a> {
         self.cols
     }
 
-    /// Element `(i, j)`; panics when out of range (test and reference use only).
-    pub fn at(&self, i: usize, j: usize) -> f32 {
-        assert!(i < self.rows && j < self.cols);
+    /// Element `(i, j)` for the reference code; callers keep `i < rows`, `j < cols`.
+    fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.rs + j * self.cs]
     }
 }
@@ -491,7 +490,12 @@ fn reference_impl(
     c: MatMut,
     epi: Epilogue,
 ) -> Result<()> {
-    if b.rows != k || c.rows != m || c.cols != b.cols {
+    let bias_ok = match epi.bias {
+        Bias::None => true,
+        Bias::PerRow(r) => r.len() == m,
+        Bias::PerCol(cb) => cb.len() == b.cols,
+    };
+    if b.rows != k || c.rows != m || c.cols != b.cols || !bias_ok {
         return Err(Error::Shape("gemm_reference: shapes disagree".into()));
     }
     for i in 0..m {
