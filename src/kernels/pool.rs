@@ -268,14 +268,22 @@ unsafe fn max_2x2_avx2(src: &[f32], w: usize, dst: &mut [f32]) {
             }
             let a = s.add(top + 2 * ox);
             let b = a.add(w);
-            let v0 = _mm256_max_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-            let v1 = _mm256_max_ps(_mm256_loadu_ps(a.add(8)), _mm256_loadu_ps(b.add(8)));
+            // vmaxps returns its second operand when either is NaN: seeding with f32::MIN
+            // and passing each input first makes NaN inputs lose, as in the scalar path.
+            let lowest = _mm256_set1_ps(f32::MIN);
+            let v0 = _mm256_max_ps(
+                _mm256_loadu_ps(a),
+                _mm256_max_ps(_mm256_loadu_ps(b), lowest),
+            );
+            let v1 = _mm256_max_ps(
+                _mm256_loadu_ps(a.add(8)),
+                _mm256_max_ps(_mm256_loadu_ps(b.add(8)), lowest),
+            );
             let even = _mm256_shuffle_ps::<0x88>(v0, v1);
             let odd = _mm256_shuffle_ps::<0xDD>(v0, v1);
             let m = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(
                 _mm256_max_ps(even, odd),
             )));
-            let m = _mm256_max_ps(m, _mm256_set1_ps(f32::MIN));
             _mm256_storeu_ps(d.add(r * ow + ox), m);
             ox += 8;
         }
@@ -598,7 +606,11 @@ mod tests {
 
         let g2 = geom([2, 2], [2, 2], [1, 1], [0; 4], false);
         for shape in [[64, 28, 28], [3, 6, 10], [5, 2, 18]] {
-            let x = rng.vec(shape.iter().product());
+            let mut x = rng.vec(shape.iter().product());
+            // NaN inputs never win, and an all-NaN window gives f32::MIN (as ONNX Runtime).
+            x[0] = f32::NAN;
+            x[shape[2] + 1] = f32::NAN;
+            x[2 * shape[2] + 3] = f32::NAN;
             let mut want = vec![0.0; x.len() / 4];
             pool2d_reference(&g2, PoolKind::Max, &x, shape, &mut want).unwrap();
             for threads in [1, 2] {
