@@ -2,7 +2,7 @@
 //! broadcast from a scalar, `[N]`, `[1, N]`, `[M, 1]` or `[M, N]`; plus a fused activation.
 //! A constant B is packed once; a constant C becomes a pre-scaled bias of the GEMM epilogue.
 
-use super::{data, f32_input, require_f32};
+use super::{alloc_output, data, f32_input, require_f32};
 use crate::error::Result;
 use crate::ir::{Dim, Node, Tensor, TypeInfo};
 use crate::kernels::activation::Activation;
@@ -159,7 +159,7 @@ impl Kernel for GemmKernel {
                 format!("A' is {m}x{k} but B' is {kb}x{n}: inner dimensions differ"),
             ));
         }
-        let mut out = ctx.alloc_f32(m * n);
+        let mut out = alloc_output(node, ctx, &[m, n])?;
         let mut beta = 0.0;
         let bias = match &self.c_plan {
             Some(CPlan::None) => Bias::None,

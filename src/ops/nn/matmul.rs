@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::{data, f32_input, require_f32};
+use super::{alloc_output, data, f32_input, require_f32};
 use crate::error::Result;
 use crate::ir::{Dim, Node, Tensor, TypeInfo};
 use crate::kernels::activation::Activation;
@@ -198,7 +198,7 @@ impl Kernel for MatMulKernel {
         if b_shape.len() >= 2 {
             out_shape.push(n);
         }
-        let mut out = ctx.alloc_f32(batches * m * n);
+        let mut out = alloc_output(node, ctx, &out_shape)?;
         let epi = Epilogue {
             act: self.act,
             ..Epilogue::default()
