@@ -10,20 +10,11 @@ use crate::error::{Error, Result};
 use crate::ir::{Dim, Model, Tensor};
 use crate::ops::RunCtx;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SessionOptions {
     /// Worker threads for kernels; 0 means one per core.
     pub threads: usize,
     pub plan: PlanOptions,
-}
-
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions {
-            threads: 0,
-            plan: PlanOptions::default(),
-        }
-    }
 }
 
 /// Time spent in one step during a profiled run.
@@ -33,6 +24,12 @@ pub struct StepTiming {
     pub label: String,
     pub elapsed: Duration,
 }
+
+/// Named values, e.g. a run's outputs in graph order.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
+/// Sees each value a run computes, by name.
+pub type Observer<'a> = dyn FnMut(&str, &Tensor) + Send + 'a;
 
 pub struct Session {
     plan: Plan,
@@ -92,7 +89,7 @@ impl Session {
     pub fn run_observed(
         &self,
         feeds: &[(&str, Tensor)],
-        observer: &mut (dyn FnMut(&str, &Tensor) + Send),
+        observer: &mut Observer,
     ) -> Result<Vec<(String, Tensor)>> {
         self.run_inner(feeds, None, Some(observer))
     }
@@ -101,7 +98,7 @@ impl Session {
     pub fn run_profiled(
         &self,
         feeds: &[(&str, Tensor)],
-    ) -> Result<(Vec<(String, Tensor)>, Vec<StepTiming>)> {
+    ) -> Result<(NamedTensors, Vec<StepTiming>)> {
         let mut timings = Vec::with_capacity(self.plan.steps.len());
         let out = self.run_inner(feeds, Some(&mut timings), None)?;
         Ok((out, timings))
@@ -111,7 +108,7 @@ impl Session {
         &self,
         feeds: &[(&str, Tensor)],
         mut timings: Option<&mut Vec<StepTiming>>,
-        mut observer: Option<&mut (dyn FnMut(&str, &Tensor) + Send)>,
+        mut observer: Option<&mut Observer>,
     ) -> Result<Vec<(String, Tensor)>> {
         let mut values: Vec<Option<Tensor>> = (0..self.plan.slot_count).map(|_| None).collect();
         for (name, slot, ty) in &self.plan.inputs {
