@@ -1,4 +1,4 @@
-//! `Softmax` and `LogSoftmax` (1-21) on f32/f64 (f16 computes in f32). Before opset 13 the
+//! `Softmax` and `LogSoftmax` (1-28) on f32/f64 (f16 computes in f32). Before opset 13 the
 //! input is coerced to 2-D at `axis` (default 1) and each row of the flattened trailing dims
 //! is normalised; from 13 the op normalises along the single `axis` (default -1). Both
 //! subtract the maximum first so large logits do not overflow.

@@ -1,4 +1,4 @@
-//! `LayerNormalization` (17-21): normalises over the dims from `axis` on, then applies
+//! `LayerNormalization` (17-28): normalises over the dims from `axis` on, then applies
 //! `Scale` and the optional bias `B`. Statistics are computed per row in two passes (mean,
 //! then mean squared deviation) for accuracy. The optional `Mean` and `InvStdDev` outputs are
 //! produced with shape `X.shape[..axis] ++ [1; rank - axis]`; they are f32 for f16 and f32

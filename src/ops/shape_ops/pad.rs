@@ -1,4 +1,4 @@
-//! `Pad` (2-21): `constant`, `reflect`, `edge` and `wrap` modes. Opset < 11 takes `pads` and
+//! `Pad` (2-28): `constant`, `reflect`, `edge` and `wrap` modes. Opset < 11 takes `pads` and
 //! `value` as attributes; from 11 `pads` and `constant_value` are inputs, and from 18 an
 //! `axes` input selects which dims `pads` refers to. Negative pads crop.
 
