@@ -8,6 +8,8 @@
 //! (0 or 1), and callers specialise their loops on those strides so the compiler can
 //! vectorise them.
 
+use std::iter::repeat as rep;
+
 use rayon::prelude::*;
 
 use super::{node_error, InferCtx};
@@ -323,39 +325,53 @@ pub fn ternary_into<A, B, C, O, F>(
 {
     let plan = Plan::new(out_shape, [a_shape, b_shape, c_shape]);
     let [sa, sb, sc] = plan.inner_strides();
-    plan.fill(out, |dst, [oa, ob, oc]| {
-        if (sa, sb, sc) == (1, 1, 1) {
-            let n = dst.len();
-            for (((o, &x), &y), &z) in dst
-                .iter_mut()
-                .zip(&a[oa..oa + n])
-                .zip(&b[ob..ob + n])
-                .zip(&c[oc..oc + n])
-            {
+    // An operand with stride 0 is one value for the whole run; spelling out each pattern
+    // keeps the loops free of index arithmetic.
+    macro_rules! run {
+        ($dst:ident, $x:expr, $y:expr, $z:expr) => {
+            for ((o, x), (y, z)) in $dst.iter_mut().zip($x).zip($y.zip($z)) {
                 *o = f(x, y, z);
             }
-        } else {
-            for (j, o) in dst.iter_mut().enumerate() {
-                *o = f(a[oa + j * sa], b[ob + j * sb], c[oc + j * sc]);
-            }
+        };
+    }
+    plan.fill(out, |dst, [oa, ob, oc]| {
+        let n = dst.len();
+        let (ia, ib, ic) = (
+            a[oa..oa + n * sa].iter().copied(),
+            b[ob..ob + n * sb].iter().copied(),
+            c[oc..oc + n * sc].iter().copied(),
+        );
+        match (sa, sb, sc) {
+            (1, 1, 1) => run!(dst, ia, ib, ic),
+            (0, 1, 1) => run!(dst, rep(a[oa]), ib, ic),
+            (1, 0, 1) => run!(dst, ia, rep(b[ob]), ic),
+            (1, 1, 0) => run!(dst, ia, ib, rep(c[oc])),
+            (1, 0, 0) => run!(dst, ia, rep(b[ob]), rep(c[oc])),
+            (0, 1, 0) => run!(dst, rep(a[oa]), ib, rep(c[oc])),
+            (0, 0, 1) => run!(dst, rep(a[oa]), rep(b[ob]), ic),
+            _ => dst.fill(f(a[oa], b[ob], c[oc])),
         }
     });
 }
 
 /// `out[i] = f(src[i])`, in parallel chunks when large.
 pub fn map_into<A: Copy + Sync, O: Send>(src: &[A], out: &mut [O], f: impl Fn(A) -> O + Sync) {
-    if out.len() < PAR_MIN {
-        for (o, &x) in out.iter_mut().zip(src) {
+    map_chunks(src, out, |s, o| {
+        for (o, &x) in o.iter_mut().zip(s) {
             *o = f(x);
         }
+    });
+}
+
+/// Calls `f(src_chunk, out_chunk)` over matching chunks of two equal-length slices, in
+/// parallel when they are large.
+pub fn map_chunks<A: Sync, O: Send>(src: &[A], out: &mut [O], f: impl Fn(&[A], &mut [O]) + Sync) {
+    if out.len() < PAR_MIN {
+        f(src, out);
     } else {
         out.par_chunks_mut(PAR_CHUNK)
             .zip(src.par_chunks(PAR_CHUNK))
-            .for_each(|(o, s)| {
-                for (o, &x) in o.iter_mut().zip(s) {
-                    *o = f(x);
-                }
-            });
+            .for_each(|(o, s)| f(s, o));
     }
 }
 

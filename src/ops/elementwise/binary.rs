@@ -1,6 +1,7 @@
-//! Broadcasting arithmetic: `Add`, `Sub`, `Mul`, `Div`, `Pow`, `Mod` and the variadic `Max`,
-//! `Min`, `Sum`, `Mean`. Numeric dtypes (f16 computes in f32); integer arithmetic wraps and
-//! integer division truncates toward zero as in C.
+//! Broadcasting arithmetic: `Add`, `Sub`, `Mul`, `Div`, `Pow` (7-28; Pow's exponent may have
+//! another numeric dtype), `Mod` (10-28) and the variadic `Max`, `Min`, `Sum`, `Mean` (6-28).
+//! Numeric dtypes (f16 computes in f32); integer arithmetic wraps and integer division
+//! truncates toward zero as in C.
 
 use std::borrow::Cow;
 

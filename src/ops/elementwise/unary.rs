@@ -1,10 +1,11 @@
-//! Pointwise math: `Sqrt`, `Exp`, `Log`, `Erf`, `Reciprocal`, `Floor`, `Ceil`, `Round`
-//! (half to even), `Sin`, `Cos`, `Tan` on floats; `Neg`, `Abs`, `Sign` on every numeric type;
-//! `IsNaN`, `IsInf` (float in, bool out). f16 computes in f32.
+//! Pointwise math. On floats: `Sqrt`, `Exp`, `Log`, `Reciprocal`, `Floor`, `Ceil` (1-28),
+//! `Erf` (9-28), `Round` (11-28, half to even), `Sin`, `Cos`, `Tan` (7-28). On every numeric
+//! type: `Neg`, `Abs` (1-28), `Sign` (9-28). Float in, bool out: `IsNaN` (9-28), `IsInf`
+//! (10-28). f16 computes in f32.
 
 use crate::error::{Error, Result};
 use crate::ir::{DType, Tensor, TensorData, TypeInfo};
-use crate::ops::broadcast::map_into;
+use crate::ops::broadcast::{map_chunks, map_into};
 use crate::ops::typed::{
     run_widening_f16, tensor, view, with_float_type, with_num_type, Elem, Float, Num,
 };
@@ -39,7 +40,7 @@ fn apply_float<T: Float>(op: Unary, x: &[T], out: &mut [T]) {
         Unary::Sqrt => map_into(x, out, <T as Float>::sqrt),
         Unary::Exp => map_into(x, out, <T as Float>::exp),
         Unary::Log => map_into(x, out, <T as Float>::ln),
-        Unary::Erf => map_into(x, out, <T as Float>::erf),
+        Unary::Erf => map_chunks(x, out, T::erf_slice),
         Unary::Reciprocal => map_into(x, out, |v: T| T::ONE.div(v)),
         Unary::Floor => map_into(x, out, <T as Float>::floor),
         Unary::Ceil => map_into(x, out, <T as Float>::ceil),

@@ -1,8 +1,8 @@
 //! `ReduceSum`, `ReduceMean`, `ReduceMax`, `ReduceMin`, `ReduceProd`, `ReduceL1`, `ReduceL2`,
-//! `ReduceSumSquare`, `ReduceLogSum`, `ReduceLogSumExp` (1-28; bool Max/Min from 20). Axes are an attribute before
-//! opset 18 (13 for ReduceSum) and an optional input after, where `noop_with_empty_axes`
-//! turns "no axes" from "all axes" into the identity (composite reductions still apply their
-//! pointwise part, so ReduceSumSquare of no axes squares).
+//! `ReduceSumSquare`, `ReduceLogSum`, `ReduceLogSumExp` (1-28; bool Max/Min as from 20).
+//! Axes are an attribute before opset 18 (13 for ReduceSum) and an optional input after,
+//! where `noop_with_empty_axes` turns "no axes" from "all axes" into the identity (composite
+//! reductions still apply their pointwise part, so ReduceSumSquare of no axes squares).
 //!
 //! One pass over the input accumulates into the output through the broadcast plan: the
 //! output, seen with its reduced dims kept as 1, is an operand with stride 0 along them.
@@ -15,7 +15,8 @@ use crate::ir::{DType, Dim, Tensor, TypeInfo};
 use crate::ops::broadcast::Plan;
 use crate::ops::elementwise::{arith, cast, Arith};
 use crate::ops::typed::{
-    max_nan, min_nan, run_widening_f16, tensor, view, with_float_type, with_num_type, Float, Num,
+    fold_lanes, max_nan, min_nan, run_widening_f16, tensor, view, with_float_type, with_num_type,
+    Float, Num,
 };
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
@@ -60,22 +61,7 @@ fn reduce_core<T: Copy>(
                 *a = step(*a, v);
             }
         } else {
-            let mut lanes = [init; 8];
-            let chunks = src.chunks_exact(8);
-            let rest = chunks.remainder();
-            for c in chunks {
-                for (l, &v) in lanes.iter_mut().zip(c) {
-                    *l = step(*l, v);
-                }
-            }
-            let mut r = acc[ao];
-            for l in lanes {
-                r = combine(r, l);
-            }
-            for &v in rest {
-                r = step(r, v);
-            }
-            acc[ao] = r;
+            acc[ao] = combine(acc[ao], fold_lanes(src, init, &step, &combine));
         }
     });
     acc
