@@ -10,7 +10,7 @@ use rayon::prelude::*;
 /// Tile edge for element-wise transposes.
 const TILE: usize = 16;
 /// Copies of at least this many elements run in parallel ...
-const PAR_MIN: usize = 1 << 17;
+const PAR_MIN: usize = crate::ops::broadcast::PAR_MIN_MEMORY;
 /// ... in blocks of about this many elements.
 const PAR_BLOCK: usize = 1 << 15;
 
@@ -210,12 +210,12 @@ mod tests {
 
     #[test]
     fn large_copies_split_into_blocks() {
-        check(300 * 700, 0, &[700, 300], &[1, 700]);
+        check(1100 * 1000, 0, &[1000, 1100], &[1, 1000]);
         check(
-            2 * 300 * 301,
-            2 * 300 * 301 - 1,
-            &[1, 2, 300, 301],
-            &[0, -90300, -1, -300],
+            2 * 700 * 801,
+            2 * 700 * 801 - 1,
+            &[1, 2, 700, 801],
+            &[0, -560700, -1, -700],
         );
     }
 
