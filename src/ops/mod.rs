@@ -10,6 +10,7 @@ pub mod activation;
 pub mod broadcast;
 pub mod elementwise;
 pub mod erf;
+pub mod expf;
 pub mod nn;
 pub mod reduce;
 pub mod shape_ops;

@@ -1,4 +1,4 @@
-//! `Cast` (6-21) and `CastLike` (15-21) between every IR dtype, with C cast semantics:
+//! `Cast` (6-28) and `CastLike` (15-28) between every IR dtype, with C cast semantics:
 //! float to integer truncates toward zero (saturating; NaN becomes 0), integer narrowing
 //! wraps, anything to bool is `!= 0`, f16 converts through f32 with round-to-nearest-even.
 

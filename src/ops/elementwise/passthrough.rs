@@ -1,4 +1,4 @@
-//! Ops that return their input: `Identity` (1-21) and inference-mode `Dropout` (1-21), whose
+//! Ops that return their input: `Identity` (1-28) and inference-mode `Dropout` (1-28), whose
 //! optional mask output is all true (opset >= 10: bool; before: ones of the input's type).
 //! Opset < 7 Dropout's `is_test` is ignored: old exporters leave it 0 in inference graphs.
 

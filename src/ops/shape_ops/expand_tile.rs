@@ -1,5 +1,5 @@
-//! `Expand` (8-21: broadcast to the broadcast of the input shape and a shape tensor) and
-//! `Tile` (6-21: repeat along each dim).
+//! `Expand` (8-28: broadcast to the broadcast of the input shape and a shape tensor) and
+//! `Tile` (6-28: repeat along each dim).
 
 use super::common::{const_ints, known_dims, known_len, to_dims};
 use crate::error::{Error, Result};

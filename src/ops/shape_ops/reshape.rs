@@ -1,5 +1,5 @@
-//! Ops that keep the data and change only the shape: `Reshape` (5-21; `allowzero` from 14),
-//! `Flatten` (1-21), `Squeeze` and `Unsqueeze` (1-21; axes as an attribute before opset 13,
+//! Ops that keep the data and change only the shape: `Reshape` (5-28; `allowzero` from 14),
+//! `Flatten` (1-28), `Squeeze` and `Unsqueeze` (1-28; axes as an attribute before opset 13,
 //! as an input from 13).
 
 use super::common::{axes_in, const_ints, dim_product, has_input, input_ints, known_len};
