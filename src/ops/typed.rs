@@ -547,6 +547,19 @@ fn erf_slice_f64(src: &[f64], dst: &mut [f64]) {
     }
 }
 
+/// A copy of `t` (f32 storage from the run's pool), reshaped to `shape` when given. The
+/// "view" ops (Reshape, Squeeze, Identity...) must return owned tensors; this keeps their
+/// copies from allocating in steady state.
+pub fn pooled_copy(t: &Tensor, shape: Option<Vec<usize>>, ctx: &mut RunCtx) -> Result<Tensor> {
+    let shape = shape.unwrap_or_else(|| t.shape().to_vec());
+    with_any_type!(t.dtype(), |T| {
+        let src = view::<T>(t)?;
+        let mut out = T::filled(ctx, src.len());
+        out.copy_from_slice(src);
+        tensor(shape, out)
+    })
+}
+
 /// f16 tensors widened to f32 so float kernels need only f32/f64 bodies; other tensors
 /// pass through untouched. Returns whether anything was widened.
 pub fn widen_f16<'a>(

@@ -11,8 +11,8 @@ use crate::ops::broadcast::{
     binary_into, broadcast_shape, infer_broadcast, map_into, PAR_MIN_MEMORY,
 };
 use crate::ops::typed::{
-    convert, max_nan, min_nan, narrow_f16, tensor, view, with_any_type, with_num_type, Elem, Float,
-    Num,
+    convert, max_nan, min_nan, narrow_f16, pooled_copy, tensor, view, with_any_type, with_num_type,
+    Elem, Float, Num,
 };
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
@@ -191,7 +191,7 @@ fn variadic(op: Variadic, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Resul
         Variadic::Min => Arith::Min,
         Variadic::Sum | Variadic::Mean => Arith::Add,
     };
-    let mut acc = (*first).clone();
+    let mut acc = pooled_copy(first, None, ctx)?;
     for t in rest {
         let next = arith(bin, &acc, t, ctx)?;
         ctx.release(std::mem::replace(&mut acc, next));

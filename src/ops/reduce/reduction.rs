@@ -157,8 +157,9 @@ pub fn reduce(op: Reduce, x: &Tensor, axes: &[usize], ctx: &mut RunCtx) -> Resul
     let dt = x.dtype();
     if dt == DType::Bool && matches!(op, Reduce::Max | Reduce::Min) {
         // Max is "any" and Min is "all", with false < true.
-        let bytes = cast(x, DType::U8)?;
-        return cast(&reduce(op, &bytes, axes, ctx)?, DType::Bool);
+        let bytes = cast(x, DType::U8, ctx)?;
+        let reduced = reduce(op, &bytes, axes, ctx)?;
+        return cast(&reduced, DType::Bool, ctx);
     }
     let unsupported = || Error::DType(format!("{op:?} does not support {dt}"));
     if op.float_only() || dt.is_float() {

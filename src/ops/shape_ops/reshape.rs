@@ -5,6 +5,7 @@
 use super::common::{axes_in, const_ints, dim_product, has_input, input_ints, known_len};
 use crate::error::{Error, Result};
 use crate::ir::{Dim, Tensor, TypeInfo};
+use crate::ops::typed::pooled_copy;
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
 /// The shape `spec` describes for an input of shape `input` (0 copies, -1 is inferred).
@@ -120,11 +121,11 @@ struct ReshapeKernel {
 }
 
 impl Kernel for ReshapeKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let x = required(inputs, 0)?;
         let spec = required(inputs, 1)?.to_i64_vec()?;
         let shape = reshape_dims(x.shape(), &spec, self.allowzero)?;
-        Ok(vec![x.clone().reshaped(shape)?])
+        Ok(vec![pooled_copy(x, Some(shape), ctx)?])
     }
 }
 
@@ -172,14 +173,14 @@ struct FlattenKernel {
 }
 
 impl Kernel for FlattenKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let x = required(inputs, 0)?;
         let a = flatten_axis(self.axis, x.rank())?;
         let shape = vec![
             x.shape()[..a].iter().product(),
             x.shape()[a..].iter().product(),
         ];
-        Ok(vec![x.clone().reshaped(shape)?])
+        Ok(vec![pooled_copy(x, Some(shape), ctx)?])
     }
 }
 
@@ -258,7 +259,7 @@ struct SqueezeKernel {
 }
 
 impl Kernel for SqueezeKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let x = required(inputs, 0)?;
         let axes = match &self.axes {
             Some(a) => Some(a.clone()),
@@ -270,7 +271,7 @@ impl Kernel for SqueezeKernel {
         } else {
             squeeze_shape(x.shape(), axes.as_deref())?
         };
-        Ok(vec![x.clone().reshaped(shape)?])
+        Ok(vec![pooled_copy(x, Some(shape), ctx)?])
     }
 }
 
