@@ -11,6 +11,7 @@ pub mod broadcast;
 pub mod elementwise;
 pub mod erf;
 pub mod nn;
+pub mod quantized;
 pub mod reduce;
 pub mod shape_ops;
 #[cfg(test)]
@@ -131,6 +132,7 @@ fn all_ops() -> impl Iterator<Item = &'static OpDef> {
         .iter()
         .chain(elementwise::OPS)
         .chain(nn::OPS)
+        .chain(quantized::OPS)
         .chain(reduce::OPS)
         .chain(shape_ops::OPS)
 }
