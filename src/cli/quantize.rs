@@ -98,7 +98,12 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn accuracy(model: &lithe::ir::Model, data: &dyn BatchSource, limit: Option<usize>, threads: usize) -> Result<Accuracy> {
+fn accuracy(
+    model: &lithe::ir::Model,
+    data: &dyn BatchSource,
+    limit: Option<usize>,
+    threads: usize,
+) -> Result<Accuracy> {
     let (simple, _) = lithe::passes::simplify(model)?;
     let session = Session::new(
         &simple,
@@ -136,7 +141,11 @@ pub fn run(args: Args) -> Result<()> {
     let calib_spec = args
         .calib
         .clone()
-        .or_else(|| model.metadata_value(DATASET_METADATA_KEY).map(str::to_string))
+        .or_else(|| {
+            model
+                .metadata_value(DATASET_METADATA_KEY)
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "mnist".to_string());
     let source = if config.activations == ActivationCalib::None {
         None
@@ -146,9 +155,7 @@ pub fn run(args: Args) -> Result<()> {
                 .with_context(|| format!("cannot open calibration data '{calib_spec}'"))?,
         )
     };
-    let total = source
-        .as_ref()
-        .map_or(0, |s| s.len().min(args.calib_limit)) as u64;
+    let total = source.as_ref().map_or(0, |s| s.len().min(args.calib_limit)) as u64;
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -169,14 +176,15 @@ pub fn run(args: Args) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    quantized.set_metadata(
-        DATASET_METADATA_KEY,
-        calib_spec.clone(),
-    );
+    quantized.set_metadata(DATASET_METADATA_KEY, calib_spec.clone());
     lithe::onnx::save_model(&quantized, &args.output, &Default::default())
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    report.model_bytes_before = std::fs::metadata(&args.model).ok().map(|m| m.len() as usize);
-    report.model_bytes_after = std::fs::metadata(&args.output).ok().map(|m| m.len() as usize);
+    report.model_bytes_before = std::fs::metadata(&args.model)
+        .ok()
+        .map(|m| m.len() as usize);
+    report.model_bytes_after = std::fs::metadata(&args.output)
+        .ok()
+        .map(|m| m.len() as usize);
     if let Some(spec) = &args.eval {
         let data = open_data(spec, &args.eval_split, pre.as_ref())?;
         let before = accuracy(&model, data.as_ref(), args.eval_limit, args.threads)?;

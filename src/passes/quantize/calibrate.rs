@@ -9,7 +9,9 @@ use super::config::ActivationCalib;
 use crate::data::dataset::BatchSource;
 use crate::error::{Error, Result};
 use crate::ir::{Model, Tensor};
-use crate::quant::calibrate::{HistKind, Histogram, MeanStd, MinMax, Observer, Range, DEFAULT_BINS};
+use crate::quant::calibrate::{
+    HistKind, Histogram, MeanStd, MinMax, Observer, Range, DEFAULT_BINS,
+};
 use crate::quant::{QParams, QScheme};
 use crate::runtime::{PlanOptions, Session, SessionOptions};
 

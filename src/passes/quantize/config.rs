@@ -104,12 +104,12 @@ impl FromStr for ActivationCalib {
 impl ActivationCalib {
     pub fn validate(&self) -> Result<()> {
         match *self {
-            ActivationCalib::Percentile(p) if !(p > 0.0 && p <= 100.0) => Err(Error::Data(
-                format!("percentile {p} must be in (0, 100]"),
-            )),
-            ActivationCalib::Sigma(k) if !(k.is_finite() && k > 0.0) => Err(Error::Data(
-                format!("sigma multiple {k} must be a positive number"),
-            )),
+            ActivationCalib::Percentile(p) if !(p > 0.0 && p <= 100.0) => {
+                Err(Error::Data(format!("percentile {p} must be in (0, 100]")))
+            }
+            ActivationCalib::Sigma(k) if !(k.is_finite() && k > 0.0) => Err(Error::Data(format!(
+                "sigma multiple {k} must be a positive number"
+            ))),
             _ => Ok(()),
         }
     }
@@ -228,7 +228,9 @@ impl QuantizeConfig {
             }
         }
         if self.batch_size == 0 {
-            return Err(Error::Data("calibration batch size must be positive".into()));
+            return Err(Error::Data(
+                "calibration batch size must be positive".into(),
+            ));
         }
         Ok(())
     }

@@ -44,7 +44,11 @@ pub fn zero_point_tensor(dtype: DType, values: &[i32], scalar: bool) -> Result<T
 
 /// Scale and zero-point initializers of an activation's parameters.
 pub fn act_param_inits(g: &mut Graph, base: &str, p: &ActParams) -> Result<(String, String)> {
-    let s = add_init(g, &format!("{base}_scale"), Tensor::scalar_f32(p.params.scale));
+    let s = add_init(
+        g,
+        &format!("{base}_scale"),
+        Tensor::scalar_f32(p.params.scale),
+    );
     let z = add_init(
         g,
         &format!("{base}_zero_point"),
@@ -108,8 +112,14 @@ pub fn dequantize_node(g: &Graph, q: &str, out: &str, scale: &str, zp: &str) -> 
 /// A `Cast` to int32 then a `Gather` from `table`: how codebook codes become values.
 pub fn lookup_nodes(g: &mut Graph, codes: &str, table: &str, out: &str) -> Vec<Node> {
     let idx = g.fresh_name(&format!("{codes}_index"));
-    let cast = node(g, &format!("{codes}_Cast"), "Cast", vec![codes.into()], vec![idx.clone()])
-        .with_attr("to", Attr::Int(i64::from(DType::I32.onnx_code())));
+    let cast = node(
+        g,
+        &format!("{codes}_Cast"),
+        "Cast",
+        vec![codes.into()],
+        vec![idx.clone()],
+    )
+    .with_attr("to", Attr::Int(i64::from(DType::I32.onnx_code())));
     let gather = node(
         g,
         &format!("{out}_Gather"),
@@ -135,9 +145,9 @@ pub fn remove_dead_nodes(g: &mut Graph) {
             .iter()
             .enumerate()
             .filter(|(_, n)| {
-                n.outputs
-                    .iter()
-                    .all(|o| o.is_empty() || (!read.contains(o.as_str()) && !outputs.contains(o.as_str())))
+                n.outputs.iter().all(|o| {
+                    o.is_empty() || (!read.contains(o.as_str()) && !outputs.contains(o.as_str()))
+                })
             })
             .map(|(i, _)| i)
             .collect();

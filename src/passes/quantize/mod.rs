@@ -113,8 +113,8 @@ pub fn quantize(
             "quantized models need opset 10 or later; this model uses opset {opset}"
         )));
     }
-    let per_axis = config.per_channel
-        && matches!(config.scheme, WeightScheme::Linear | WeightScheme::Fixed);
+    let per_axis =
+        config.per_channel && matches!(config.scheme, WeightScheme::Linear | WeightScheme::Fixed);
     if per_axis && opset < 13 {
         return Err(Error::Data(format!(
             "per-channel weights need opset 13 (DequantizeLinear's axis); this model uses opset {opset}: use --per-tensor"
@@ -144,9 +144,8 @@ pub fn quantize(
     let calib_started = Instant::now();
     let mut calib_seconds = 0.0;
     let plan = if quantize_acts {
-        let source = calib.ok_or_else(|| {
-            Error::Data("activation quantization needs calibration data".into())
-        })?;
+        let source = calib
+            .ok_or_else(|| Error::Data("activation quantization needs calibration data".into()))?;
         let session = calibrate::observing_session(&simple, config.threads)?;
         let act_scheme = QScheme::new(config.activation_bits, false, false)?;
         let (ranges, n) = calibrate::calibrate(

@@ -87,7 +87,10 @@ fn as_target(graph: &Graph, i: usize, node: &Node) -> Result<std::result::Result
         _ => return Ok(Err("not a Conv, Gemm or MatMul".into())),
     };
     if !ok {
-        return Ok(Err(format!("weight of shape {:?} is not supported", w.shape())));
+        return Ok(Err(format!(
+            "weight of shape {:?} is not supported",
+            w.shape()
+        )));
     }
     if let Some(b) = &bias {
         let channels = w.shape()[axis];

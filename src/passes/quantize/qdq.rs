@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::edit::{
-    act_param_inits, add_init, dequantize_node, lookup_nodes, quantize_nodes,
-    zero_point_tensor, ActParams,
+    act_param_inits, add_init, dequantize_node, lookup_nodes, quantize_nodes, zero_point_tensor,
+    ActParams,
 };
 use super::plan::Plan;
 use super::weights::{Encoded, EncodedWeight};

@@ -158,8 +158,8 @@ pub fn build(
                         &format!("{}_shape2", t.name),
                         Tensor::from_i64(vec![2], vec![0, -1])?,
                     );
-                    let x4 = g.fresh_name(&format!("{x_q}_4d"));
-                    let y4 = g.fresh_name(&format!("{y_q}_4d"));
+                    let x4 = g.fresh_name(&format!("{}_input_4d", t.name));
+                    let y4 = g.fresh_name(&format!("{}_output_4d", t.name));
                     new_nodes.push(node(
                         g,
                         &format!("{}_reshape_in", t.name),
@@ -184,7 +184,7 @@ pub fn build(
                 if let Some(b) = b {
                     inputs.push(b);
                 }
-                let mut n = node(g, &t.name, "QLinearConv", inputs, vec![y_out]);
+                let mut n = Node::new(t.name.clone(), "QLinearConv", inputs, vec![y_out]);
                 if t.op == "Conv" {
                     for k in CONV_ATTRS {
                         if let Some(a) = orig.attrs.get(k) {
@@ -198,9 +198,8 @@ pub fn build(
                 let wq = add_init(g, &format!("{}_quantized", t.weight), codes.clone());
                 let ws = w_scale(g)?;
                 let wz = w_zp(g)?;
-                let n = node(
-                    g,
-                    &t.name,
+                let n = Node::new(
+                    t.name.clone(),
                     "QLinearMatMul",
                     vec![x_q, xs, xz, wq, ws, wz, ys, yz],
                     vec![y_q],
@@ -328,7 +327,9 @@ fn fuse_lookup_tables(g: &mut Graph) -> Result<()> {
     let reader = |v: &str| g.nodes.iter().position(|n| n.inputs.iter().any(|i| i == v));
     let mut plans = Vec::new();
     for (ui, u) in g.nodes.iter().enumerate() {
-        let Some(act) = activation(g, u)? else { continue };
+        let Some(act) = activation(g, u)? else {
+            continue;
+        };
         let Some(a) = u.input(0) else { continue };
         let t = &u.outputs[0];
         if graph_outputs.contains(a) || graph_outputs.contains(t) {
@@ -350,7 +351,11 @@ fn fuse_lookup_tables(g: &mut Graph) -> Result<()> {
         plans.push((di, ui, qi, act, (sa, za, ta), (sq, zq, tq)));
     }
     for (di, ui, qi, act, (sa, za, ta), (sq, zq, tq)) in plans {
-        let (qmin, qmax) = if tq == DType::I8 { (-128, 127) } else { (0, 255) };
+        let (qmin, qmax) = if tq == DType::I8 {
+            (-128, 127)
+        } else {
+            (0, 255)
+        };
         let out = crate::quant::QParams::new(sq, zq, qmin, qmax, &g.nodes[qi].outputs[0])?;
         let code = |j: usize| -> i32 {
             if ta == DType::I8 {

@@ -52,7 +52,9 @@ fn channels(data: &[f32], shape: &[usize], axis: usize) -> Vec<Vec<f32>> {
 }
 
 fn fmt_range(v: impl Iterator<Item = f64>) -> (f64, f64) {
-    v.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)))
+    v.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    })
 }
 
 fn linear_result(
@@ -129,12 +131,10 @@ pub fn encode(
     per_channel: bool,
     axis: usize,
 ) -> Result<EncodedWeight> {
-    let x = w
-        .as_f32()
-        .map_err(|e| crate::error::Error::Tensor {
-            name: name.to_string(),
-            msg: e.to_string(),
-        })?;
+    let x = w.as_f32().map_err(|e| crate::error::Error::Tensor {
+        name: name.to_string(),
+        msg: e.to_string(),
+    })?;
     crate::quant::linear::finite_min_max(x, name)?;
     match scheme {
         WeightScheme::Linear => {
@@ -202,7 +202,9 @@ mod tests {
 
     #[test]
     fn every_scheme_encodes_and_reports() {
-        let data: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 31.5) / 40.0).collect();
+        let data: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 - 31.5) / 40.0)
+            .collect();
         let w = Tensor::from_f32(vec![4, 16], data).unwrap();
         for scheme in [
             WeightScheme::Linear,
@@ -212,7 +214,12 @@ mod tests {
         ] {
             let e8 = encode(&w, "w", scheme, 8, true, 0).unwrap();
             let e4 = encode(&w, "w", scheme, 4, true, 0).unwrap();
-            assert!(e8.sqnr_db > e4.sqnr_db, "{scheme}: {} vs {}", e8.sqnr_db, e4.sqnr_db);
+            assert!(
+                e8.sqnr_db > e4.sqnr_db,
+                "{scheme}: {} vs {}",
+                e8.sqnr_db,
+                e4.sqnr_db
+            );
             assert!(e4.bytes_packed < e8.bytes_packed);
             assert_eq!(e8.bytes_before, 256);
         }
