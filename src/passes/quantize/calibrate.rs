@@ -49,8 +49,24 @@ impl Obs {
         }
     }
 
-    /// The chosen range for a `bits`-bit activation grid of `scheme`.
+    /// The chosen range for a `bits`-bit activation grid of `scheme`. Thresholds chosen on
+    /// |x| are cut back to the observed values, so a tensor with a small negative tail (after
+    /// HardSwish) does not spend half an affine grid on negatives it never has.
     fn range(&self, method: ActivationCalib, bits: u32, scheme: &QScheme) -> Result<Range> {
+        let r = self.raw_range(method, bits, scheme)?;
+        Ok(match self {
+            Obs::Hist(h) => {
+                let o = h.observed_range()?;
+                Range {
+                    min: r.min.max(o.min),
+                    max: r.max.min(o.max),
+                }
+            }
+            _ => r,
+        })
+    }
+
+    fn raw_range(&self, method: ActivationCalib, bits: u32, scheme: &QScheme) -> Result<Range> {
         match (self, method) {
             (Obs::MinMax(m), _) => m.range(),
             (Obs::Moments(s, m), ActivationCalib::Sigma(k)) => {
