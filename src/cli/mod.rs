@@ -5,6 +5,7 @@ mod common;
 mod demo;
 mod eval;
 mod inspect;
+mod quantize;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Command {
     Bench(bench::Args),
     /// The main job on the embedded default: the MNIST CNN on the embedded MNIST test set.
     Demo(demo::Args),
+    /// Post-training quantization (int8 and lower; linear, fixed, log or k-means) with a report.
+    Quantize(quantize::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,5 +44,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Quantize(a) => quantize::run(a),
     }
 }

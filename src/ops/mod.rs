@@ -12,6 +12,7 @@ pub mod elementwise;
 pub mod erf;
 pub mod expf;
 pub mod nn;
+pub mod quantized;
 pub mod reduce;
 pub mod shape_ops;
 #[cfg(test)]
@@ -132,6 +133,7 @@ fn all_ops() -> impl Iterator<Item = &'static OpDef> {
         .iter()
         .chain(elementwise::OPS)
         .chain(nn::OPS)
+        .chain(quantized::OPS)
         .chain(reduce::OPS)
         .chain(shape_ops::OPS)
 }
