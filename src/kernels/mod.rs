@@ -14,6 +14,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod conv_grad;
 pub mod gemm;
 pub mod pool;
 pub mod qgemm;
