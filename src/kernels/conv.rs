@@ -226,7 +226,7 @@ impl Conv2d {
             }
             _ => return Err(Error::TooLarge(format!("conv: pads {pads:?} overflow"))),
         }
-        let threads = rayon::current_num_threads();
+        let threads = crate::kernels::par::threads();
         if g.is_depthwise() {
             self.run_depthwise(x, [n, h, w], pads, out, threads);
         } else {

@@ -8,14 +8,16 @@
 //! - [`pool`]: max / average / global pooling.
 //! - [`activation`]: the activations the epilogues apply.
 //!
-//! Kernels split work over rayon's current thread count when a problem is big enough, and
-//! make no rayon call at all with one thread. Scratch memory comes from per-thread pools
+//! Kernels split work over [`par::threads`] (rayon's current thread count unless the caller
+//! runs sequentially) when a problem is big enough, and make no rayon call at all with one
+//! thread. Scratch memory comes from per-thread pools
 //! ([`scratch`]), so a steady-state call allocates nothing.
 
 pub mod activation;
 pub mod conv;
 pub mod conv_grad;
 pub mod gemm;
+pub mod par;
 pub mod pool;
 pub mod qgemm;
 pub mod scratch;

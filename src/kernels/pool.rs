@@ -133,7 +133,7 @@ pub fn pool2d(
             planes_any(g, kind, &layout, src, (h, w), buf, dst);
         });
     };
-    let threads = rayon::current_num_threads();
+    let threads = crate::kernels::par::threads();
     if threads > 1 && x.len() >= PAR_MIN_ELEMS && planes > 1 {
         let per_group = planes
             .div_ceil(threads * 4)
@@ -468,7 +468,7 @@ pub fn global_pool(
             PoolKind::Avg { .. } => sum(p) / hw as f32,
         };
     };
-    if rayon::current_num_threads() > 1 && x.len() >= PAR_MIN_ELEMS * 4 {
+    if crate::kernels::par::threads() > 1 && x.len() >= PAR_MIN_ELEMS * 4 {
         out.par_iter_mut().zip(x.par_chunks(hw)).for_each(one);
     } else {
         out.iter_mut().zip(x.chunks(hw)).for_each(one);

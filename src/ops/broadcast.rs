@@ -246,7 +246,7 @@ impl<const K: usize> Plan<K> {
     /// `fill(dst, offsets)` writes one run.
     pub fn fill<O: Send>(&self, out: &mut [O], fill: impl Fn(&mut [O], [usize; K]) + Sync) {
         debug_assert_eq!(out.len(), self.len);
-        if out.len() < PAR_MIN_MEMORY {
+        if out.len() < PAR_MIN_MEMORY || crate::kernels::par::threads() == 1 {
             self.for_each_run(0, out.len(), |pos, n, offs| {
                 fill(&mut out[pos..pos + n], offs)
             });
@@ -379,7 +379,7 @@ pub fn map_chunks<A: Sync, O: Send>(
     par_min: usize,
     f: impl Fn(&[A], &mut [O]) + Sync,
 ) {
-    if out.len() < par_min {
+    if out.len() < par_min || crate::kernels::par::threads() == 1 {
         f(src, out);
     } else {
         out.par_chunks_mut(PAR_CHUNK)

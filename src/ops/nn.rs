@@ -56,9 +56,10 @@ fn require_f32(node: &Node, ty: Option<&TypeInfo>, i: usize) -> Result<()> {
 }
 
 /// An output buffer for `shape`, with an error naming the node when the size overflows.
+/// Its contents are unspecified: every nn kernel writes each output element.
 fn alloc_output(node: &Node, ctx: &mut RunCtx, shape: &[usize]) -> Result<Vec<f32>> {
     let n = checked_numel(shape, 4).map_err(|e| e.at_node(node))?;
-    Ok(ctx.alloc_f32(n))
+    Ok(ctx.alloc_f32_overwrite(n))
 }
 
 /// The f32 data of a run-time tensor (already type-checked by [`f32_input`]).

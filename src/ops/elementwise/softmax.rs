@@ -35,7 +35,7 @@ fn softmax<T: Float>(x: &[T], out: &mut [T], n: usize, inner: usize, log: bool) 
             columns(src, dst, n, inner, log)
         }
     };
-    if x.len() >= PAR_MIN && x.len() / block > 1 {
+    if x.len() >= PAR_MIN && x.len() / block > 1 && crate::kernels::par::threads() > 1 {
         out.par_chunks_mut(block)
             .zip(x.par_chunks(block))
             .for_each(|(d, s)| one(s, d));

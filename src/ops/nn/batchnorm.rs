@@ -140,7 +140,7 @@ impl Kernel for BatchNormKernel {
                     *d = ai * v + bi;
                 }
             };
-            if rayon::current_num_threads() > 1 && out.len() >= PAR_MIN_ELEMS {
+            if crate::kernels::par::threads() > 1 && out.len() >= PAR_MIN_ELEMS {
                 out.par_chunks_mut(plane)
                     .zip(data(x).par_chunks(plane))
                     .enumerate()

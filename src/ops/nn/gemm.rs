@@ -6,7 +6,7 @@ use super::{alloc_output, data, f32_input, require_f32};
 use crate::error::Result;
 use crate::ir::{Dim, Node, Tensor, TypeInfo};
 use crate::kernels::activation::Activation;
-use crate::kernels::gemm::{gemm, Bias, Epilogue, Lhs, MatMut, MatRef, PackedB, Rhs};
+use crate::kernels::gemm::{gemm_threads, Bias, Epilogue, Lhs, MatMut, MatRef, PackedB, Rhs};
 use crate::ops::{node_error, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
 
 pub const GEMM: OpDef = OpDef {
@@ -177,7 +177,8 @@ impl Kernel for GemmKernel {
                 Bias::None
             }
         };
-        gemm(
+        gemm_threads(
+            crate::kernels::par::threads(),
             at.alpha,
             Lhs::Mat(am),
             rhs,

@@ -203,7 +203,7 @@ impl Kernel for MatMulKernel {
             act: self.act,
             ..Epilogue::default()
         };
-        let threads = rayon::current_num_threads();
+        let threads = crate::kernels::par::threads();
         let rhs_at = |bi: usize| -> Result<Rhs> {
             Ok(match (&self.b, b_t) {
                 (Some(c), _) => Rhs::Packed(&c.packed[bi]),

@@ -82,7 +82,7 @@ impl LayerNormKernel {
         let mut y = T::filled(ctx, src.len());
         let mut stats = vec![(T::ZERO, T::ZERO); rows];
         if d > 0 {
-            if src.len() >= PAR_MIN {
+            if src.len() >= PAR_MIN && crate::kernels::par::threads() > 1 {
                 y.par_chunks_mut(d)
                     .zip(src.par_chunks(d))
                     .zip(stats.par_iter_mut())

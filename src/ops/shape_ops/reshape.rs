@@ -120,12 +120,32 @@ struct ReshapeKernel {
     allowzero: bool,
 }
 
+impl ReshapeKernel {
+    fn out_shape(&self, x: &Tensor, inputs: &[Option<&Tensor>]) -> Result<Vec<usize>> {
+        let spec = required(inputs, 1)?.to_i64_vec()?;
+        reshape_dims(x.shape(), &spec, self.allowzero)
+    }
+}
+
 impl Kernel for ReshapeKernel {
     fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let x = required(inputs, 0)?;
-        let spec = required(inputs, 1)?.to_i64_vec()?;
-        let shape = reshape_dims(x.shape(), &spec, self.allowzero)?;
+        let shape = self.out_shape(x, inputs)?;
         Ok(vec![pooled_copy(x, Some(shape), ctx)?])
+    }
+
+    fn reuses_input(&self) -> Option<usize> {
+        Some(0)
+    }
+
+    fn run_owned(
+        &self,
+        x: Tensor,
+        inputs: &[Option<&Tensor>],
+        _: &mut RunCtx,
+    ) -> Result<Vec<Tensor>> {
+        let shape = self.out_shape(&x, inputs)?;
+        Ok(vec![x.reshaped(shape)?])
     }
 }
 
@@ -172,15 +192,30 @@ struct FlattenKernel {
     axis: i64,
 }
 
+impl FlattenKernel {
+    fn out_shape(&self, x: &Tensor) -> Result<Vec<usize>> {
+        let a = flatten_axis(self.axis, x.rank())?;
+        Ok(vec![
+            x.shape()[..a].iter().product(),
+            x.shape()[a..].iter().product(),
+        ])
+    }
+}
+
 impl Kernel for FlattenKernel {
     fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let x = required(inputs, 0)?;
-        let a = flatten_axis(self.axis, x.rank())?;
-        let shape = vec![
-            x.shape()[..a].iter().product(),
-            x.shape()[a..].iter().product(),
-        ];
+        let shape = self.out_shape(x)?;
         Ok(vec![pooled_copy(x, Some(shape), ctx)?])
+    }
+
+    fn reuses_input(&self) -> Option<usize> {
+        Some(0)
+    }
+
+    fn run_owned(&self, x: Tensor, _: &[Option<&Tensor>], _: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let shape = self.out_shape(&x)?;
+        Ok(vec![x.reshaped(shape)?])
     }
 }
 
@@ -258,20 +293,44 @@ struct SqueezeKernel {
     axes: Option<Vec<i64>>,
 }
 
-impl Kernel for SqueezeKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
-        let x = required(inputs, 0)?;
+impl SqueezeKernel {
+    fn out_shape(&self, x: &Tensor, inputs: &[Option<&Tensor>]) -> Result<Vec<usize>> {
         let axes = match &self.axes {
             Some(a) => Some(a.clone()),
             None => input_ints(inputs, 1)?,
         };
-        let shape = if self.unsqueeze {
+        if self.unsqueeze {
             let axes = axes.ok_or_else(|| Error::Graph("Unsqueeze needs axes".into()))?;
-            unsqueeze_shape(x.shape(), &unsqueeze_axes(&axes, x.rank())?, 1)
+            Ok(unsqueeze_shape(
+                x.shape(),
+                &unsqueeze_axes(&axes, x.rank())?,
+                1,
+            ))
         } else {
-            squeeze_shape(x.shape(), axes.as_deref())?
-        };
+            squeeze_shape(x.shape(), axes.as_deref())
+        }
+    }
+}
+
+impl Kernel for SqueezeKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let x = required(inputs, 0)?;
+        let shape = self.out_shape(x, inputs)?;
         Ok(vec![pooled_copy(x, Some(shape), ctx)?])
+    }
+
+    fn reuses_input(&self) -> Option<usize> {
+        Some(0)
+    }
+
+    fn run_owned(
+        &self,
+        x: Tensor,
+        inputs: &[Option<&Tensor>],
+        _: &mut RunCtx,
+    ) -> Result<Vec<Tensor>> {
+        let shape = self.out_shape(&x, inputs)?;
+        Ok(vec![x.reshaped(shape)?])
     }
 }
 

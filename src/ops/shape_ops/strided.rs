@@ -38,7 +38,7 @@ pub fn strided_copy<T: Copy + Send + Sync>(
     // Large copies split the outermost dim longer than 1 into blocks of whole slices, one
     // task each; every block keeps the inner dims, so tiling still applies inside it.
     let lead = shape.iter().position(|&d| d > 1);
-    if let Some(k) = lead.filter(|_| out.len() >= PAR_MIN) {
+    if let Some(k) = lead.filter(|_| out.len() >= PAR_MIN && crate::kernels::par::threads() > 1) {
         let slice: usize = shape[k + 1..].iter().product();
         let per_block = (PAR_BLOCK / slice.max(1)).clamp(1, shape[k]);
         let block_shape = shape[k..].to_vec();
