@@ -62,6 +62,13 @@ fn im2col_offsets(
     (rows, cols)
 }
 
+/// One input channel per group, several groups: the per-group GEMMs would have one row (or
+/// column), so direct loops do better. (A single group with one input channel is an
+/// ordinary GEMM.)
+fn is_depthwise_like(g: &Conv2dGeom) -> bool {
+    g.groups > 1 && g.c_in == g.groups
+}
+
 /// Copies `[c, h, w]` planes into `[c, hp, wp]` planes with zero borders.
 fn pad_planes(x: &[f32], dst: &mut [f32], (h, w): (usize, usize), pads: [usize; 4]) {
     let wp = w + pads[1] + pads[3];
@@ -114,7 +121,7 @@ pub fn conv2d_backward_weight(
         dw.fill(0.0);
         return Ok(());
     }
-    if g.c_in == g.groups {
+    if is_depthwise_like(g) {
         depthwise_weight(g, x, [n, h, w], (oh, ow), dy, dw);
         return Ok(());
     }
@@ -236,7 +243,7 @@ pub fn conv2d_backward_data(
     if dx.is_empty() || oh * ow == 0 {
         return Ok(());
     }
-    if g.c_in == g.groups {
+    if is_depthwise_like(g) {
         depthwise_data(g, weight, dy, [n, h, w], (oh, ow), dx);
         return Ok(());
     }

@@ -115,6 +115,17 @@ pub struct TrainGraph {
     used: Vec<bool>,
     act_hooks: HashMap<Slot, Arc<dyn FakeQuant>>,
     pool: rayon::ThreadPool,
+    /// Per step `(forward, backward)` seconds, accumulated while profiling is on.
+    profile: Option<std::sync::Mutex<Vec<(f64, f64)>>>,
+}
+
+/// Time spent in one node, summed over the profiled passes.
+#[derive(Clone, Debug)]
+pub struct NodeTime {
+    pub node: String,
+    pub op_type: String,
+    pub forward: f64,
+    pub backward: f64,
 }
 
 impl TrainGraph {
@@ -242,7 +253,46 @@ impl TrainGraph {
             used,
             act_hooks: HashMap::new(),
             pool,
+            profile: None,
         })
+    }
+
+    /// Starts (or stops) timing every node's forward and backward.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(|| std::sync::Mutex::new(vec![(0.0, 0.0); self.steps.len()]));
+    }
+
+    /// The accumulated node times, slowest first.
+    pub fn profile(&self) -> Vec<NodeTime> {
+        let Some(p) = self.profile.as_ref().and_then(|p| p.lock().ok()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<NodeTime> = self
+            .steps
+            .iter()
+            .zip(p.iter())
+            .map(|(s, &(f, b))| NodeTime {
+                node: s.node.display_name(),
+                op_type: s.node.op_type.clone(),
+                forward: f,
+                backward: b,
+            })
+            .collect();
+        out.sort_by(|a, b| (b.forward + b.backward).total_cmp(&(a.forward + a.backward)));
+        out
+    }
+
+    fn record(&self, step: usize, forward: bool, started: Option<std::time::Instant>) {
+        if let (Some(p), Some(t)) = (&self.profile, started) {
+            if let Ok(mut p) = p.lock() {
+                let e = t.elapsed().as_secs_f64();
+                if forward {
+                    p[step].0 += e;
+                } else {
+                    p[step].1 += e;
+                }
+            }
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -451,6 +501,7 @@ impl TrainGraph {
                     format!("input {k} has no value at run time"),
                 ));
             }
+            let started = self.profile.as_ref().map(|_| std::time::Instant::now());
             let (outputs, saved, updates) = match (tape.mode, step.train_fwd) {
                 (Mode::Train, Some(f)) => {
                     let r = f(&TrainForwardCtx {
@@ -470,6 +521,7 @@ impl TrainGraph {
                     Vec::new(),
                 ),
             };
+            self.record(i, true, started);
             for (k, t) in updates {
                 let param = step
                     .inputs
@@ -597,6 +649,7 @@ impl TrainGraph {
                 .iter()
                 .map(|s| s.and_then(|s| grads[s].as_ref()))
                 .collect();
+            let started = self.profile.as_ref().map(|_| std::time::Instant::now());
             let result = rule(&GradCtx {
                 node,
                 opset: self.opset,
@@ -607,6 +660,7 @@ impl TrainGraph {
                 saved: tape.saved.get(i).map_or(&[], Vec::as_slice),
             })
             .map_err(|e| e.at_node(node))?;
+            self.record(i, false, started);
             for &s in step.outputs.iter().flatten() {
                 grads[s] = None;
             }

@@ -316,7 +316,9 @@ impl Trainer {
         for (name, value) in &tape.updates {
             self.params.set_value(name, value.clone())?;
         }
-        self.optimizer.step(&mut self.params, &grads.params, lr)?;
+        let (optimizer, params) = (&mut self.optimizer, &mut self.params);
+        self.graph
+            .install(|| optimizer.step(params, &grads.params, lr))?;
         self.step += 1;
         Ok(StepStats {
             loss: out.loss,

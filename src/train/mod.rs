@@ -27,7 +27,7 @@ pub mod params;
 pub mod rng;
 
 pub use data::{Augment, Batch, EpochLoader, EpochPlan, TrainSet};
-pub use exec::{Gradients, Mode, Tape, TrainGraph};
+pub use exec::{Gradients, Mode, NodeTime, Tape, TrainGraph};
 pub use fit::{
     state_path, EpochStats, EvalStats, Event, StepStats, TrainConfig, Trainer, EPOCH_METADATA_KEY,
     TRAIN_METADATA_KEY,

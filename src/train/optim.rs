@@ -9,9 +9,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
+use rayon::prelude::*;
+
 use super::params::ParamStore;
 use crate::error::{Error, Result};
 use crate::ir::Tensor;
+
+/// Parameters per parallel update chunk.
+const CHUNK: usize = 1 << 14;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum OptimizerKind {
@@ -112,7 +117,8 @@ impl Optimizer {
             let wd = if p.decay { self.weight_decay } else { 0.0 };
             let mask = p.mask.as_deref();
             let w = p.value.as_f32_mut()?;
-            let masked = |i: usize, g: f32| mask.map_or(g, |m| g * m[i]);
+            // Element-wise updates in parallel chunks: no reduction, so no order effects.
+            let grad_at = |i: usize| mask.map_or(gv[i], |m| gv[i] * m[i]);
             match self.kind {
                 OptimizerKind::Sgd { momentum, nesterov } => {
                     let fresh = !self.first.contains_key(&p.name);
@@ -120,18 +126,19 @@ impl Optimizer {
                         .first
                         .entry(p.name.clone())
                         .or_insert_with(|| vec![0.0; n]);
-                    for i in 0..n {
-                        let mut d = masked(i, gv[i]) + wd * w[i];
-                        if momentum != 0.0 {
-                            buf[i] = if fresh { d } else { momentum * buf[i] + d };
-                            d = if nesterov {
-                                d + momentum * buf[i]
-                            } else {
-                                buf[i]
-                            };
-                        }
-                        w[i] -= lr * d;
-                    }
+                    w.par_chunks_mut(CHUNK)
+                        .zip(buf.par_chunks_mut(CHUNK))
+                        .enumerate()
+                        .for_each(|(c, (w, buf))| {
+                            for (k, (w, b)) in w.iter_mut().zip(buf).enumerate() {
+                                let mut d = grad_at(c * CHUNK + k) + wd * *w;
+                                if momentum != 0.0 {
+                                    *b = if fresh { d } else { momentum * *b + d };
+                                    d = if nesterov { d + momentum * *b } else { *b };
+                                }
+                                *w -= lr * d;
+                            }
+                        });
                 }
                 OptimizerKind::Adam { beta1, beta2, eps }
                 | OptimizerKind::AdamW { beta1, beta2, eps } => {
@@ -146,17 +153,22 @@ impl Optimizer {
                         .or_insert_with(|| vec![0.0; n]);
                     let c1 = 1.0 - beta1.powi(t);
                     let c2 = 1.0 - beta2.powi(t);
-                    for i in 0..n {
-                        let mut d = masked(i, gv[i]);
-                        if decoupled {
-                            w[i] -= lr * wd * w[i];
-                        } else {
-                            d += wd * w[i];
-                        }
-                        m[i] = beta1 * m[i] + (1.0 - beta1) * d;
-                        v[i] = beta2 * v[i] + (1.0 - beta2) * d * d;
-                        w[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
-                    }
+                    w.par_chunks_mut(CHUNK)
+                        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                        .enumerate()
+                        .for_each(|(c, (w, (m, v)))| {
+                            for (k, ((w, m), v)) in w.iter_mut().zip(m).zip(v).enumerate() {
+                                let mut d = grad_at(c * CHUNK + k);
+                                if decoupled {
+                                    *w -= lr * wd * *w;
+                                } else {
+                                    d += wd * *w;
+                                }
+                                *m = beta1 * *m + (1.0 - beta1) * d;
+                                *v = beta2 * *v + (1.0 - beta2) * d * d;
+                                *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+                            }
+                        });
                 }
             }
             p.apply_mask()?;

@@ -14,24 +14,37 @@ use crate::error::Result;
 use crate::ir::Tensor;
 use crate::kernels::pool::Pool2dGeom;
 
-/// Window positions of output `o` along one axis: input indices inside `0..size`, and the
-/// number of positions inside the padded extent.
-fn taps(win: &Window2d, axis: usize, o: usize, size: usize) -> (Vec<usize>, usize) {
+/// The window of output `o` along one axis: first input index (may be negative), the range
+/// of kernel taps landing inside `0..size`, and the number of taps inside the padded extent
+/// (the `count_include_pad` divisor).
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: isize,
+    taps: (usize, usize),
+    padded: usize,
+}
+
+fn span(win: &Window2d, axis: usize, o: usize, size: usize) -> Span {
     let lo = win.pads[axis] as isize;
     let hi = (size + win.pads[axis + 2]) as isize;
     let start = (o * win.stride[axis]) as isize - lo;
-    let mut inside = Vec::with_capacity(win.kernel[axis]);
-    let mut padded = 0;
+    let d = win.dilation[axis] as isize;
+    let (mut first, mut last, mut padded) = (usize::MAX, 0, 0);
     for k in 0..win.kernel[axis] {
-        let i = start + (k * win.dilation[axis]) as isize;
+        let i = start + k as isize * d;
         if i >= 0 && i < size as isize {
-            inside.push(i as usize);
+            first = first.min(k);
+            last = k + 1;
         }
         if i >= -lo && i < hi {
             padded += 1;
         }
     }
-    (inside, padded)
+    Span {
+        start,
+        taps: if first == usize::MAX { (0, 0) } else { (first, last) },
+        padded,
+    }
 }
 
 pub fn grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
@@ -65,42 +78,47 @@ pub fn grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
     }
     let is_max = node.op_type == "MaxPool";
     let include_pad = node.attr_int_or("count_include_pad", 0)? != 0;
-    let rows: Vec<(Vec<usize>, usize)> = (0..oh).map(|o| taps(&win, 0, o, h)).collect();
-    let cols: Vec<(Vec<usize>, usize)> = (0..ow).map(|o| taps(&win, 1, o, w)).collect();
+    let rows: Vec<Span> = (0..oh).map(|o| span(&win, 0, o, h)).collect();
+    let cols: Vec<Span> = (0..ow).map(|o| span(&win, 1, o, w)).collect();
+    let (dh, dw) = (win.dilation[0] as isize, win.dilation[1] as isize);
     let (xv, gv) = (f32s(x), f32s(&g));
     let mut dx = vec![0.0f32; x.numel()];
     dx.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
         let xs = &xv[p * h * w..(p + 1) * h * w];
         let gs = &gv[p * oh * ow..(p + 1) * oh * ow];
-        for (oy, (iys, py)) in rows.iter().enumerate() {
-            for (ox, (ixs, px)) in cols.iter().enumerate() {
-                let gval = gs[oy * ow + ox];
+        for (r, grow) in rows.iter().zip(gs.chunks_exact(ow)) {
+            for (c, &gval) in cols.iter().zip(grow) {
+                // Flat index of tap (ky, kx): base + ky * ystep + kx * xstep.
+                let base = r.start * w as isize + c.start;
+                let (ystep, xstep) = (dh * w as isize, dw);
+                let at = |ky: usize, kx: usize| (base + ky as isize * ystep + kx as isize * xstep) as usize;
                 if is_max {
-                    let mut best: Option<(usize, f32)> = None;
-                    for &iy in iys {
-                        for &ix in ixs {
-                            let v = xs[iy * w + ix];
-                            if best.is_none_or(|(_, b)| v > b) {
-                                best = Some((iy * w + ix, v));
-                            }
+                    if r.taps.0 == r.taps.1 || c.taps.0 == c.taps.1 {
+                        continue;
+                    }
+                    // Branch-free running argmax: the first maximum wins, as in the forward.
+                    let mut best = at(r.taps.0, c.taps.0);
+                    let mut best_v = xs[best];
+                    for ky in r.taps.0..r.taps.1 {
+                        for kx in c.taps.0..c.taps.1 {
+                            let i = at(ky, kx);
+                            let v = xs[i];
+                            let better = v > best_v;
+                            best = if better { i } else { best };
+                            best_v = if better { v } else { best_v };
                         }
                     }
-                    if let Some((i, _)) = best {
-                        dst[i] += gval;
-                    }
+                    dst[best] += gval;
                 } else {
-                    let count = if include_pad {
-                        py * px
-                    } else {
-                        iys.len() * ixs.len()
-                    };
+                    let inside = (r.taps.1 - r.taps.0) * (c.taps.1 - c.taps.0);
+                    let count = if include_pad { r.padded * c.padded } else { inside };
                     if count == 0 {
                         continue;
                     }
                     let share = gval / count as f32;
-                    for &iy in iys {
-                        for &ix in ixs {
-                            dst[iy * w + ix] += share;
+                    for ky in r.taps.0..r.taps.1 {
+                        for kx in c.taps.0..c.taps.1 {
+                            dst[at(ky, kx)] += share;
                         }
                     }
                 }
