@@ -73,7 +73,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .layers
         .iter()
         .filter(|l| l.macs > 0)
-        .map(|l| if l.inputs.first() == Some(&input) { 2 * l.macs } else { 3 * l.macs })
+        .map(|l| {
+            if l.inputs.first() == Some(&input) {
+                2 * l.macs
+            } else {
+                3 * l.macs
+            }
+        })
         .sum();
 
     let config = TrainConfig {
@@ -88,20 +94,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cores = trainer.graph().threads();
 
     // Step breakdown over a few batches.
-    let (x, labels) = train.gather(&(0..batch).collect::<Vec<_>>(), Default::default(), &mut lithe::train::Rng::new(0))?;
+    let (x, labels) = train.gather(
+        &(0..batch).collect::<Vec<_>>(),
+        Default::default(),
+        &mut lithe::train::Rng::new(0),
+    )?;
     let reps = 20;
     let (mut t_fwd, mut t_bwd, mut t_upd) = (0.0, 0.0, 0.0);
     let mut scratch = Trainer::new(trainer.export(), trainer.config.clone())?;
     scratch.graph_mut().set_profiling(true);
     for _ in 0..reps {
         let t0 = Instant::now();
-        let tape = scratch.graph().forward(&scratch.params, vec![(input.clone(), x.clone())], Mode::Train, 0)?;
+        let tape = scratch.graph().forward(
+            &scratch.params,
+            vec![(input.clone(), x.clone())],
+            Mode::Train,
+            0,
+        )?;
         let logits = tape.value(scratch.graph(), "logits").ok_or("no logits")?;
         let loss = lithe::train::cross_entropy(logits, &labels)?;
         let t1 = Instant::now();
-        let grads = scratch.graph().backward(&scratch.params, &tape, vec![("logits".into(), loss.grad)], false)?;
+        let grads = scratch.graph().backward(
+            &scratch.params,
+            &tape,
+            vec![("logits".into(), loss.grad)],
+            false,
+        )?;
         let t2 = Instant::now();
-        scratch.optimizer.step(&mut scratch.params, &grads.params, 0.01)?;
+        scratch
+            .optimizer
+            .step(&mut scratch.params, &grads.params, 0.01)?;
         t_fwd += (t1 - t0).as_secs_f64();
         t_bwd += (t2 - t1).as_secs_f64();
         t_upd += t2.elapsed().as_secs_f64();
@@ -127,7 +149,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let train_secs: f64 = trainer.history.iter().map(|e| e.seconds).sum();
     let ips = images / train_secs;
     let gflops = ips * train_macs as f64 * 2.0 / 1e9;
-    println!("{arch} on {data}: {} images x {epochs} epoch(s), batch {batch}, {cores} thread(s)", train.len());
+    println!(
+        "{arch} on {data}: {} images x {epochs} epoch(s), batch {batch}, {cores} thread(s)",
+        train.len()
+    );
     println!(
         "step split (batch {batch}, mean of {reps}): forward+loss {:.2} ms, backward {:.2} ms, update {:.2} ms",
         t_fwd / reps as f64 * 1e3,

@@ -137,7 +137,11 @@ fn onnx_node_conformance() {
         }
     }
     println!("ONNX node tests listed in the manifest: {}", cases.len());
-    println!("conformance: {} passed, {} failed", cases.len() - failures.len(), failures.len());
+    println!(
+        "conformance: {} passed, {} failed",
+        cases.len() - failures.len(),
+        failures.len()
+    );
     assert!(
         failures.is_empty(),
         "failing cases:\n{}",

@@ -42,7 +42,11 @@ fn span(win: &Window2d, axis: usize, o: usize, size: usize) -> Span {
     }
     Span {
         start,
-        taps: if first == usize::MAX { (0, 0) } else { (first, last) },
+        taps: if first == usize::MAX {
+            (0, 0)
+        } else {
+            (first, last)
+        },
         padded,
     }
 }
@@ -91,7 +95,9 @@ pub fn grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
                 // Flat index of tap (ky, kx): base + ky * ystep + kx * xstep.
                 let base = r.start * w as isize + c.start;
                 let (ystep, xstep) = (dh * w as isize, dw);
-                let at = |ky: usize, kx: usize| (base + ky as isize * ystep + kx as isize * xstep) as usize;
+                let at = |ky: usize, kx: usize| {
+                    (base + ky as isize * ystep + kx as isize * xstep) as usize
+                };
                 if is_max {
                     if r.taps.0 == r.taps.1 || c.taps.0 == c.taps.1 {
                         continue;
@@ -111,7 +117,11 @@ pub fn grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
                     dst[best] += gval;
                 } else {
                     let inside = (r.taps.1 - r.taps.0) * (c.taps.1 - c.taps.0);
-                    let count = if include_pad { r.padded * c.padded } else { inside };
+                    let count = if include_pad {
+                        r.padded * c.padded
+                    } else {
+                        inside
+                    };
                     if count == 0 {
                         continue;
                     }
