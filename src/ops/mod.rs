@@ -11,7 +11,6 @@ pub mod broadcast;
 pub mod elementwise;
 pub mod erf;
 pub mod expf;
-pub mod grad;
 pub mod nn;
 pub mod quantized;
 pub mod reduce;

@@ -214,12 +214,24 @@ mod tests {
         ] {
             let e8 = encode(&w, "w", scheme, 8, true, 0).unwrap();
             let e4 = encode(&w, "w", scheme, 4, true, 0).unwrap();
-            assert!(
-                e8.sqnr_db > e4.sqnr_db,
-                "{scheme}: {} vs {}",
-                e8.sqnr_db,
-                e4.sqnr_db
-            );
+            // Extra bits of a power-of-two code only extend the exponent range downwards; when
+            // 4 bits already reach below the smallest weight, 8 bits add nothing, so log
+            // quantization may tie. Every other scheme gains precision.
+            if scheme == WeightScheme::Log {
+                assert!(
+                    e8.sqnr_db >= e4.sqnr_db,
+                    "{scheme}: {} vs {}",
+                    e8.sqnr_db,
+                    e4.sqnr_db
+                );
+            } else {
+                assert!(
+                    e8.sqnr_db > e4.sqnr_db,
+                    "{scheme}: {} vs {}",
+                    e8.sqnr_db,
+                    e4.sqnr_db
+                );
+            }
             assert!(e4.bytes_packed < e8.bytes_packed);
             assert_eq!(e8.bytes_before, 256);
         }
