@@ -34,7 +34,7 @@ enum Command {
     /// The main job on the embedded default: the MNIST CNN on the embedded MNIST test set.
     Demo(demo::Args),
     /// Post-training quantization (int8 and lower; linear, fixed, log or k-means) with a report.
-    Quantize(quantize::Args),
+    Quantize(Box<quantize::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -44,6 +44,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
-        Command::Quantize(a) => quantize::run(a),
+        Command::Quantize(a) => quantize::run(*a),
     }
 }

@@ -91,6 +91,14 @@ pub struct Args {
     quiet: bool,
 }
 
+/// Peak resident set size of this process (Linux `VmHWM`), if the platform tells.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
@@ -199,6 +207,7 @@ pub fn run(args: Args) -> Result<()> {
         report.accuracy_before = Some(before);
         report.accuracy_after = Some(after);
     }
+    report.peak_rss_bytes = peak_rss_bytes();
     print!("{}", report.table());
     println!("wrote {}", args.output.display());
     if let Some(path) = &args.report {

@@ -256,6 +256,7 @@ pub fn quantize(
         accuracy_before: None,
         accuracy_after: None,
         top1_agreement: None,
+        peak_rss_bytes: None,
     };
     Ok((out, report))
 }
