@@ -86,6 +86,10 @@ pub struct Args {
     /// Skip the second pass that measures activation SQNR.
     #[arg(long)]
     no_activation_sqnr: bool,
+    /// QOperator form: pointwise activations between quantized tensors as 256-entry lookup
+    /// tables (Cast + Gather) instead of DequantizeLinear -> op -> QuantizeLinear.
+    #[arg(long)]
+    lookup_tables: bool,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -143,6 +147,7 @@ pub fn run(args: Args) -> Result<()> {
         calib_limit: Some(args.calib_limit),
         measure_activation_sqnr: !args.no_activation_sqnr,
         threads: args.threads,
+        lookup_tables: args.lookup_tables,
     };
     config.validate()?;
     let pre = choose_preprocess(args.preprocess.as_deref(), &model)?;

@@ -195,7 +195,9 @@ pub fn quantize(
 
     let mut out = match config.format {
         QuantFormat::Qdq => qdq::build(&simple, &plan, &acts, &weights)?,
-        QuantFormat::QOperator => qop::build(&simple, &plan, &acts, &weights)?,
+        QuantFormat::QOperator => {
+            qop::build(&simple, &plan, &acts, &weights, config.lookup_tables)?
+        }
     };
     out.set_metadata(
         METADATA_KEY,
