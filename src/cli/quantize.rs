@@ -86,9 +86,21 @@ pub struct Args {
     /// Skip the second pass that measures activation SQNR.
     #[arg(long)]
     no_activation_sqnr: bool,
+    /// QOperator form: pointwise activations between quantized tensors as 256-entry lookup
+    /// tables (Cast + Gather) instead of DequantizeLinear -> op -> QuantizeLinear.
+    #[arg(long)]
+    lookup_tables: bool,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if the platform tells.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -135,6 +147,7 @@ pub fn run(args: Args) -> Result<()> {
         calib_limit: Some(args.calib_limit),
         measure_activation_sqnr: !args.no_activation_sqnr,
         threads: args.threads,
+        lookup_tables: args.lookup_tables,
     };
     config.validate()?;
     let pre = choose_preprocess(args.preprocess.as_deref(), &model)?;
@@ -199,6 +212,7 @@ pub fn run(args: Args) -> Result<()> {
         report.accuracy_before = Some(before);
         report.accuracy_after = Some(after);
     }
+    report.peak_rss_bytes = peak_rss_bytes();
     print!("{}", report.table());
     println!("wrote {}", args.output.display());
     if let Some(path) = &args.report {

@@ -15,8 +15,8 @@ use crate::kernels::qgemm::{self, PackedB, Requant};
 use crate::quant::linear::{code_bounds, round_to_code};
 use crate::quant::QStore;
 
-/// Output pixels per im2col + GEMM task.
-const ROWS_PER_TASK: usize = 192;
+/// Output pixels (rows of the GEMM) per im2col + GEMM task.
+const ROWS_PER_TASK: usize = 384;
 
 /// What an engine does with its i32 accumulators.
 #[derive(Clone, Debug)]
@@ -108,18 +108,29 @@ impl IntConv {
         }
         let zp_of = |c: usize| w_zp[if w_zp.len() == 1 { 0 } else { c }];
         let is_dw = geom.groups == geom.c_in && geom.c_out == geom.c_in;
+        // Depthwise convolution runs directly: its GEMM would have a single column.
         let (packed, depthwise) = if is_dw {
-            let taps = geom.kernel[0] * geom.kernel[1];
             let d = (0..geom.c_out)
                 .flat_map(|c| {
                     let z = zp_of(c);
-                    w[c * taps..(c + 1) * taps]
-                        .iter()
-                        .map(move |&v| i32::from(v) - z)
+                    w[c * k..(c + 1) * k].iter().map(move |&v| i32::from(v) - z)
                 })
                 .collect();
             (Vec::new(), Some(d))
         } else {
+            // Columns in (ky, kx, c) order to match the im2col rows built from an HWC copy of
+            // the input, where each tap's channels are contiguous.
+            let (kh, kw) = (geom.kernel[0], geom.kernel[1]);
+            let cin_g = geom.c_in / geom.groups;
+            let mut w_hwc = vec![0i8; w.len()];
+            for co in 0..geom.c_out {
+                for c in 0..cin_g {
+                    for t in 0..kh * kw {
+                        w_hwc[co * k + t * cin_g + c] = w[co * k + c * kh * kw + t];
+                    }
+                }
+            }
+            let w = &w_hwc;
             let packed = (0..geom.groups)
                 .map(|g| {
                     let zps: Vec<i32> = if w_zp.len() == 1 {
@@ -181,30 +192,45 @@ impl IntConv {
             )));
         }
         if self.depthwise.is_some() {
-            return self.run_depthwise(g, x, x_zp, [h, w], [oh, ow], out);
+            return self.run_direct(g, x, x_zp, [h, w], [oh, ow], out);
         }
         let ohw = oh * ow;
         let cout_g = g.c_out / g.groups;
-        let mut tasks = Vec::new();
-        for img in 0..n {
-            for grp in 0..g.groups {
-                for r0 in (0..ohw).step_by(ROWS_PER_TASK) {
-                    tasks.push((img, grp, r0, (r0 + ROWS_PER_TASK).min(ohw)));
-                }
-            }
-        }
+        let cin_g = g.c_in / g.groups;
         let stages: Vec<Option<(Requant, Option<Vec<i32>>)>> = (0..g.groups)
             .map(|grp| self.stage.requant_for(grp * cout_g, cout_g))
             .collect();
+        // Padded HWC copies of every image and group, made once.
+        let copies: Vec<(Vec<u8>, usize)> = (0..n * g.groups)
+            .into_par_iter()
+            .map(|i| {
+                let (img, grp) = (i / g.groups, i % g.groups);
+                let plane = &x[(img * g.c_in + grp * cin_g) * h * w..][..cin_g * h * w];
+                pad_hwc(plane, cin_g, [h, w], g.pads, x_zp)
+            })
+            .collect();
+        // Rows are output pixels of all images in turn, so small feature maps (a Gemm as a
+        // 1x1 convolution) still make tall GEMMs.
+        let total = n * ohw;
+        let mut tasks = Vec::new();
+        for grp in 0..g.groups {
+            for r0 in (0..total).step_by(ROWS_PER_TASK) {
+                tasks.push((grp, r0, (r0 + ROWS_PER_TASK).min(total)));
+            }
+        }
+        let k = cin_g * g.kernel[0] * g.kernel[1];
         let results: Vec<Result<Vec<T>>> = tasks
             .par_iter()
-            .map(|&(img, grp, r0, r1)| {
+            .map(|&(grp, r0, r1)| -> Result<Vec<T>> {
                 let rows = r1 - r0;
-                let packed = &self.packed[grp];
-                let cin_g = g.c_in / g.groups;
-                let plane = &x[(img * g.c_in + grp * cin_g) * h * w..][..cin_g * h * w];
-                let a = im2col(plane, cin_g, [h, w], ow, g, x_zp, r0, r1);
+                let mut a = vec![0u8; rows * k];
+                for (r, row) in a.chunks_exact_mut(k).enumerate() {
+                    let p = r0 + r;
+                    let (xp, wp) = &copies[(p / ohw) * g.groups + grp];
+                    im2col_row(xp, *wp, cin_g, ow, g, p % ohw, row);
+                }
                 let mut c = vec![T::default(); rows * cout_g];
+                let packed = &self.packed[grp];
                 match &stages[grp] {
                     Some((rq, bias)) => {
                         qgemm::qgemm(&a, rows, x_zp, packed, bias.as_deref(), rq, &mut c)?
@@ -220,20 +246,33 @@ impl IntConv {
                 Ok(c)
             })
             .collect();
-        for (&(img, grp, r0, r1), res) in tasks.iter().zip(results) {
-            let c = res?;
-            let rows = r1 - r0;
-            for j in 0..cout_g {
-                let dst = &mut out[((img * g.c_out) + grp * cout_g + j) * ohw..][r0..r1];
-                for (r, d) in dst.iter_mut().enumerate().take(rows) {
-                    *d = c[r * cout_g + j];
+        let blocks = results.into_iter().collect::<Result<Vec<Vec<T>>>>()?;
+        let per_group = total.div_ceil(ROWS_PER_TASK);
+        // Transpose the `[rows, C_out/groups]` blocks into NCHW, image by image.
+        out.par_chunks_mut(g.c_out * ohw)
+            .enumerate()
+            .for_each(|(img, img_out)| {
+                for grp in 0..g.groups {
+                    let mut pix = 0;
+                    while pix < ohw {
+                        let global = img * ohw + pix;
+                        let b = &blocks[grp * per_group + global / ROWS_PER_TASK];
+                        let off = global % ROWS_PER_TASK;
+                        let len = (ROWS_PER_TASK - off).min(ohw - pix);
+                        for j in 0..cout_g {
+                            let dst = &mut img_out[(grp * cout_g + j) * ohw + pix..][..len];
+                            for (r, d) in dst.iter_mut().enumerate() {
+                                *d = b[(off + r) * cout_g + j];
+                            }
+                        }
+                        pix += len;
+                    }
                 }
-            }
-        }
+            });
         Ok(())
     }
 
-    fn run_depthwise<T: QStore + Default + Send + Sync>(
+    fn run_direct<T: QStore + Default + Send + Sync>(
         &self,
         g: &Conv2dGeom,
         x: &[u8],
@@ -245,12 +284,13 @@ impl IntConv {
         let wts = self.depthwise.as_deref().unwrap_or(&[]);
         let taps = g.kernel[0] * g.kernel[1];
         let c = g.c_out;
+        let (cin_g, cout_g) = (g.c_in / g.groups, g.c_out / g.groups);
+        let k = cin_g * taps;
         out.par_chunks_mut(oh * ow)
             .enumerate()
             .for_each(|(plane_idx, dst)| {
-                let ch = plane_idx % c;
-                let src = &x[plane_idx * h * w..(plane_idx + 1) * h * w];
-                let wk = &wts[ch * taps..(ch + 1) * taps];
+                let (img, ch) = (plane_idx / c, plane_idx % c);
+                let first_in = img * g.c_in + (ch / cout_g) * cin_g;
                 let mut acc = vec![0i32; ow];
                 let mut xrow = vec![0i32; w];
                 let stage = self.stage.requant_for(ch, 1);
@@ -275,42 +315,10 @@ impl IntConv {
                 };
                 for oy in 0..oh {
                     acc.fill(0);
-                    for ky in 0..g.kernel[0] {
-                        let iy =
-                            (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let row = &src[iy as usize * w..(iy as usize + 1) * w];
-                        for (d, &s) in xrow.iter_mut().zip(row) {
-                            *d = i32::from(s) - i32::from(x_zp);
-                        }
-                        for kx in 0..g.kernel[1] {
-                            let wv = wk[ky * g.kernel[1] + kx];
-                            let off = (kx * g.dilation[1]) as isize - g.pads[1] as isize;
-                            // Output columns whose input column lies inside the image.
-                            let sw = g.stride[1] as isize;
-                            let lo = if off >= 0 { 0 } else { ((-off) + sw - 1) / sw };
-                            let hi_num = w as isize - off;
-                            let hi = if hi_num <= 0 {
-                                0
-                            } else {
-                                ((hi_num + sw - 1) / sw).min(ow as isize)
-                            };
-                            if lo >= hi {
-                                continue;
-                            }
-                            let (lo, hi) = (lo as usize, hi as usize);
-                            if sw == 1 {
-                                let base = (lo as isize + off) as usize;
-                                accumulate(&mut acc[lo..hi], &xrow[base..base + hi - lo], wv);
-                            } else {
-                                for (ox, a) in acc.iter_mut().enumerate().take(hi).skip(lo) {
-                                    let ix = (ox as isize * sw + off) as usize;
-                                    *a += xrow[ix] * wv;
-                                }
-                            }
-                        }
+                    for ci in 0..cin_g {
+                        let src = &x[(first_in + ci) * h * w..(first_in + ci + 1) * h * w];
+                        let wk = &wts[ch * k + ci * taps..ch * k + (ci + 1) * taps];
+                        direct_row_dispatch(g, src, [h, w], ow, oy, x_zp, wk, &mut xrow, &mut acc);
                     }
                     let drow = &mut dst[oy * ow..(oy + 1) * ow];
                     match rq {
@@ -332,65 +340,176 @@ impl IntConv {
     }
 }
 
+/// [`direct_row`] compiled for AVX2 (eight i32 lanes) when the CPU has it.
+#[allow(clippy::too_many_arguments)]
 #[inline]
-fn accumulate(acc: &mut [i32], x: &[i32], w: i32) {
-    for (a, &v) in acc.iter_mut().zip(x) {
-        *a += v * w;
+fn direct_row_dispatch(
+    g: &Conv2dGeom,
+    src: &[u8],
+    hw: [usize; 2],
+    ow: usize,
+    oy: usize,
+    x_zp: u8,
+    wk: &[i32],
+    xrow: &mut [i32],
+    acc: &mut [i32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected just above.
+            unsafe { direct_row_avx2(g, src, hw, ow, oy, x_zp, wk, xrow, acc) };
+            return;
+        }
+    }
+    direct_row(g, src, hw, ow, oy, x_zp, wk, xrow, acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn direct_row_avx2(
+    g: &Conv2dGeom,
+    src: &[u8],
+    hw: [usize; 2],
+    ow: usize,
+    oy: usize,
+    x_zp: u8,
+    wk: &[i32],
+    xrow: &mut [i32],
+    acc: &mut [i32],
+) {
+    direct_row(g, src, hw, ow, oy, x_zp, wk, xrow, acc);
+}
+
+/// Adds one input plane's contribution to output row `oy`: every tap whose input row lies
+/// inside the image, over the output columns whose input column does (padding adds nothing).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn direct_row(
+    g: &Conv2dGeom,
+    src: &[u8],
+    [h, w]: [usize; 2],
+    ow: usize,
+    oy: usize,
+    x_zp: u8,
+    wk: &[i32],
+    xrow: &mut [i32],
+    acc: &mut [i32],
+) {
+    for ky in 0..g.kernel[0] {
+        let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
+        if iy < 0 || iy >= h as isize {
+            continue;
+        }
+        let row = &src[iy as usize * w..(iy as usize + 1) * w];
+        for (d, &s) in xrow.iter_mut().zip(row) {
+            *d = i32::from(s) - i32::from(x_zp);
+        }
+        for kx in 0..g.kernel[1] {
+            let wv = wk[ky * g.kernel[1] + kx];
+            let off = (kx * g.dilation[1]) as isize - g.pads[1] as isize;
+            let sw = g.stride[1] as isize;
+            // Output columns whose input column lies inside the image.
+            let lo = if off >= 0 { 0 } else { ((-off) + sw - 1) / sw };
+            let hi_num = w as isize - off;
+            let hi = if hi_num <= 0 {
+                0
+            } else {
+                ((hi_num + sw - 1) / sw).min(ow as isize)
+            };
+            if lo >= hi {
+                continue;
+            }
+            let (lo, hi) = (lo as usize, hi as usize);
+            if sw == 1 {
+                let base = (lo as isize + off) as usize;
+                accumulate(&mut acc[lo..hi], &xrow[base..base + hi - lo], wv);
+            } else {
+                for (ox, a) in acc.iter_mut().enumerate().take(hi).skip(lo) {
+                    let ix = (ox as isize * sw + off) as usize;
+                    *a += xrow[ix] * wv;
+                }
+            }
+        }
     }
 }
 
-/// Rows `r0..r1` of the im2col matrix of one group's input planes: one row per output pixel,
-/// `C_in/groups * kh * kw` columns in weight order, padded taps set to the zero point.
-#[allow(clippy::too_many_arguments)]
-fn im2col(
+#[inline(always)]
+fn accumulate(acc: &mut [i32], x: &[i32], w: i32) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a = a.wrapping_add(v.wrapping_mul(w));
+    }
+}
+
+/// The planes `[C, h, w]` as a zero-point-padded `[h + top + bottom, w + left + right, C]`
+/// copy, and its padded width.
+fn pad_hwc(
     plane: &[u8],
     cin: usize,
     [h, w]: [usize; 2],
+    pads: [usize; 4],
+    zp: u8,
+) -> (Vec<u8>, usize) {
+    let [pt, pl, pb, pr] = pads;
+    let (hp, wp) = (h + pt + pb, w + pl + pr);
+    let mut xp = vec![zp; hp * wp * cin];
+    for c in 0..cin {
+        let src = &plane[c * h * w..(c + 1) * h * w];
+        for y in 0..h {
+            let dst = &mut xp[((y + pt) * wp + pl) * cin..];
+            for (x, &v) in src[y * w..(y + 1) * w].iter().enumerate() {
+                dst[x * cin + c] = v;
+            }
+        }
+    }
+    (xp, wp)
+}
+
+/// Row `p` (an output pixel) of the im2col matrix from a padded HWC copy: its `kh * kw` taps
+/// in order, each tap's `C` channels contiguous (weights are packed to match).
+fn im2col_row(
+    xp: &[u8],
+    wp: usize,
+    cin: usize,
     ow: usize,
     g: &Conv2dGeom,
-    zp: u8,
-    r0: usize,
-    r1: usize,
-) -> Vec<u8> {
+    p: usize,
+    row: &mut [u8],
+) {
     let [kh, kw] = g.kernel;
-    let k = cin * kh * kw;
-    let rows = r1 - r0;
-    let mut a = vec![zp; rows * k];
-    let simple = kh == 1 && kw == 1 && g.stride == [1, 1] && g.pads == [0; 4];
-    if simple {
-        // 1x1 convolution: a transpose of the planes.
-        for c in 0..cin {
-            let src = &plane[c * h * w + r0..c * h * w + r1];
-            for (r, &v) in src.iter().enumerate() {
-                a[r * k + c] = v;
-            }
+    let (oy, ox) = (p / ow, p % ow);
+    if g.dilation[1] == 1 {
+        // The kw taps of one kernel row are adjacent in the HWC copy: one copy per row.
+        let span = kw * cin;
+        for ky in 0..kh {
+            let y = oy * g.stride[0] + ky * g.dilation[0];
+            let src = (y * wp + ox * g.stride[1]) * cin;
+            copy_bytes(&mut row[ky * span..(ky + 1) * span], &xp[src..src + span]);
         }
-        return a;
+        return;
     }
-    for (r, row) in a.chunks_exact_mut(k).enumerate() {
-        let p = r0 + r;
-        let (oy, ox) = (p / ow, p % ow);
-        let mut idx = 0;
-        for c in 0..cin {
-            let src = &plane[c * h * w..(c + 1) * h * w];
-            for ky in 0..kh {
-                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
-                if iy < 0 || iy >= h as isize {
-                    idx += kw;
-                    continue;
-                }
-                let srow = &src[iy as usize * w..(iy as usize + 1) * w];
-                for kx in 0..kw {
-                    let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pads[1] as isize;
-                    if ix >= 0 && ix < w as isize {
-                        row[idx] = srow[ix as usize];
-                    }
-                    idx += 1;
-                }
-            }
+    for ky in 0..kh {
+        let y = oy * g.stride[0] + ky * g.dilation[0];
+        for kx in 0..kw {
+            let x = ox * g.stride[1] + kx * g.dilation[1];
+            let src = (y * wp + x) * cin;
+            let dst = (ky * kw + kx) * cin;
+            copy_bytes(&mut row[dst..dst + cin], &xp[src..src + cin]);
         }
     }
-    a
+}
+
+/// `dst.copy_from_slice(src)` without a `memcpy` call for the few-byte copies of thin inputs.
+#[inline]
+fn copy_bytes(dst: &mut [u8], src: &[u8]) {
+    if dst.len() <= 16 {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s;
+        }
+    } else {
+        dst.copy_from_slice(src);
+    }
 }
 
 /// `C = A B` for `A` `[m, K]` u8 with zero point `a_zp` and a packed `B`, rows split over

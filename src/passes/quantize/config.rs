@@ -175,6 +175,10 @@ pub struct QuantizeConfig {
     pub measure_activation_sqnr: bool,
     /// Worker threads for calibration (0 = one per core).
     pub threads: usize,
+    /// QOperator form: replace DequantizeLinear -> pointwise activation -> QuantizeLinear by a
+    /// 256-entry lookup table (`Cast` + `Gather`). Exact in any runtime, but a generic Gather
+    /// is slower than the three elementwise ops in both lithe and ONNX Runtime today.
+    pub lookup_tables: bool,
 }
 
 impl Default for QuantizeConfig {
@@ -191,6 +195,7 @@ impl Default for QuantizeConfig {
             calib_limit: Some(1000),
             measure_activation_sqnr: true,
             threads: 0,
+            lookup_tables: false,
         }
     }
 }

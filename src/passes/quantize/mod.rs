@@ -195,7 +195,9 @@ pub fn quantize(
 
     let mut out = match config.format {
         QuantFormat::Qdq => qdq::build(&simple, &plan, &acts, &weights)?,
-        QuantFormat::QOperator => qop::build(&simple, &plan, &acts, &weights)?,
+        QuantFormat::QOperator => {
+            qop::build(&simple, &plan, &acts, &weights, config.lookup_tables)?
+        }
     };
     out.set_metadata(
         METADATA_KEY,
@@ -256,6 +258,7 @@ pub fn quantize(
         accuracy_before: None,
         accuracy_after: None,
         top1_agreement: None,
+        peak_rss_bytes: None,
     };
     Ok((out, report))
 }

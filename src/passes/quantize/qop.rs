@@ -5,9 +5,10 @@
 //! zero point at the grid's bottom, so the clamp is the ReLU).
 //!
 //! Between quantized nodes tensors stay u8. Ops with no integer form run in f32 between
-//! DequantizeLinear and QuantizeLinear; when that op is a pointwise activation between two
-//! quantized tensors (HardSwish, Sigmoid, ...) the three nodes become a 256-entry lookup table
-//! (`Cast` + `Gather`), exact and fast.
+//! DequantizeLinear and QuantizeLinear; optionally, when that op is a pointwise activation
+//! between two quantized tensors (HardSwish, Sigmoid, ...), the three nodes become a 256-entry
+//! lookup table (`Cast` + `Gather`): exact whatever the runtime's activation code, though a
+//! generic Gather is slower than the elementwise ops in lithe and ONNX Runtime today.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -64,6 +65,7 @@ pub fn build(
     plan: &Plan,
     acts: &BTreeMap<String, ActParams>,
     weights: &BTreeMap<String, EncodedWeight>,
+    lookup_tables: bool,
 ) -> Result<Model> {
     let mut out = model.clone();
     let g = &mut out.graph;
@@ -258,8 +260,10 @@ pub fn build(
     }
     g.nodes.extend(new_nodes);
     remove_dead_nodes(g);
-    fuse_lookup_tables(g)?;
-    remove_dead_nodes(g);
+    if lookup_tables {
+        fuse_lookup_tables(g)?;
+        remove_dead_nodes(g);
+    }
     g.topo_sort()?;
     Ok(out)
 }

@@ -52,6 +52,8 @@ pub struct QuantizeReport {
     pub accuracy_after: Option<Accuracy>,
     /// Fraction of samples whose top-1 class is unchanged.
     pub top1_agreement: Option<f64>,
+    /// Peak resident memory of the quantizing process, when the caller measures it.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 fn db(v: Option<f64>) -> String {
