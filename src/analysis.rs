@@ -235,6 +235,6 @@ pub fn macs_by_kind(stats: &ModelStats) -> Vec<(String, u64)> {
         .filter(|(_, m)| *m > 0)
         .map(|(k, m)| (k.to_string(), m))
         .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v
 }

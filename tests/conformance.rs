@@ -136,11 +136,11 @@ fn onnx_node_conformance() {
             failures.push(format!("{case}: {e}"));
         }
     }
+    println!("ONNX node tests listed in the manifest: {}", cases.len());
     println!(
-        "conformance: {} passed, {} failed (of {} listed cases)",
+        "conformance: {} passed, {} failed",
         cases.len() - failures.len(),
-        failures.len(),
-        cases.len()
+        failures.len()
     );
     assert!(
         failures.is_empty(),

@@ -1,6 +1,6 @@
 //! `lithe demo`: the main job on the embedded default. Today: inspect the embedded MNIST CNN,
-//! evaluate it on the embedded MNIST test set, and measure its latency. Each later capability
-//! (quantize, prune, ...) adds its step here.
+//! evaluate it on the embedded MNIST test set, measure its latency, and quantize it to int8.
+//! Each later capability (prune, factorize, ...) adds its step here.
 
 use std::path::PathBuf;
 
@@ -73,5 +73,37 @@ pub fn run(args: Args) -> Result<()> {
             r.p50_ms, r.p90_ms, r.items_per_second
         );
     }
+
+    println!(
+        "\n== 4. quantize to int8 (s8 per-channel weights, u8 KL-calibrated activations, QDQ)"
+    );
+    let calib = lithe::data::dataset::open_dataset("mnist", Split::Train, pre.as_ref())?;
+    let config = lithe::passes::quantize::QuantizeConfig {
+        threads: args.threads,
+        calib_limit: Some(1000),
+        ..Default::default()
+    };
+    let (int8, report) =
+        lithe::passes::quantize::quantize(&model, Some(calib.as_ref()), &config, &mut |_| {})?;
+    let int8_session = session_for(&int8, args.threads)?;
+    let bar = progress(total as u64, "eval int8");
+    let acc8 = lithe::eval::evaluate(&int8_session, source.as_ref(), 100, args.limit, |n| {
+        bar.inc(n as u64)
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "weights {} -> {} bytes ({:.2}x smaller), calibration {:.2} s on {} images",
+        report.weight_bytes_before,
+        report.weight_bytes_after,
+        report.weight_bytes_before as f64 / report.weight_bytes_after.max(1) as f64,
+        report.calibration_seconds,
+        report.calibration_samples
+    );
+    println!(
+        "top-1 {:.2} % (f32) -> {:.2} % (int8) on {} images",
+        acc.top1 * 100.0,
+        acc8.top1 * 100.0,
+        acc8.samples
+    );
     Ok(())
 }

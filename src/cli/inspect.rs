@@ -34,15 +34,19 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     print!("{}", render(&stats));
+    let producer = format!("{} {}", model.producer_name, model.producer_version);
     println!(
-        "model: {}  opset {}  producer {} {}",
+        "model: {}  opset {}{}",
         args.model.display(),
         model.opset(),
-        model.producer_name,
-        model.producer_version
+        if producer.trim().is_empty() {
+            String::new()
+        } else {
+            format!("  producer {}", producer.trim())
+        }
     );
     println!(
-        "total: {} layers, {} parameters, {} MACs per inference{}, weights {} , file {}",
+        "total: {} layers, {} parameters, {} MACs per inference{}, weights {}, file {}",
         stats.layers.len(),
         human_count(stats.total_params as u64),
         human_count(stats.total_macs),

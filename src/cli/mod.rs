@@ -5,6 +5,7 @@ mod common;
 mod demo;
 mod eval;
 mod inspect;
+mod quantize;
 mod run;
 mod train;
 
@@ -33,6 +34,8 @@ enum Command {
     Bench(bench::Args),
     /// The main job on the embedded default: the MNIST CNN on the embedded MNIST test set.
     Demo(demo::Args),
+    /// Post-training quantization (int8 and lower; linear, fixed, log or k-means) with a report.
+    Quantize(Box<quantize::Args>),
     /// Train a zoo model from scratch, or fine-tune an ONNX model, on a labelled data set.
     Train(Box<train::Args>),
 }
@@ -44,6 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Quantize(a) => quantize::run(*a),
         Command::Train(a) => train::run(*a),
     }
 }

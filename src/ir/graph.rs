@@ -384,6 +384,20 @@ impl Graph {
             .map(|v| v.ty.clone())
     }
 
+    /// Per input of `node`, the initializer it reads, if any (`None` for omitted inputs).
+    pub fn constant_inputs(&self, node: &Node) -> Vec<Option<&Tensor>> {
+        node.inputs
+            .iter()
+            .map(|n| {
+                if n.is_empty() {
+                    None
+                } else {
+                    self.initializers.get(n)
+                }
+            })
+            .collect()
+    }
+
     /// Drops initializers that nothing reads any more.
     pub fn prune_unused_initializers(&mut self) {
         let used = self.use_counts();

@@ -2,15 +2,17 @@
 //! bias + activation epilogue. 1-D convolution is the `H = 1` case.
 //!
 //! Strategies, picked per call from the geometry:
-//! - depthwise (`groups == C_in == C_out`): a direct kernel ([`depthwise`]);
+//! - depthwise (`groups == C_in == C_out`): a direct, vectorised kernel;
 //! - 1x1, stride 1, no padding: a plain GEMM of the weights with the image;
 //! - anything else: GEMM of the packed weights with the image's im2col matrix. That matrix
 //!   is never materialised: it is an implicit [`GatherRef`] over a zero-padded copy of one
 //!   image, packed panel by panel inside the GEMM, so each thread only touches its columns.
 //!
-//! Weights are packed once ([`Conv2d::new`]); a call allocates nothing but scratch reuse.
+//! Weights are packed once ([`Conv2d::new`]); a call then allocates nothing (scratch comes from
+//! per-thread pools).
 
 mod depthwise;
+mod layout;
 
 use rayon::prelude::*;
 
@@ -19,9 +21,12 @@ use super::gemm::{self, Bias, Epilogue, GatherRef, Lhs, MatMut, MatRef, PackedA,
 use super::scratch;
 use super::simd::has_avx2_fma;
 use crate::error::{Error, Result};
+use crate::ir::checked_numel;
 
 /// Work (multiply-adds) below which splitting over threads costs more than it saves.
 const PAR_MIN_MACS: usize = 1 << 17;
+/// Zeroed floats after a padded image: gathered packing copies whole 16-float runs.
+const GATHER_SLACK: usize = gemm::GATHER_SLACK;
 
 /// Shape parameters of a 2-D convolution that do not depend on the input size.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,6 +60,18 @@ impl Conv2dGeom {
                 self.kernel, self.stride, self.dilation
             ));
         }
+        let k = (self.c_in / self.groups)
+            .checked_mul(self.kernel[0])
+            .and_then(|x| x.checked_mul(self.kernel[1]))
+            .and_then(|x| x.checked_mul(self.c_out));
+        if k.is_none() {
+            return bad(format!(
+                "weight of {} x {} x {:?} is too large",
+                self.c_out,
+                self.c_in / self.groups,
+                self.kernel
+            ));
+        }
         Ok(())
     }
 
@@ -66,8 +83,8 @@ impl Conv2dGeom {
     /// Output `(height, width)` for an `h x w` input and explicit pads.
     pub fn out_hw_with(&self, h: usize, w: usize, pads: [usize; 4]) -> Result<(usize, usize)> {
         let dim = |size: usize, lo: usize, hi: usize, k: usize, s: usize, d: usize| {
-            let span = d * (k - 1) + 1;
-            let padded = size + lo + hi;
+            let span = d.saturating_mul(k - 1).saturating_add(1);
+            let padded = size.saturating_add(lo).saturating_add(hi);
             if padded < span {
                 Err(Error::Shape(format!(
                     "conv: padded input extent {padded} is smaller than the kernel extent {span}"
@@ -152,9 +169,10 @@ impl Conv2d {
             (weight.to_vec(), Vec::new())
         } else {
             let m = geom.c_out / geom.groups;
-            let packed = weight
-                .chunks_exact(m * k)
-                .map(|w| MatRef::row_major(w, m, k).map(PackedA::new))
+            let packed = (0..geom.groups)
+                .map(|g| {
+                    MatRef::row_major(&weight[g * m * k..(g + 1) * m * k], m, k).map(PackedA::new)
+                })
                 .collect::<Result<Vec<_>>>()?;
             (Vec::new(), packed)
         };
@@ -198,7 +216,17 @@ impl Conv2d {
         if out.is_empty() {
             return Ok(());
         }
-        let threads = rayon::current_num_threads();
+        // The padded scratch image must be allocatable (pads come from the model file).
+        let hp = h.checked_add(pads[0]).and_then(|x| x.checked_add(pads[2]));
+        let wp = w.checked_add(pads[1]).and_then(|x| x.checked_add(pads[3]));
+        match (hp, wp) {
+            (Some(hp), Some(wp)) => {
+                let row = wp.saturating_add(2 * g.stride[1] + 32);
+                checked_numel(&[g.c_in.max(1), hp, row], 4)?;
+            }
+            _ => return Err(Error::TooLarge(format!("conv: pads {pads:?} overflow"))),
+        }
+        let threads = crate::kernels::par::threads();
         if g.is_depthwise() {
             self.run_depthwise(x, [n, h, w], pads, out, threads);
         } else {
@@ -216,38 +244,40 @@ impl Conv2d {
         threads: usize,
     ) {
         let g = &self.geom;
-        let plane = depthwise::Plane::new(g, h, w, pads);
-        let (oh, ow) = g.out_hw_with(h, w, pads).unwrap_or((0, 0));
+        let Ok((oh, ow)) = g.out_hw_with(h, w, pads) else {
+            return;
+        };
+        let setup = depthwise::Setup::new(g, (h, w), pads, (oh, ow));
         let taps_n = g.kernel[0] * g.kernel[1];
         let avx = has_avx2_fma();
         scratch::with_usize(taps_n, |taps| {
-            depthwise::tap_offsets(g, &plane, taps);
+            depthwise::tap_offsets(g, &setup.layout, taps);
             let taps = &*taps;
-            let one = |(i, dst): (usize, &mut [f32])| {
-                let ch = i % g.c_in;
-                depthwise::plane(
-                    g,
-                    &plane,
-                    &x[i * h * w..(i + 1) * h * w],
-                    (h, w),
-                    pads,
-                    &self.dw_weights[ch * taps_n..(ch + 1) * taps_n],
-                    taps,
-                    self.bias.as_ref().map_or(0.0, |b| b[ch]),
-                    self.act,
-                    dst,
-                    avx,
-                );
+            let filters = depthwise::Filters {
+                weights: &self.dw_weights,
+                bias: self.bias.as_deref(),
+                act: self.act,
+                channels: g.c_in,
             };
-            let per_plane = oh * ow * taps_n;
-            if threads > 1 && per_plane * out.len() / (oh * ow) >= PAR_MIN_MACS {
-                let min_len = (PAR_MIN_MACS / 8 / per_plane.max(1)).max(1);
-                out.par_chunks_mut(oh * ow)
-                    .with_min_len(min_len)
+            let (plane_in, plane_out) = (h * w, oh * ow);
+            let planes = out.len() / plane_out;
+            let per_plane = plane_out * taps_n;
+            if threads > 1 && per_plane * planes >= PAR_MIN_MACS {
+                // Groups of planes per task: enough work to amortise the task and the scratch.
+                let group = planes
+                    .div_ceil(threads * 4)
+                    .max(PAR_MIN_MACS / 8 / per_plane.max(1))
+                    .max(1);
+                out.par_chunks_mut(group * plane_out)
                     .enumerate()
-                    .for_each(one);
+                    .for_each(|(gi, dst)| {
+                        let first = gi * group;
+                        let n = dst.len() / plane_out;
+                        let src = &x[first * plane_in..(first + n) * plane_in];
+                        depthwise::planes(&setup, src, first, &filters, taps, dst, avx);
+                    });
             } else {
-                out.chunks_mut(oh * ow).enumerate().for_each(one);
+                depthwise::planes(&setup, x, 0, &filters, taps, out, avx);
             }
         });
     }
@@ -267,22 +297,22 @@ impl Conv2d {
         let ohw = oh * ow;
         let k = g.k();
         let direct = g.kernel == [1, 1] && g.stride == [1, 1] && pads == [0; 4];
-        let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
-        let padded = pads != [0; 4];
+        let layout = layout::Phased::new(h, w, pads, g.stride[1]);
         let image_macs = g.c_out * ohw * k;
         // Parallel over images when each image alone is too small to split well.
         let per_image = threads > 1 && n > 1 && image_macs < PAR_MIN_MACS * 8;
         let gemm_threads = if per_image { 1 } else { threads };
 
-        let image = |x_img: &[f32], out_img: &mut [f32], row_off: &[usize], col_off: &[usize]| {
-            let run_groups = |src: &[f32], out_img: &mut [f32]| -> Result<()> {
-                let plane = if padded { hp * wp } else { h * w };
+        let image = |x_img: &[f32], out_img: &mut [f32], offs: (&[usize], &[usize])| {
+            let run_groups = |src: &[f32], plane: usize, out_img: &mut [f32]| -> Result<()> {
                 for (gi, dst) in out_img.chunks_exact_mut(cout_g * ohw).enumerate() {
-                    let base = &src[gi * cin_g * plane..(gi + 1) * cin_g * plane];
                     let rhs = if direct {
+                        let base = &src[gi * cin_g * plane..(gi + 1) * cin_g * plane];
                         Rhs::Mat(MatRef::row_major(base, cin_g, h * w)?)
                     } else {
-                        Rhs::Gather(GatherRef::new(base, row_off, col_off)?)
+                        // Keep the slack after the group's planes that gathered packing needs.
+                        let base = &src[gi * cin_g * plane..];
+                        Rhs::Gather(GatherRef::new(base, offs.0, offs.1)?)
                     };
                     let bias = match &self.bias {
                         Some(b) => Bias::PerRow(&b[gi * cout_g..(gi + 1) * cout_g]),
@@ -303,82 +333,60 @@ impl Conv2d {
                 }
                 Ok(())
             };
-            if padded {
-                scratch::with_f32(g.c_in * hp * wp, |buf| {
-                    pad_image(x_img, buf, g.c_in, (h, w), pads);
-                    run_groups(buf, out_img)
-                })
-            } else {
-                run_groups(x_img, out_img)
+            if direct {
+                return run_groups(x_img, h * w, out_img);
             }
+            let len = g.c_in * layout.plane;
+            scratch::with_f32(len + GATHER_SLACK, |buf| {
+                for (src, dst) in x_img
+                    .chunks_exact(h * w)
+                    .zip(buf.chunks_exact_mut(layout.plane))
+                {
+                    layout.fill(dst, src, (h, w), pads);
+                }
+                buf[len..].fill(0.0);
+                run_groups(buf, layout.plane, out_img)
+            })
         };
 
         scratch::with_usize(k + ohw, |offs| {
             let (row_off, col_off) = offs.split_at_mut(k);
             if !direct {
-                im2col_offsets(
-                    g,
-                    (oh, ow),
-                    if padded { (hp, wp) } else { (h, w) },
-                    row_off,
-                    col_off,
-                );
+                im2col_offsets(g, (oh, ow), &layout, row_off, col_off);
             }
-            let (row_off, col_off) = (&*row_off, &*col_off);
+            let offs = (&*row_off, &*col_off);
             let in_len = g.c_in * h * w;
             let out_len = g.c_out * ohw;
             if per_image {
                 out.par_chunks_mut(out_len)
                     .zip(x.par_chunks(in_len))
-                    .try_for_each(|(o, xi)| image(xi, o, row_off, col_off))
+                    .try_for_each(|(o, xi)| image(xi, o, offs))
             } else {
                 out.chunks_mut(out_len)
                     .zip(x.chunks(in_len))
-                    .try_for_each(|(o, xi)| image(xi, o, row_off, col_off))
+                    .try_for_each(|(o, xi)| image(xi, o, offs))
             }
         })
     }
 }
 
-/// Offsets of the implicit im2col matrix over a `[C, hp, wp]` (already padded) image:
-/// row `(c, ky, kx)` starts at `c*hp*wp + ky*dh*wp + kx*dw`, column `(oy, ox)` adds
-/// `oy*sh*wp + ox*sw`.
+/// Offsets of the implicit im2col matrix over a padded, phase-split image (`layout` per
+/// channel): row `(c, ky, kx)` is where tap `(ky, kx)` of channel `c` reads for output
+/// `(0, 0)`; column `(oy, ox)` adds `oy * sh` rows and `ox` (phases make columns contiguous).
 fn im2col_offsets(
     g: &Conv2dGeom,
     (oh, ow): (usize, usize),
-    (hp, wp): (usize, usize),
+    l: &layout::Phased,
     row_off: &mut [usize],
     col_off: &mut [usize],
 ) {
     let [kh, kw] = g.kernel;
     for (p, r) in row_off.iter_mut().enumerate() {
         let (c, ky, kx) = (p / (kh * kw), p / kw % kh, p % kw);
-        *r = c * hp * wp + ky * g.dilation[0] * wp + kx * g.dilation[1];
+        *r = c * l.plane + l.at(ky * g.dilation[0], kx * g.dilation[1]);
     }
     for (j, col) in col_off.iter_mut().enumerate().take(oh * ow) {
-        let (oy, ox) = (j / ow, j % ow);
-        *col = oy * g.stride[0] * wp + ox * g.stride[1];
-    }
-}
-
-/// Copies a `[c, h, w]` image into `[c, h + top + bottom, w + left + right]` with zero borders.
-fn pad_image(x: &[f32], buf: &mut [f32], c: usize, (h, w): (usize, usize), pads: [usize; 4]) {
-    let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
-    for (src, dst) in x
-        .chunks_exact(h * w)
-        .zip(buf.chunks_exact_mut(hp * wp))
-        .take(c)
-    {
-        dst[..pads[0] * wp].fill(0.0);
-        dst[(pads[0] + h) * wp..].fill(0.0);
-        for (s, d) in src
-            .chunks_exact(w)
-            .zip(dst[pads[0] * wp..].chunks_exact_mut(wp))
-        {
-            d[..pads[1]].fill(0.0);
-            d[pads[1]..pads[1] + w].copy_from_slice(s);
-            d[pads[1] + w..].fill(0.0);
-        }
+        *col = (j / ow) * g.stride[0] * l.row + j % ow;
     }
 }
 
@@ -445,6 +453,7 @@ pub fn conv2d_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::simd::portable_only;
     use crate::kernels::testutil::{assert_close, Rng};
 
     fn check(
@@ -473,6 +482,10 @@ mod tests {
             1e-4,
             &format!("{g:?} input {n}x{h}x{w} threads {threads}"),
         );
+        got.fill(f32::NAN);
+        pool.install(|| portable_only(|| conv.run(&x, [n, h, w], &mut got)))
+            .unwrap();
+        assert_close(&got, &want, 1e-4, &format!("portable {g:?} {n}x{h}x{w}"));
     }
 
     fn geom(
@@ -559,6 +572,14 @@ mod tests {
                 [2, 13, 37],
             ),
             (geom(1, 1, 1, [3, 3], [1, 1], [1, 1], [0; 4]), [1, 5, 5]),
+            (
+                geom(3, 3, 3, [5, 5], [1, 1], [1, 1], [2, 2, 2, 2]),
+                [1, 11, 40],
+            ),
+            (
+                geom(2, 2, 2, [5, 3], [1, 1], [1, 1], [2, 1, 2, 1]),
+                [1, 13, 21],
+            ),
         ];
         for (i, (g, shape)) in cases.iter().enumerate() {
             let act = [

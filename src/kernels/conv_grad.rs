@@ -127,17 +127,13 @@ pub fn conv2d_backward_weight(
     }
     let pads = g.pads;
     let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
-    let padded_buf;
-    let xp: &[f32] = if pads == [0; 4] {
-        x
-    } else {
-        let mut buf = vec![0.0f32; n * g.c_in * hp * wp];
-        buf.par_chunks_mut(g.c_in * hp * wp)
-            .zip(x.par_chunks(g.c_in * h * w))
-            .for_each(|(d, s)| pad_planes(s, d, (h, w), pads));
-        padded_buf = buf;
-        &padded_buf
-    };
+    // The gathered GEMM reads whole SIMD vectors, so the input is copied (padded or not)
+    // into a buffer with GATHER_SLACK floats past its end.
+    let mut xp = vec![0.0f32; n * g.c_in * hp * wp + gemm::GATHER_SLACK];
+    xp[..n * g.c_in * hp * wp]
+        .par_chunks_mut(g.c_in * hp * wp)
+        .zip(x.par_chunks(g.c_in * h * w))
+        .for_each(|(d, s)| pad_planes(s, d, (h, w), pads));
     // dY regrouped as [C_out, N * P] so each group's rows are one dense matrix.
     let np = n * p;
     let mut dyt = vec![0.0f32; g.c_out * np];
@@ -350,7 +346,10 @@ unsafe fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
     let a = _mm256_set1_ps(alpha);
     let mut i = 0;
     while i + 8 <= n {
-        _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+        _mm256_storeu_ps(
+            py.add(i),
+            _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
+        );
         i += 8;
     }
     while i < n {
@@ -423,12 +422,17 @@ impl Lanes {
         while i + 32 <= n {
             for (k, acc) in acc.iter_mut().enumerate() {
                 let o = i + 8 * k;
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+                *acc =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
             }
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
             i += 8;
         }
         for (k, acc) in acc.iter().enumerate() {

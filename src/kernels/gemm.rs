@@ -92,9 +92,8 @@ impl<'a> MatRef<'a> {
         self.cols
     }
 
-    /// Element `(i, j)`; panics when out of range (test and reference use only).
-    pub fn at(&self, i: usize, j: usize) -> f32 {
-        assert!(i < self.rows && j < self.cols);
+    /// Element `(i, j)` for the reference code; callers keep `i < rows`, `j < cols`.
+    fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.rs + j * self.cs]
     }
 }
@@ -136,8 +135,13 @@ impl<'a> MatMut<'a> {
     }
 }
 
+/// Floats that must follow the last element a [`GatherRef`] addresses: packing copies whole
+/// 16-float runs and ignores the excess.
+pub const GATHER_SLACK: usize = NR;
+
 /// An implicit matrix `B[p, j] = base[row_off[p] + col_off[j]]` of `row_off.len()` rows and
 /// `col_off.len()` columns: convolution's im2col matrix, read straight from the image.
+/// `base` must extend [`GATHER_SLACK`] floats past the largest offset.
 #[derive(Clone, Copy, Debug)]
 pub struct GatherRef<'a> {
     base: &'a [f32],
@@ -148,9 +152,10 @@ pub struct GatherRef<'a> {
 impl<'a> GatherRef<'a> {
     pub fn new(base: &'a [f32], row_off: &'a [usize], col_off: &'a [usize]) -> Result<Self> {
         if let (Some(&r), Some(&c)) = (row_off.iter().max(), col_off.iter().max()) {
-            if r.checked_add(c).is_none_or(|x| x >= base.len()) {
+            let end = r.checked_add(c).and_then(|x| x.checked_add(GATHER_SLACK));
+            if end.is_none_or(|x| x > base.len()) {
                 return Err(Error::Shape(format!(
-                    "gathered matrix reaches offset {r}+{c} of a {}-element buffer",
+                    "gathered matrix reaches offset {r}+{c} (+{GATHER_SLACK} slack) of a {}-element buffer",
                     base.len()
                 )));
             }
@@ -415,7 +420,7 @@ pub fn gemm_threads(
         c: SyncPtr(c.data.as_mut_ptr()),
         ldc: c.ld,
         epi,
-        avx: has_avx2_fma() && !portable_only(),
+        avx: has_avx2_fma(),
     };
     let (split_n, parts) = plan(&job, threads);
     if parts <= 1 {
@@ -485,7 +490,12 @@ fn reference_impl(
     c: MatMut,
     epi: Epilogue,
 ) -> Result<()> {
-    if b.rows != k || c.rows != m || c.cols != b.cols {
+    let bias_ok = match epi.bias {
+        Bias::None => true,
+        Bias::PerRow(r) => r.len() == m,
+        Bias::PerCol(cb) => cb.len() == b.cols,
+    };
+    if b.rows != k || c.rows != m || c.cols != b.cols || !bias_ok {
         return Err(Error::Shape("gemm_reference: shapes disagree".into()));
     }
     for i in 0..m {
@@ -524,22 +534,6 @@ fn scale_only(beta: f32, c: MatMut, epi: Epilogue) {
             *d = epi.act.map_or(v, |f| f.apply_scalar(v));
         }
     }
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Lets tests exercise the portable micro-kernel on machines with AVX2.
-    static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-#[cfg(test)]
-fn portable_only() -> bool {
-    PORTABLE_ONLY.with(|p| p.get())
-}
-
-#[cfg(not(test))]
-fn portable_only() -> bool {
-    false
 }
 
 #[derive(Clone, Copy)]
@@ -601,7 +595,8 @@ impl Job<'_> {
         };
         let b_len = match self.b {
             Rhs::Packed(_) => 0,
-            _ => NC.min(n1 - n0).div_ceil(NR) * NR * KC.min(k),
+            // Gathered packing may write one run past the last panel.
+            _ => NC.min(n1 - n0).div_ceil(NR) * NR * KC.min(k) + NR,
         };
         scratch::with_f32(a_len, |abuf| {
             scratch::with_f32(b_len, |bbuf| {
@@ -618,7 +613,7 @@ impl Job<'_> {
                                 bbuf.as_ptr()
                             }
                             Rhs::Gather(g) => {
-                                pack::pack_b_gather(bbuf, &g, pc, kc, jc, nc);
+                                pack::pack_b_gather(bbuf, &g, pc, kc, jc, nc, self.avx);
                                 bbuf.as_ptr()
                             }
                         };
@@ -688,6 +683,7 @@ impl Job<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::simd::portable_only;
     use crate::kernels::testutil::{assert_close, Rng};
 
     struct Case {
@@ -804,24 +800,24 @@ mod tests {
 
     #[test]
     fn portable_kernel_matches_reference() {
-        PORTABLE_ONLY.with(|p| p.set(true));
         let mut rng = Rng::new(5);
-        for (m, n, k) in [(7, 19, 5), (13, 40, 300)] {
-            let case = Case {
-                m,
-                n,
-                k,
-                trans_a: false,
-                trans_b: true,
-                pad: 0,
-                alpha: 2.0,
-                beta: 1.0,
-                bias: 2,
-                act: Some(Activation::HardSwish),
-            };
-            check(&case, 2, &mut rng);
-        }
-        PORTABLE_ONLY.with(|p| p.set(false));
+        portable_only(|| {
+            for (m, n, k) in [(7, 19, 5), (13, 40, 300)] {
+                let case = Case {
+                    m,
+                    n,
+                    k,
+                    trans_a: false,
+                    trans_b: true,
+                    pad: 0,
+                    alpha: 2.0,
+                    beta: 1.0,
+                    bias: 2,
+                    act: Some(Activation::HardSwish),
+                };
+                check(&case, 2, &mut rng);
+            }
+        });
     }
 
     #[test]
@@ -879,7 +875,7 @@ mod tests {
     #[test]
     fn gather_operand_matches_dense() {
         let mut rng = Rng::new(11);
-        let base = rng.vec(400);
+        let base = rng.vec(400 + GATHER_SLACK);
         let row_off: Vec<usize> = (0..19).map(|p| p * 13 + (p % 3)).collect();
         // Mix contiguous runs and jumps.
         let col_off: Vec<usize> = (0..40)
@@ -913,7 +909,21 @@ mod tests {
             .unwrap();
             assert_close(&got, &want, 1e-5, "gather");
         }
-        assert!(GatherRef::new(&base, &[390], &[10]).is_err());
+        assert!(GatherRef::new(&base, &[395], &[10]).is_err());
+        let mut got = vec![0.0; 5 * 40];
+        portable_only(|| {
+            gemm_threads(
+                1,
+                1.0,
+                Lhs::Packed(&pa),
+                g.into(),
+                0.0,
+                MatMut::row_major(&mut got, 5, 40).unwrap(),
+                Epilogue::default(),
+            )
+        })
+        .unwrap();
+        assert_close(&got, &want, 1e-5, "gather portable");
     }
 
     #[test]

@@ -7,9 +7,8 @@
 //! add); a max window with no input element yields `f32::MIN` and NaN inputs never win.
 //!
 //! The fast path works one output row at a time: the kernel rows are first reduced
-//! vertically into a padded, stride-phase-split row buffer, then each output reads contiguous
-//! runs of that buffer, so both steps are contiguous loops the compiler vectorises (with AVX2
-//! when available).
+//! vertically into a padded row buffer (contiguous loops the compiler vectorises, with AVX2
+//! when available), then each tap of the window is combined along the row.
 
 use rayon::prelude::*;
 
@@ -56,8 +55,8 @@ impl Pool2dGeom {
     fn out_len(&self, axis: usize, size: usize) -> Result<usize> {
         let (lo, hi) = (self.pads[axis], self.pads[axis + 2]);
         let (k, s, d) = (self.kernel[axis], self.stride[axis], self.dilation[axis]);
-        let span = d * (k - 1) + 1;
-        let padded = size + lo + hi;
+        let span = d.saturating_mul(k - 1).saturating_add(1);
+        let padded = size.saturating_add(lo).saturating_add(hi);
         if padded < span {
             return Err(Error::Shape(format!(
                 "pool: padded input extent {padded} is smaller than the window extent {span}"
@@ -111,27 +110,40 @@ pub fn pool2d(
     }
     let layout = RowLayout::new(g, w, ow);
     let avx = has_avx2_fma();
-    let one = |(i, dst): (usize, &mut [f32])| {
-        let src = &x[i * h * w..(i + 1) * h * w];
-        scratch::with_f32(layout.len() + ow, |buf| {
+    let plane_in = h * w;
+    let plane_out = oh * ow;
+    // A group of planes shares one scratch buffer.
+    let group = |(gi, dst): (usize, &mut [f32]), per_group: usize| {
+        let first = gi * per_group;
+        let src = &x[first * plane_in..(first + dst.len() / plane_out) * plane_in];
+        #[cfg(target_arch = "x86_64")]
+        if avx && kind == PoolKind::Max && is_2x2_stride_2(g, h, w) {
+            // SAFETY: AVX2 support was checked at run time; shapes checked above.
+            unsafe { max_2x2_avx2(src, w, dst) };
+            return;
+        }
+        scratch::with_f32(layout.len(), |buf| {
             #[cfg(target_arch = "x86_64")]
             if avx {
                 // SAFETY: AVX2 support was checked at run time.
-                unsafe { plane_avx2(g, kind, &layout, src, (h, w), buf, dst) };
+                unsafe { planes_avx2(g, kind, &layout, src, (h, w), buf, dst) };
                 return;
             }
             let _ = avx;
-            plane(g, kind, &layout, src, (h, w), buf, dst);
+            planes_any(g, kind, &layout, src, (h, w), buf, dst);
         });
     };
-    if rayon::current_num_threads() > 1 && x.len() >= PAR_MIN_ELEMS && planes > 1 {
-        let min_len = (PAR_MIN_ELEMS / 4 / (h * w).max(1)).max(1);
-        out.par_chunks_mut(oh * ow)
-            .with_min_len(min_len)
+    let threads = crate::kernels::par::threads();
+    if threads > 1 && x.len() >= PAR_MIN_ELEMS && planes > 1 {
+        let per_group = planes
+            .div_ceil(threads * 4)
+            .max(PAR_MIN_ELEMS / 4 / plane_in.max(1))
+            .max(1);
+        out.par_chunks_mut(per_group * plane_out)
             .enumerate()
-            .for_each(one);
+            .for_each(|c| group(c, per_group));
     } else {
-        out.chunks_mut(oh * ow).enumerate().for_each(one);
+        group((0, out), planes);
     }
     Ok(())
 }
@@ -145,10 +157,10 @@ fn check_sizes(x: usize, x_want: usize, out: usize, out_want: usize) -> Result<(
     Ok(())
 }
 
-/// The row buffer: padded width (including columns `ceil_mode` windows reach past the
-/// padding) split into `sw` phases of `wq` columns.
+/// The scratch row buffers: a linear padded row (`width` floats, wide enough for the columns
+/// `ceil_mode` windows reach past the padding), then one divisor per output column.
 struct RowLayout {
-    wq: usize,
+    width: usize,
     sw: usize,
     left: usize,
     ow: usize,
@@ -158,9 +170,8 @@ impl RowLayout {
     fn new(g: &Pool2dGeom, w: usize, ow: usize) -> RowLayout {
         let sw = g.stride[1];
         let reach = (ow - 1) * sw + g.dilation[1] * (g.kernel[1] - 1) + 1;
-        let width = reach.max(w + g.pads[1]);
         RowLayout {
-            wq: width.div_ceil(sw),
+            width: reach.max(w + g.pads[1]),
             sw,
             left: g.pads[1],
             ow,
@@ -168,17 +179,13 @@ impl RowLayout {
     }
 
     fn len(&self) -> usize {
-        self.wq * self.sw
-    }
-
-    fn at(&self, padded_x: usize) -> usize {
-        (padded_x % self.sw) * self.wq + padded_x / self.sw
+        self.width + self.ow
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn plane_avx2(
+unsafe fn planes_avx2(
     g: &Pool2dGeom,
     kind: PoolKind,
     layout: &RowLayout,
@@ -187,7 +194,111 @@ unsafe fn plane_avx2(
     buf: &mut [f32],
     dst: &mut [f32],
 ) {
-    plane(g, kind, layout, src, hw, buf, dst);
+    planes_any(g, kind, layout, src, hw, buf, dst);
+}
+
+#[inline(always)]
+fn planes_any(
+    g: &Pool2dGeom,
+    kind: PoolKind,
+    layout: &RowLayout,
+    src: &[f32],
+    (h, w): (usize, usize),
+    buf: &mut [f32],
+    dst: &mut [f32],
+) {
+    let (linear, x_counts) = buf.split_at_mut(layout.width);
+    if let PoolKind::Avg { count_include_pad } = kind {
+        for (ox, c) in x_counts.iter_mut().enumerate() {
+            let (inside, padded) = g.counts(1, ox, w);
+            *c = if count_include_pad { padded } else { inside } as f32;
+        }
+    }
+    let planes = src
+        .chunks_exact(h * w)
+        .zip(dst.chunks_exact_mut(layout.ow * out_rows(dst, layout, src, h * w)));
+    for (s, d) in planes {
+        match kind {
+            PoolKind::Max => plane::<true>(g, None, layout, s, (h, w), linear, x_counts, d),
+            PoolKind::Avg { count_include_pad } => plane::<false>(
+                g,
+                Some(count_include_pad),
+                layout,
+                s,
+                (h, w),
+                linear,
+                x_counts,
+                d,
+            ),
+        }
+    }
+}
+
+/// The common non-overlapping 2x2 / stride 2 window without padding on even extents.
+fn is_2x2_stride_2(g: &Pool2dGeom, h: usize, w: usize) -> bool {
+    g.kernel == [2, 2]
+        && g.stride == [2, 2]
+        && g.dilation == [1, 1]
+        && g.pads == [0; 4]
+        && h % 2 == 0
+        && w % 2 == 0
+}
+
+/// 2x2 / stride 2 max pooling over whole planes: `src` holds `rows` input rows of `w`
+/// (two per output row, across plane boundaries) and `dst` the `rows / 2` output rows.
+/// Eight outputs come from four loads, two maxes and a deinterleave; a row's last block may
+/// write past the row into the next one, which is then overwritten in order, so only the
+/// last row of `dst` and reads past `src` need the scalar tail.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_2x2_avx2(src: &[f32], w: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let ow = w / 2;
+    let out_rows = dst.len() / ow;
+    let s = src.as_ptr();
+    let d = dst.as_mut_ptr();
+    for r in 0..out_rows {
+        let top = 2 * r * w;
+        let mut ox = 0;
+        while ox < ow {
+            let full_write = ox + 8 <= ow || r + 1 < out_rows;
+            let full_read = top + w + 2 * ox + 16 <= src.len();
+            if !(full_write && full_read) {
+                break;
+            }
+            let a = s.add(top + 2 * ox);
+            let b = a.add(w);
+            // vmaxps returns its second operand when either is NaN: seeding with f32::MIN
+            // and passing each input first makes NaN inputs lose, as in the scalar path.
+            let lowest = _mm256_set1_ps(f32::MIN);
+            let v0 = _mm256_max_ps(
+                _mm256_loadu_ps(a),
+                _mm256_max_ps(_mm256_loadu_ps(b), lowest),
+            );
+            let v1 = _mm256_max_ps(
+                _mm256_loadu_ps(a.add(8)),
+                _mm256_max_ps(_mm256_loadu_ps(b.add(8)), lowest),
+            );
+            let even = _mm256_shuffle_ps::<0x88>(v0, v1);
+            let odd = _mm256_shuffle_ps::<0xDD>(v0, v1);
+            let m = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(
+                _mm256_max_ps(even, odd),
+            )));
+            _mm256_storeu_ps(d.add(r * ow + ox), m);
+            ox += 8;
+        }
+        for x in ox..ow {
+            let i = top + 2 * x;
+            let v = src[i].max(src[i + 1]).max(src[i + w].max(src[i + w + 1]));
+            dst[r * ow + x] = v.max(f32::MIN);
+        }
+    }
+}
+
+/// Output rows per plane, from the buffer sizes.
+fn out_rows(dst: &[f32], layout: &RowLayout, src: &[f32], plane_in: usize) -> usize {
+    let planes = (src.len() / plane_in.max(1)).max(1);
+    dst.len() / planes / layout.ow.max(1)
 }
 
 #[inline(always)]
@@ -201,91 +312,90 @@ fn max(a: f32, b: f32) -> f32 {
 }
 
 #[inline(always)]
-fn plane(
+fn combine<const MAX: bool>(acc: &mut [f32], src: &[f32]) {
+    if MAX {
+        // f32::max, not `max`: LLVM turns the select form into masked stores here, which are
+        // slow on AMD. Both ignore a NaN operand (the other one wins).
+        acc.iter_mut().zip(src).for_each(|(a, &b)| *a = a.max(b));
+    } else {
+        acc.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
+    }
+}
+
+/// Valid window taps `lo..hi` along an axis for a window starting at `start` (may be
+/// negative) with dilation `d` over an input of `size`.
+#[inline(always)]
+fn tap_range(start: isize, k: usize, d: usize, size: usize) -> (usize, usize) {
+    let d = d as isize;
+    let lo = if start < 0 { (-start + d - 1) / d } else { 0 };
+    let hi = (size as isize - start + d - 1)
+        .div_euclid(d)
+        .clamp(0, k as isize);
+    (lo as usize, (hi as usize).max(lo as usize))
+}
+
+/// One plane: `MAX` selects max pooling, else average with `include_pad` divisors.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn plane<const MAX: bool>(
     g: &Pool2dGeom,
-    kind: PoolKind,
+    include_pad: Option<bool>,
     layout: &RowLayout,
     src: &[f32],
     (h, w): (usize, usize),
-    buf: &mut [f32],
+    linear: &mut [f32],
+    x_counts: &[f32],
     dst: &mut [f32],
 ) {
-    let is_max = kind == PoolKind::Max;
-    let pad_value = if is_max { f32::NEG_INFINITY } else { 0.0 };
+    let pad_value = if MAX { f32::NEG_INFINITY } else { 0.0 };
     let ow = layout.ow;
-    let (kh, kw) = (g.kernel[0], g.kernel[1]);
-    let (buf, x_counts) = buf.split_at_mut(layout.len());
-    if let PoolKind::Avg { count_include_pad } = kind {
-        for (ox, c) in x_counts.iter_mut().enumerate() {
-            let (inside, padded) = g.counts(1, ox, w);
-            *c = if count_include_pad { padded } else { inside } as f32;
-        }
-    }
-    buf.fill(pad_value);
+    let sw = layout.sw;
+    linear.fill(pad_value);
     for (oy, out_row) in dst.chunks_exact_mut(ow).enumerate() {
-        // Vertical pass: reduce the window's input rows into the interior of the row buffer.
+        // Vertical pass: reduce the window's input rows into the interior of the linear row.
         let y0 = (oy * g.stride[0]) as isize - g.pads[0] as isize;
-        let mut rows = (0..kh)
-            .map(|ky| y0 + (ky * g.dilation[0]) as isize)
-            .filter(|&y| y >= 0 && y < h as isize)
-            .map(|y| &src[y as usize * w..(y as usize + 1) * w]);
-        let interior_start = layout.left;
-        match rows.next() {
-            None => {
-                for x in 0..w {
-                    buf[layout.at(interior_start + x)] = pad_value;
-                }
+        let (lo, hi) = tap_range(y0, g.kernel[0], g.dilation[0], h);
+        let inner = &mut linear[layout.left..layout.left + w];
+        if lo == hi {
+            inner.fill(pad_value);
+        } else {
+            let row = |ky: usize| {
+                let y = (y0 + (ky * g.dilation[0]) as isize) as usize;
+                &src[y * w..(y + 1) * w]
+            };
+            inner.copy_from_slice(row(lo));
+            for ky in lo + 1..hi {
+                combine::<MAX>(inner, row(ky));
             }
-            Some(first) => {
-                if layout.sw == 1 {
-                    let inner = &mut buf[interior_start..interior_start + w];
-                    inner.copy_from_slice(first);
-                    for row in rows {
-                        if is_max {
-                            inner
-                                .iter_mut()
-                                .zip(row)
-                                .for_each(|(a, &b)| *a = max(*a, b));
-                        } else {
-                            inner.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
-                        }
-                    }
+        }
+        // Horizontal pass: tap kx reads every sw-th column from kx * dw.
+        if sw == 1 {
+            out_row.copy_from_slice(&linear[..ow]);
+            for kx in 1..g.kernel[1] {
+                let o = kx * g.dilation[1];
+                combine::<MAX>(out_row, &linear[o..o + ow]);
+            }
+        } else {
+            for kx in 0..g.kernel[1] {
+                // Exactly ow elements: (ow - 1) * sw + o < width by construction.
+                let taps = linear[kx * g.dilation[1]..].iter().step_by(sw);
+                if kx == 0 {
+                    out_row.iter_mut().zip(taps).for_each(|(a, &b)| *a = b);
+                } else if MAX {
+                    out_row
+                        .iter_mut()
+                        .zip(taps)
+                        .for_each(|(a, &b)| *a = a.max(b));
                 } else {
-                    for (x, &v) in first.iter().enumerate() {
-                        buf[layout.at(interior_start + x)] = v;
-                    }
-                    for row in rows {
-                        for (x, &v) in row.iter().enumerate() {
-                            let a = &mut buf[layout.at(interior_start + x)];
-                            *a = if is_max { max(*a, v) } else { *a + v };
-                        }
-                    }
+                    out_row.iter_mut().zip(taps).for_each(|(a, &b)| *a += b);
                 }
             }
         }
-        // Horizontal pass: each tap is a contiguous run of one phase.
-        let off0 = g.dilation[1];
-        let tap = |kx: usize| {
-            let o = kx * off0;
-            &buf[(o % layout.sw) * layout.wq + o / layout.sw..][..ow]
-        };
-        out_row.copy_from_slice(tap(0));
-        for kx in 1..kw {
-            let t = tap(kx);
-            if is_max {
-                out_row
-                    .iter_mut()
-                    .zip(t)
-                    .for_each(|(a, &b)| *a = max(*a, b));
-            } else {
-                out_row.iter_mut().zip(t).for_each(|(a, &b)| *a += b);
-            }
-        }
-        match kind {
-            PoolKind::Max => out_row.iter_mut().for_each(|v| *v = max(*v, f32::MIN)),
-            PoolKind::Avg { count_include_pad } => {
+        match include_pad {
+            None => out_row.iter_mut().for_each(|v| *v = v.max(f32::MIN)),
+            Some(include) => {
                 let (in_y, pad_y) = g.counts(0, oy, h);
-                let cy = if count_include_pad { pad_y } else { in_y } as f32;
+                let cy = if include { pad_y } else { in_y } as f32;
                 for (v, &cx) in out_row.iter_mut().zip(x_counts.iter()) {
                     let n = cy * cx;
                     *v = if n == 0.0 { 0.0 } else { *v / n };
@@ -358,7 +468,7 @@ pub fn global_pool(
             PoolKind::Avg { .. } => sum(p) / hw as f32,
         };
     };
-    if rayon::current_num_threads() > 1 && x.len() >= PAR_MIN_ELEMS * 4 {
+    if crate::kernels::par::threads() > 1 && x.len() >= PAR_MIN_ELEMS * 4 {
         out.par_iter_mut().zip(x.par_chunks(hw)).for_each(one);
     } else {
         out.iter_mut().zip(x.chunks(hw)).for_each(one);
@@ -382,6 +492,7 @@ fn sum(v: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::simd::portable_only;
     use crate::kernels::testutil::{assert_close, Rng};
 
     fn geom(k: [usize; 2], s: [usize; 2], d: [usize; 2], p: [usize; 4], ceil: bool) -> Pool2dGeom {
@@ -471,6 +582,8 @@ mod tests {
                     1e-5,
                     &format!("{g:?} {kind:?} {shape:?}"),
                 );
+                let portable = portable_only(|| run(&g, kind, &x, shape));
+                assert_close(&portable, &want, 1e-5, "portable");
             }
         }
     }
@@ -490,6 +603,24 @@ mod tests {
             .unwrap();
         let got = pool.install(|| run(&g, PoolKind::Max, &x, shape));
         assert_eq!(got, want);
+
+        let g2 = geom([2, 2], [2, 2], [1, 1], [0; 4], false);
+        for shape in [[64, 28, 28], [3, 6, 10], [5, 2, 18]] {
+            let mut x = rng.vec(shape.iter().product());
+            // NaN inputs never win, and an all-NaN window gives f32::MIN (as ONNX Runtime).
+            x[0] = f32::NAN;
+            x[shape[2] + 1] = f32::NAN;
+            x[2 * shape[2] + 3] = f32::NAN;
+            let mut want = vec![0.0; x.len() / 4];
+            pool2d_reference(&g2, PoolKind::Max, &x, shape, &mut want).unwrap();
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                assert_eq!(pool.install(|| run(&g2, PoolKind::Max, &x, shape)), want);
+            }
+        }
 
         let mut avg = vec![0.0; 64];
         global_pool(AVG_IN, &x, 64, 784, &mut avg).unwrap();

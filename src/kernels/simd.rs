@@ -11,6 +11,10 @@ use super::activation::Activation;
 /// compiled with `target-cpu=native`).
 #[inline]
 pub fn has_avx2_fma() -> bool {
+    #[cfg(test)]
+    if PORTABLE_ONLY.with(|p| p.get()) {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -19,6 +23,22 @@ pub fn has_avx2_fma() -> bool {
     {
         false
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Lets tests exercise the portable kernels on machines with AVX2. Kernels sample
+    /// [`has_avx2_fma`] on the calling thread, so the setting reaches their rayon workers.
+    static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the AVX2 paths disabled on this thread (tests only).
+#[cfg(test)]
+pub fn portable_only<R>(f: impl FnOnce() -> R) -> R {
+    PORTABLE_ONLY.with(|p| p.set(true));
+    let r = f();
+    PORTABLE_ONLY.with(|p| p.set(false));
+    r
 }
 
 /// True when [`avx::act`] computes `act` (false means: apply it with scalar code afterwards).

@@ -1,5 +1,6 @@
-//! Pointwise activations: ONNX `Relu` (6-14), `LeakyRelu` (6-16), `Clip` (11-21, min/max as
-//! inputs), `Sigmoid` (6-13), `HardSigmoid` (6-21), `HardSwish` (14-21), `Tanh` (6-13).
+//! Pointwise activations: ONNX `Relu` (6-28), `LeakyRelu` (6-28), `Clip` (11-28, min/max as
+//! inputs), `Sigmoid` (6-28), `HardSigmoid` (6-28), `HardSwish` (14-28), `Tanh` (6-28); later
+//! versions only added element types the IR does not store.
 //! The math lives in [`crate::kernels::activation`] so fused epilogues compute the same bits.
 
 pub use crate::kernels::activation::Activation;
@@ -111,11 +112,11 @@ const fn def(op_type: &'static str, opsets: (i64, i64)) -> OpDef {
 }
 
 pub const OPS: &[OpDef] = &[
-    def("Relu", (6, 21)),
-    def("LeakyRelu", (6, 21)),
-    def("Clip", (11, 21)),
-    def("Sigmoid", (6, 21)),
-    def("HardSigmoid", (6, 21)),
-    def("HardSwish", (14, 21)),
-    def("Tanh", (6, 21)),
+    def("Relu", (6, 28)),
+    def("LeakyRelu", (6, 28)),
+    def("Clip", (11, 28)),
+    def("Sigmoid", (6, 28)),
+    def("HardSigmoid", (6, 28)),
+    def("HardSwish", (14, 28)),
+    def("Tanh", (6, 28)),
 ];

@@ -8,14 +8,19 @@
 //! (0 or 1), and callers specialise their loops on those strides so the compiler can
 //! vectorise them.
 
+use std::iter::repeat as rep;
+
 use rayon::prelude::*;
 
 use super::{node_error, InferCtx};
 use crate::error::{Error, Result};
 use crate::ir::Dim;
 
-/// Outputs at least this long are split across threads.
-const PAR_MIN: usize = 1 << 16;
+/// Memory-bound loops (a few flops per element) only pay for threads on outputs this long;
+/// below it the wake-up and the shared memory bandwidth eat the gain.
+pub const PAR_MIN_MEMORY: usize = 1 << 20;
+/// Compute-bound loops (exp, erf, ...) split much earlier.
+pub const PAR_MIN_COMPUTE: usize = 1 << 14;
 /// Elements per parallel chunk.
 const PAR_CHUNK: usize = 1 << 14;
 
@@ -241,7 +246,7 @@ impl<const K: usize> Plan<K> {
     /// `fill(dst, offsets)` writes one run.
     pub fn fill<O: Send>(&self, out: &mut [O], fill: impl Fn(&mut [O], [usize; K]) + Sync) {
         debug_assert_eq!(out.len(), self.len);
-        if out.len() < PAR_MIN {
+        if out.len() < PAR_MIN_MEMORY || crate::kernels::par::threads() == 1 {
             self.for_each_run(0, out.len(), |pos, n, offs| {
                 fill(&mut out[pos..pos + n], offs)
             });
@@ -323,39 +328,63 @@ pub fn ternary_into<A, B, C, O, F>(
 {
     let plan = Plan::new(out_shape, [a_shape, b_shape, c_shape]);
     let [sa, sb, sc] = plan.inner_strides();
-    plan.fill(out, |dst, [oa, ob, oc]| {
-        if (sa, sb, sc) == (1, 1, 1) {
-            let n = dst.len();
-            for (((o, &x), &y), &z) in dst
-                .iter_mut()
-                .zip(&a[oa..oa + n])
-                .zip(&b[ob..ob + n])
-                .zip(&c[oc..oc + n])
-            {
+    // An operand with stride 0 is one value for the whole run; spelling out each pattern
+    // keeps the loops free of index arithmetic.
+    macro_rules! run {
+        ($dst:ident, $x:expr, $y:expr, $z:expr) => {
+            for ((o, x), (y, z)) in $dst.iter_mut().zip($x).zip($y.zip($z)) {
                 *o = f(x, y, z);
             }
-        } else {
-            for (j, o) in dst.iter_mut().enumerate() {
-                *o = f(a[oa + j * sa], b[ob + j * sb], c[oc + j * sc]);
-            }
+        };
+    }
+    plan.fill(out, |dst, [oa, ob, oc]| {
+        let n = dst.len();
+        let (ia, ib, ic) = (
+            a[oa..oa + n * sa].iter().copied(),
+            b[ob..ob + n * sb].iter().copied(),
+            c[oc..oc + n * sc].iter().copied(),
+        );
+        match (sa, sb, sc) {
+            (1, 1, 1) => run!(dst, ia, ib, ic),
+            (0, 1, 1) => run!(dst, rep(a[oa]), ib, ic),
+            (1, 0, 1) => run!(dst, ia, rep(b[ob]), ic),
+            (1, 1, 0) => run!(dst, ia, ib, rep(c[oc])),
+            (1, 0, 0) => run!(dst, ia, rep(b[ob]), rep(c[oc])),
+            (0, 1, 0) => run!(dst, rep(a[oa]), ib, rep(c[oc])),
+            (0, 0, 1) => run!(dst, rep(a[oa]), rep(b[ob]), ic),
+            _ => dst.fill(f(a[oa], b[ob], c[oc])),
         }
     });
 }
 
-/// `out[i] = f(src[i])`, in parallel chunks when large.
-pub fn map_into<A: Copy + Sync, O: Send>(src: &[A], out: &mut [O], f: impl Fn(A) -> O + Sync) {
-    if out.len() < PAR_MIN {
-        for (o, &x) in out.iter_mut().zip(src) {
+/// `out[i] = f(src[i])`, in parallel chunks when `out` has at least `par_min` elements.
+pub fn map_into<A: Copy + Sync, O: Send>(
+    src: &[A],
+    out: &mut [O],
+    par_min: usize,
+    f: impl Fn(A) -> O + Sync,
+) {
+    map_chunks(src, out, par_min, |s, o| {
+        for (o, &x) in o.iter_mut().zip(s) {
             *o = f(x);
         }
+    });
+}
+
+/// Calls `f(src_chunk, out_chunk)` over matching chunks of two equal-length slices, in
+/// parallel when they have at least `par_min` elements.
+pub fn map_chunks<A: Sync, O: Send>(
+    src: &[A],
+    out: &mut [O],
+    par_min: usize,
+    f: impl Fn(&[A], &mut [O]) + Sync,
+) {
+    if out.len() < par_min || crate::kernels::par::threads() == 1 {
+        f(src, out);
     } else {
         out.par_chunks_mut(PAR_CHUNK)
             .zip(src.par_chunks(PAR_CHUNK))
-            .for_each(|(o, s)| {
-                for (o, &x) in o.iter_mut().zip(s) {
-                    *o = f(x);
-                }
-            });
+            .for_each(|(o, s)| f(s, o));
     }
 }
 
@@ -436,8 +465,8 @@ mod tests {
     #[test]
     fn large_outputs_split_into_chunks() {
         // Rows of 1000 do not align with the parallel chunk size.
-        check(&[70, 1000], &[1000]);
-        check(&[70, 1, 1000], &[1, 3, 1]);
+        check(&[1100, 1000], &[1000]);
+        check(&[400, 1, 1000], &[1, 3, 1]);
     }
 
     #[test]

@@ -10,8 +10,10 @@ pub mod activation;
 pub mod broadcast;
 pub mod elementwise;
 pub mod erf;
+pub mod expf;
 pub mod grad;
 pub mod nn;
+pub mod quantized;
 pub mod reduce;
 pub mod shape_ops;
 #[cfg(test)]
@@ -93,6 +95,29 @@ impl RunCtx {
         }
     }
 
+    /// A buffer of `len` floats for a kernel that writes every element: its contents are
+    /// unspecified (stale values of a released buffer, or zeros). Unlike [`RunCtx::alloc_f32`]
+    /// it skips the zero fill, a full extra pass over memory for large outputs.
+    pub fn alloc_f32_overwrite(&mut self, len: usize) -> Vec<f32> {
+        let pos = self
+            .free_f32
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match pos {
+            Some(i) => {
+                let mut buf = self.free_f32.swap_remove(i);
+                // Only a grown tail is written here; the kept prefix holds stale values.
+                buf.truncate(len);
+                buf.resize(len, 0.0);
+                buf
+            }
+            None => vec![0.0; len],
+        }
+    }
+
     /// Returns a dead tensor's storage to the pool.
     pub fn release(&mut self, t: Tensor) {
         if let crate::ir::TensorData::F32(v) = t.into_data() {
@@ -109,6 +134,30 @@ pub trait Kernel: Send + Sync {
     /// `inputs` has one entry per node input (`None` when omitted); returns one tensor per output.
     /// Kernels may use rayon; the executor runs them inside its thread pool.
     fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>>;
+
+    /// The input whose storage this kernel can hand back as its first output (Reshape's
+    /// data, say). When the executor no longer needs that value after this step it calls
+    /// [`Kernel::run_owned`] instead of [`Kernel::run`], so the step copies nothing.
+    fn reuses_input(&self) -> Option<usize> {
+        None
+    }
+
+    /// As [`Kernel::run`], with input [`Kernel::reuses_input`] passed by value as `owned`
+    /// (its entry in `inputs` is `None`). The default borrows it and releases it afterwards.
+    fn run_owned(
+        &self,
+        owned: Tensor,
+        inputs: &[Option<&Tensor>],
+        ctx: &mut RunCtx,
+    ) -> Result<Vec<Tensor>> {
+        let mut args = inputs.to_vec();
+        if let Some(slot) = self.reuses_input().and_then(|i| args.get_mut(i)) {
+            *slot = Some(&owned);
+        }
+        let out = self.run(&args, ctx);
+        ctx.release(owned);
+        out
+    }
 }
 
 pub type InferFn = fn(&InferCtx) -> Result<Vec<TypeInfo>>;
@@ -132,6 +181,7 @@ fn all_ops() -> impl Iterator<Item = &'static OpDef> {
         .iter()
         .chain(elementwise::OPS)
         .chain(nn::OPS)
+        .chain(quantized::OPS)
         .chain(reduce::OPS)
         .chain(shape_ops::OPS)
 }

@@ -8,9 +8,9 @@ mod gemm;
 mod matmul;
 mod pool;
 
-use super::{node_error, OpDef};
+use super::{node_error, OpDef, RunCtx};
 use crate::error::Result;
-use crate::ir::{DType, Dim, Node, Tensor, TypeInfo};
+use crate::ir::{checked_numel, DType, Dim, Node, Tensor, TypeInfo};
 
 pub const OPS: &[OpDef] = &[
     conv::CONV,
@@ -53,6 +53,13 @@ fn require_f32(node: &Node, ty: Option<&TypeInfo>, i: usize) -> Result<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// An output buffer for `shape`, with an error naming the node when the size overflows.
+/// Its contents are unspecified: every nn kernel writes each output element.
+fn alloc_output(node: &Node, ctx: &mut RunCtx, shape: &[usize]) -> Result<Vec<f32>> {
+    let n = checked_numel(shape, 4).map_err(|e| e.at_node(node))?;
+    Ok(ctx.alloc_f32_overwrite(n))
 }
 
 /// The f32 data of a run-time tensor (already type-checked by [`f32_input`]).
@@ -124,6 +131,13 @@ impl Window {
         self.kernel.len()
     }
 
+    /// Extent of the dilated window along `axis` (saturating: attributes come from files).
+    fn span(&self, axis: usize) -> usize {
+        self.dilations[axis]
+            .saturating_mul(self.kernel[axis] - 1)
+            .saturating_add(1)
+    }
+
     /// `(begin, end)` padding of `axis` for an input extent `size`.
     fn pads_for(&self, axis: usize, size: usize) -> (usize, usize) {
         match self.auto_pad {
@@ -131,9 +145,10 @@ impl Window {
             AutoPad::Valid => (0, 0),
             AutoPad::SameUpper | AutoPad::SameLower => {
                 let s = self.strides[axis];
-                let span = self.dilations[axis] * (self.kernel[axis] - 1) + 1;
+                let span = self.span(axis);
                 let out = size.div_ceil(s);
-                let total = ((out.max(1) - 1) * s + span).saturating_sub(size);
+                let total =
+                    ((out.max(1) - 1).saturating_mul(s).saturating_add(span)).saturating_sub(size);
                 let small = total / 2;
                 if self.auto_pad == AutoPad::SameUpper {
                     (small, total - small)
@@ -148,8 +163,8 @@ impl Window {
     fn out_len(&self, node: &Node, axis: usize, size: usize, ceil_mode: bool) -> Result<usize> {
         let (lo, hi) = self.pads_for(axis, size);
         let s = self.strides[axis];
-        let span = self.dilations[axis] * (self.kernel[axis] - 1) + 1;
-        let padded = size + lo + hi;
+        let span = self.span(axis);
+        let padded = size.saturating_add(lo).saturating_add(hi);
         if padded < span {
             return Err(node_error(
                 node,

@@ -414,6 +414,40 @@ pub fn min_nan<T: Num>(a: T, b: T) -> T {
     }
 }
 
+/// Folds `xs` with eight independent accumulators merged at the end: the loop vectorises and,
+/// for sums, rounding error grows more slowly than with one running total. `step` adds an
+/// element to an accumulator, `combine` merges two accumulators.
+#[inline]
+pub fn fold_lanes<T: Copy, A: Copy>(
+    xs: &[T],
+    init: A,
+    step: impl Fn(A, T) -> A,
+    combine: impl Fn(A, A) -> A,
+) -> A {
+    let mut lanes = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = step(*l, v);
+        }
+    }
+    let mut r = init;
+    for l in lanes {
+        r = combine(r, l);
+    }
+    for &v in rest {
+        r = step(r, v);
+    }
+    r
+}
+
+/// Sum of `xs` (see [`fold_lanes`]).
+#[inline]
+pub fn sum_lanes<T: Num>(xs: &[T]) -> T {
+    fold_lanes(xs, T::ZERO, T::add, T::add)
+}
+
 /// Floating-point math on f32 and f64.
 pub trait Float: Num {
     fn exp(self) -> Self;
@@ -424,6 +458,10 @@ pub trait Float: Num {
     fn ceil(self) -> Self;
     fn round_even(self) -> Self;
     fn erf(self) -> Self;
+    /// `dst[i] = erf(src[i])`, vectorised where the type has a fast path.
+    fn erf_slice(src: &[Self], dst: &mut [Self]);
+    /// `v[i] = exp(v[i])`, vectorised where the type has a fast path (f32: within 2 ulp).
+    fn exp_in_place(v: &mut [Self]);
     fn sin(self) -> Self;
     fn cos(self) -> Self;
     fn tan(self) -> Self;
@@ -431,7 +469,7 @@ pub trait Float: Num {
 }
 
 macro_rules! impl_float {
-    ($t:ty) => {
+    ($t:ty, $erf:path, $erf_slice:path, $exp_in_place:path) => {
         impl Float for $t {
             #[inline]
             fn exp(self) -> Self {
@@ -463,7 +501,13 @@ macro_rules! impl_float {
             }
             #[inline]
             fn erf(self) -> Self {
-                super::erf::erf(self as f64) as $t
+                $erf(self)
+            }
+            fn erf_slice(src: &[Self], dst: &mut [Self]) {
+                $erf_slice(src, dst)
+            }
+            fn exp_in_place(v: &mut [Self]) {
+                $exp_in_place(v)
             }
             #[inline]
             fn sin(self) -> Self {
@@ -485,8 +529,36 @@ macro_rules! impl_float {
     };
 }
 
-impl_float!(f32);
-impl_float!(f64);
+impl_float!(
+    f32,
+    super::erf::erf_f32,
+    super::erf::erf_slice_f32,
+    super::expf::exp_in_place
+);
+impl_float!(f64, super::erf::erf, erf_slice_f64, exp_in_place_f64);
+
+fn exp_in_place_f64(v: &mut [f64]) {
+    v.iter_mut().for_each(|x| *x = x.exp());
+}
+
+fn erf_slice_f64(src: &[f64], dst: &mut [f64]) {
+    for (o, &v) in dst.iter_mut().zip(src) {
+        *o = super::erf::erf(v);
+    }
+}
+
+/// A copy of `t` (f32 storage from the run's pool), reshaped to `shape` when given. The
+/// "view" ops (Reshape, Squeeze, Identity...) must return owned tensors; this keeps their
+/// copies from allocating in steady state.
+pub fn pooled_copy(t: &Tensor, shape: Option<Vec<usize>>, ctx: &mut RunCtx) -> Result<Tensor> {
+    let shape = shape.unwrap_or_else(|| t.shape().to_vec());
+    with_any_type!(t.dtype(), |T| {
+        let src = view::<T>(t)?;
+        let mut out = T::filled(ctx, src.len());
+        out.copy_from_slice(src);
+        tensor(shape, out)
+    })
+}
 
 /// f16 tensors widened to f32 so float kernels need only f32/f64 bodies; other tensors
 /// pass through untouched. Returns whether anything was widened.

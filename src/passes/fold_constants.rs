@@ -32,7 +32,7 @@ pub fn fold_constants(model: &Model) -> Result<(Model, PassReport)> {
             kept.push(node);
             continue;
         }
-        match evaluate(&node, opset, &out.graph.initializers)? {
+        match evaluate(&node, opset, &out.graph)? {
             Some(values) => {
                 for (name, t) in node.outputs.iter().zip(values) {
                     if !name.is_empty() {
@@ -53,23 +53,9 @@ pub fn fold_constants(model: &Model) -> Result<(Model, PassReport)> {
 }
 
 /// Runs one node on constant inputs; `None` when the result would bloat the model.
-fn evaluate(
-    node: &Node,
-    opset: i64,
-    initializers: &std::collections::BTreeMap<String, Tensor>,
-) -> Result<Option<Vec<Tensor>>> {
+fn evaluate(node: &Node, opset: i64, graph: &crate::ir::Graph) -> Result<Option<Vec<Tensor>>> {
     let def = ops::lookup(node, opset)?;
-    let inputs: Vec<Option<&Tensor>> = node
-        .inputs
-        .iter()
-        .map(|n| {
-            if n.is_empty() {
-                None
-            } else {
-                initializers.get(n)
-            }
-        })
-        .collect();
+    let inputs = graph.constant_inputs(node);
     let ctx = CompileCtx {
         node,
         opset,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::error::Result;
-use crate::ir::{Model, Tensor, TypeInfo};
+use crate::ir::{Model, TypeInfo};
 use crate::ops::{self, InferCtx};
 
 /// Fills `value_info` with the inferred type of every node output. Types already declared in
@@ -36,11 +36,7 @@ pub fn infer_shapes(model: &mut Model) -> Result<()> {
                 }
             })
             .collect();
-        let constants: Vec<Option<&Tensor>> = node
-            .inputs
-            .iter()
-            .map(|n| graph.initializers.get(n))
-            .collect();
+        let constants = graph.constant_inputs(node);
         let ctx = InferCtx {
             node,
             opset,

@@ -4,6 +4,7 @@
 pub mod fold_batchnorm;
 pub mod fold_constants;
 pub mod infer_shapes;
+pub mod quantize;
 pub mod remove_identity;
 
 pub use fold_batchnorm::fold_batchnorm;

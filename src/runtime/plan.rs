@@ -19,6 +19,9 @@ pub struct Step {
     pub outputs: Vec<Slot>,
     /// Slots whose last reader is this step: released right after it runs.
     pub release_after: Vec<Slot>,
+    /// The input (by position) whose value dies here and whose storage the kernel takes
+    /// over ([`Kernel::reuses_input`]): the step runs with it moved in, copying nothing.
+    pub owned_input: Option<usize>,
 }
 
 pub struct Plan {
@@ -147,6 +150,7 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             inputs: step_inputs,
             outputs,
             release_after: Vec::new(),
+            owned_input: None,
         });
     }
 
@@ -174,6 +178,18 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
         if !constants.contains_key(&slot) && !keep.contains(&slot) {
             steps[si].release_after.push(slot);
         }
+    }
+    let graph_inputs: std::collections::HashSet<Slot> = inputs.iter().map(|i| i.1).collect();
+    for step in &mut steps {
+        step.owned_input = step.kernel.reuses_input().filter(|&i| {
+            let Some(Some(slot)) = step.inputs.get(i) else {
+                return false;
+            };
+            // Only values the run computed and owns: feeds are borrowed, constants shared.
+            step.release_after.contains(slot)
+                && !graph_inputs.contains(slot)
+                && step.inputs.iter().filter(|s| **s == Some(*slot)).count() == 1
+        });
     }
     let mut slot_names = vec![String::new(); slots.ids.len()];
     for (name, &slot) in &slots.ids {

@@ -1,29 +1,22 @@
 //! A compiled model ready to run many times: feeds are checked against the graph's declared
-//! inputs, steps run in order inside a thread pool of the requested size, dead values go back
-//! to a buffer pool, and an optional profile times each step.
+//! inputs (and read in place, never copied), steps run in order inside a thread pool of the
+//! requested size (or, with one thread, on the caller's thread), dead values go back to a
+//! buffer pool or straight into a step that reuses their storage (Reshape and friends), and
+//! an optional profile times each step.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::plan::{self, Plan, PlanOptions};
+use super::plan::{self, Plan, PlanOptions, Slot};
 use crate::error::{Error, Result};
 use crate::ir::{Dim, Model, Tensor};
 use crate::ops::RunCtx;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SessionOptions {
     /// Worker threads for kernels; 0 means one per core.
     pub threads: usize,
     pub plan: PlanOptions,
-}
-
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions {
-            threads: 0,
-            plan: PlanOptions::default(),
-        }
-    }
 }
 
 /// Time spent in one step during a profiled run.
@@ -33,6 +26,12 @@ pub struct StepTiming {
     pub label: String,
     pub elapsed: Duration,
 }
+
+/// Named values, e.g. a run's outputs in graph order.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
+/// Sees each value a run computes, by name.
+pub type Observer<'a> = dyn FnMut(&str, &Tensor) + Send + 'a;
 
 pub struct Session {
     plan: Plan,
@@ -92,7 +91,7 @@ impl Session {
     pub fn run_observed(
         &self,
         feeds: &[(&str, Tensor)],
-        observer: &mut (dyn FnMut(&str, &Tensor) + Send),
+        observer: &mut Observer,
     ) -> Result<Vec<(String, Tensor)>> {
         self.run_inner(feeds, None, Some(observer))
     }
@@ -101,7 +100,7 @@ impl Session {
     pub fn run_profiled(
         &self,
         feeds: &[(&str, Tensor)],
-    ) -> Result<(Vec<(String, Tensor)>, Vec<StepTiming>)> {
+    ) -> Result<(NamedTensors, Vec<StepTiming>)> {
         let mut timings = Vec::with_capacity(self.plan.steps.len());
         let out = self.run_inner(feeds, Some(&mut timings), None)?;
         Ok((out, timings))
@@ -111,9 +110,10 @@ impl Session {
         &self,
         feeds: &[(&str, Tensor)],
         mut timings: Option<&mut Vec<StepTiming>>,
-        mut observer: Option<&mut (dyn FnMut(&str, &Tensor) + Send)>,
+        mut observer: Option<&mut Observer>,
     ) -> Result<Vec<(String, Tensor)>> {
-        let mut values: Vec<Option<Tensor>> = (0..self.plan.slot_count).map(|_| None).collect();
+        // Feeds are only read, never copied: they live in `fed` beside the computed values.
+        let mut fed: Vec<(Slot, &Tensor)> = Vec::with_capacity(self.plan.inputs.len());
         for (name, slot, ty) in &self.plan.inputs {
             let tensor = feeds
                 .iter()
@@ -124,7 +124,7 @@ impl Session {
                     msg: "no value was given for this graph input".into(),
                 })?;
             check_feed(name, tensor, ty)?;
-            values[*slot] = Some(tensor.clone());
+            fed.push((*slot, tensor));
         }
         for (name, _) in feeds {
             if !self.plan.inputs.iter().any(|(n, _, _)| n == name) {
@@ -137,75 +137,98 @@ impl Session {
                 });
             }
         }
+        let mut values: Vec<Option<Tensor>> = (0..self.plan.slot_count).map(|_| None).collect();
         let mut ctx = self
             .scratch
             .lock()
             .ok()
             .and_then(|mut s| s.pop())
             .unwrap_or_default();
-        let result = self.pool.install(|| {
-            for step in &self.plan.steps {
-                let started = timings.as_ref().map(|_| Instant::now());
-                let outputs = {
-                    let args: Vec<Option<&Tensor>> = step
-                        .inputs
-                        .iter()
-                        .map(|s| {
-                            s.and_then(|s| {
-                                values[s].as_ref().or_else(|| self.plan.constants.get(&s))
-                            })
-                        })
-                        .collect();
-                    if let Some(missing) = step
-                        .inputs
-                        .iter()
-                        .zip(&args)
-                        .position(|(s, a)| s.is_some() && a.is_none())
-                    {
+        let body =
+            || -> Result<()> {
+                for step in &self.plan.steps {
+                    let started = timings.as_ref().map(|_| Instant::now());
+                    let owned = step
+                        .owned_input
+                        .and_then(|i| step.inputs[i])
+                        .and_then(|s| values[s].take());
+                    let outputs =
+                        {
+                            let args: Vec<Option<&Tensor>> = step
+                                .inputs
+                                .iter()
+                                .map(|s| {
+                                    s.and_then(|s| {
+                                        values[s]
+                                            .as_ref()
+                                            .or_else(|| self.plan.constants.get(&s))
+                                            .or_else(|| fed.iter().find(|f| f.0 == s).map(|f| f.1))
+                                    })
+                                })
+                                .collect();
+                            let missing = step.inputs.iter().zip(&args).enumerate().position(
+                                |(i, (s, a))| {
+                                    s.is_some()
+                                        && a.is_none()
+                                        && !(owned.is_some() && step.owned_input == Some(i))
+                                },
+                            );
+                            if let Some(missing) = missing {
+                                return Err(Error::Node {
+                                    node: step.node_name.clone(),
+                                    op_type: step.op_type.clone(),
+                                    msg: format!("input {missing} has no value at run time"),
+                                });
+                            }
+                            let result = match owned {
+                                Some(t) => step.kernel.run_owned(t, &args, &mut ctx),
+                                None => step.kernel.run(&args, &mut ctx),
+                            };
+                            result.map_err(|e| Error::Node {
+                                node: step.node_name.clone(),
+                                op_type: step.op_type.clone(),
+                                msg: e.to_string(),
+                            })?
+                        };
+                    if outputs.len() < step.outputs.len() {
                         return Err(Error::Node {
                             node: step.node_name.clone(),
                             op_type: step.op_type.clone(),
-                            msg: format!("input {missing} has no value at run time"),
+                            msg: format!(
+                                "produced {} outputs, expected {}",
+                                outputs.len(),
+                                step.outputs.len()
+                            ),
                         });
                     }
-                    step.kernel.run(&args, &mut ctx).map_err(|e| Error::Node {
-                        node: step.node_name.clone(),
-                        op_type: step.op_type.clone(),
-                        msg: e.to_string(),
-                    })?
-                };
-                if outputs.len() < step.outputs.len() {
-                    return Err(Error::Node {
-                        node: step.node_name.clone(),
-                        op_type: step.op_type.clone(),
-                        msg: format!(
-                            "produced {} outputs, expected {}",
-                            outputs.len(),
-                            step.outputs.len()
-                        ),
-                    });
-                }
-                for (slot, t) in step.outputs.iter().zip(outputs) {
-                    if let Some(obs) = observer.as_deref_mut() {
-                        obs(&self.plan.slot_names[*slot], &t);
+                    for (slot, t) in step.outputs.iter().zip(outputs) {
+                        if let Some(obs) = observer.as_deref_mut() {
+                            obs(&self.plan.slot_names[*slot], &t);
+                        }
+                        values[*slot] = Some(t);
                     }
-                    values[*slot] = Some(t);
-                }
-                for slot in &step.release_after {
-                    if let Some(t) = values[*slot].take() {
-                        ctx.release(t);
+                    for slot in &step.release_after {
+                        if let Some(t) = values[*slot].take() {
+                            ctx.release(t);
+                        }
+                    }
+                    if let (Some(t), Some(start)) = (timings.as_deref_mut(), started) {
+                        t.push(StepTiming {
+                            node_name: step.node_name.clone(),
+                            label: step.label.clone(),
+                            elapsed: start.elapsed(),
+                        });
                     }
                 }
-                if let (Some(t), Some(start)) = (timings.as_deref_mut(), started) {
-                    t.push(StepTiming {
-                        node_name: step.node_name.clone(),
-                        label: step.label.clone(),
-                        elapsed: start.elapsed(),
-                    });
-                }
-            }
-            Ok(())
-        });
+                Ok(())
+            };
+        // One thread: run right here. Handing the run to a pool worker and waiting for it
+        // costs two thread wake-ups, as much as a small model's whole run.
+        let result = if self.threads() == 1 {
+            crate::kernels::par::sequential(body)
+        } else {
+            self.pool.install(body)
+        };
         if let Ok(mut s) = self.scratch.lock() {
             s.push(ctx);
         }
@@ -217,6 +240,7 @@ impl Session {
                 let t = values[*slot]
                     .take()
                     .or_else(|| self.plan.constants.get(slot).cloned())
+                    .or_else(|| fed.iter().find(|f| f.0 == *slot).map(|f| f.1.clone()))
                     .ok_or_else(|| Error::Graph(format!("output '{name}' was not computed")))?;
                 Ok((name.clone(), t))
             })
@@ -303,5 +327,94 @@ mod tests {
             seen,
             vec![("y".to_string(), vec![1, 3]), ("z".to_string(), vec![1, 3])]
         );
+    }
+    /// x -> Relu -> y -> Reshape -> r -> Sigmoid -> z, plus y -> Reshape -> r2 (y read twice)
+    /// and x -> Reshape -> rx (a feed, which must stay borrowed). Outputs z, r2, rx and x.
+    fn reshape_model() -> Model {
+        let mut graph = Graph {
+            inputs: vec![ValueInfo::new("x", TypeInfo::known(DType::F32, &[2, 3]))],
+            outputs: ["z", "r2", "rx", "x"]
+                .iter()
+                .map(|n| ValueInfo::new(*n, TypeInfo::unknown_shape(DType::F32)))
+                .collect(),
+            nodes: vec![
+                Node::new("relu", "Relu", vec!["x".into()], vec!["y".into()]),
+                Node::new(
+                    "view",
+                    "Reshape",
+                    vec!["y".into(), "shape".into()],
+                    vec!["r".into()],
+                ),
+                Node::new("sig", "Sigmoid", vec!["r".into()], vec!["z".into()]),
+                Node::new(
+                    "y_flat",
+                    "Reshape",
+                    vec!["y".into(), "shape".into()],
+                    vec!["r2".into()],
+                ),
+                Node::new(
+                    "x_flat",
+                    "Reshape",
+                    vec!["x".into(), "shape".into()],
+                    vec!["rx".into()],
+                ),
+                Node::new(
+                    "z_flat",
+                    "Reshape",
+                    vec!["z".into(), "shape".into()],
+                    vec!["unused".into()],
+                ),
+            ],
+            ..Graph::default()
+        };
+        graph
+            .initializers
+            .insert("shape".into(), Tensor::from_i64(vec![1], vec![-1]).unwrap());
+        Model::new(graph, 14)
+    }
+
+    #[test]
+    fn reshape_takes_dead_values_and_feeds_stay_borrowed() {
+        let model = reshape_model();
+        for threads in [1, 2] {
+            let s = Session::new(
+                &model,
+                &SessionOptions {
+                    threads,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let owned: Vec<(&str, Option<usize>)> = s
+                .plan
+                .steps
+                .iter()
+                .map(|st| (st.node_name.as_str(), st.owned_input))
+                .collect();
+            // Only the second reader of y may take it; feeds and graph outputs stay put.
+            assert_eq!(
+                owned,
+                vec![
+                    ("relu", None),
+                    ("view", None),
+                    ("sig", None),
+                    ("y_flat", Some(0)),
+                    ("x_flat", None),
+                    ("z_flat", None),
+                ]
+            );
+            let xv = vec![-1.0, 0.0, 1.0, 2.0, -3.0, 4.0];
+            let x = Tensor::from_f32(vec![2, 3], xv.clone()).unwrap();
+            let out = s.run(&[("x", x)]).unwrap();
+            let get = |n: &str| &out.iter().find(|(k, _)| k == n).unwrap().1;
+            let relu: Vec<f32> = xv.iter().map(|v| v.max(0.0)).collect();
+            assert_eq!(get("r2").shape(), &[6]);
+            assert_eq!(get("r2").as_f32().unwrap(), &relu[..]);
+            assert_eq!(get("rx").as_f32().unwrap(), &xv[..]);
+            assert_eq!(get("x").shape(), &[2, 3]);
+            assert_eq!(get("x").as_f32().unwrap(), &xv[..]);
+            let z = get("z").as_f32().unwrap();
+            assert!((z[3] - crate::kernels::activation::sigmoid(2.0)).abs() < 1e-7);
+        }
     }
 }

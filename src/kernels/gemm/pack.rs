@@ -61,7 +61,26 @@ pub fn pack_b(dst: &mut [f32], b: &MatRef, p0: usize, kc: usize, j0: usize, nc: 
 }
 
 /// As [`pack_b`] for an implicit matrix `B[p, j] = base[row_off[p] + col_off[j]]`.
-pub fn pack_b_gather(dst: &mut [f32], g: &GatherRef, p0: usize, kc: usize, j0: usize, nc: usize) {
+/// With `avx`, `dst` needs `NR` floats of slack and `g.base` [`super::GATHER_SLACK`].
+pub fn pack_b_gather(
+    dst: &mut [f32],
+    g: &GatherRef,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    avx: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        let panels = nc.div_ceil(NR);
+        assert!(dst.len() >= panels * NR * kc + NR);
+        // SAFETY: AVX2 checked by the caller; `dst` slack asserted above, `g.base` slack
+        // validated by `GatherRef::new`.
+        unsafe { gather_avx2(dst, g, p0, kc, j0, nc) };
+        return;
+    }
+    let _ = avx;
     let panels = nc.div_ceil(NR);
     for (panel, chunk) in dst.chunks_exact_mut(NR * kc).take(panels).enumerate() {
         let c0 = j0 + panel * NR;
@@ -79,6 +98,43 @@ pub fn pack_b_gather(dst: &mut [f32], g: &GatherRef, p0: usize, kc: usize, j0: u
                 }
             }
             d[cols..].fill(0.0);
+        }
+    }
+}
+
+/// Packs gathered panels as runs of consecutive columns (an image row segment each): every
+/// run is copied as two full 8-float vectors, later runs overwriting the excess of earlier
+/// ones, so a panel row costs a few vector moves whatever the run lengths. Columns past the
+/// matrix edge hold arbitrary finite data; the micro-kernels never store them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_avx2(dst: &mut [f32], g: &GatherRef, p0: usize, kc: usize, j0: usize, nc: usize) {
+    use std::arch::x86_64::*;
+    let base = g.base.as_ptr();
+    let rows = &g.row_off[p0..p0 + kc];
+    for panel in 0..nc.div_ceil(NR) {
+        let c0 = j0 + panel * NR;
+        let cols = NR.min(j0 + nc - c0);
+        let co = &g.col_off[c0..c0 + cols];
+        let mut runs = [(0usize, 0usize); NR];
+        let mut n_runs = 0;
+        for (j, &o) in co.iter().enumerate() {
+            if j == 0 || o != co[j - 1] + 1 {
+                runs[n_runs] = (j, o);
+                n_runs += 1;
+            }
+        }
+        let runs = &runs[..n_runs];
+        let mut d = dst.as_mut_ptr().add(panel * NR * kc);
+        for &ro in rows {
+            let s = base.add(ro);
+            for &(j, o) in runs {
+                let v0 = _mm256_loadu_ps(s.add(o));
+                let v1 = _mm256_loadu_ps(s.add(o + 8));
+                _mm256_storeu_ps(d.add(j), v0);
+                _mm256_storeu_ps(d.add(j + 8), v1);
+            }
+            d = d.add(NR);
         }
     }
 }

@@ -1,15 +1,18 @@
-//! Broadcasting arithmetic: `Add`, `Sub`, `Mul`, `Div`, `Pow`, `Mod` and the variadic `Max`,
-//! `Min`, `Sum`, `Mean`. Numeric dtypes (f16 computes in f32); integer arithmetic wraps and
-//! integer division truncates toward zero as in C.
+//! Broadcasting arithmetic: `Add`, `Sub`, `Mul`, `Div`, `Pow` (7-28; Pow's exponent may have
+//! another numeric dtype), `Mod` (10-28) and the variadic `Max`, `Min`, `Sum`, `Mean` (6-28).
+//! Numeric dtypes (f16 computes in f32); integer arithmetic wraps and integer division
+//! truncates toward zero as in C.
 
 use std::borrow::Cow;
 
 use crate::error::{Error, Result};
 use crate::ir::{checked_numel, DType, Tensor, TypeInfo};
-use crate::ops::broadcast::{binary_into, broadcast_shape, infer_broadcast, map_into};
+use crate::ops::broadcast::{
+    binary_into, broadcast_shape, infer_broadcast, map_into, PAR_MIN_MEMORY,
+};
 use crate::ops::typed::{
-    convert, max_nan, min_nan, narrow_f16, tensor, view, with_any_type, with_num_type, Elem, Float,
-    Num,
+    convert, max_nan, min_nan, narrow_f16, pooled_copy, tensor, view, with_any_type, with_num_type,
+    Elem, Float, Num,
 };
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
@@ -128,7 +131,7 @@ fn pow_float<T: Float>(
     let two = T::ONE.add(T::ONE);
     if e.len() == 1 && e[0] == two && n == x.len() {
         // x*x is exactly what powf(x, 2) rounds to, at a fraction of the cost.
-        map_into(x, &mut out, |v: T| v.mul(v));
+        map_into(x, &mut out, PAR_MIN_MEMORY, |v: T| v.mul(v));
     } else {
         binary_into(
             x,
@@ -188,7 +191,7 @@ fn variadic(op: Variadic, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Resul
         Variadic::Min => Arith::Min,
         Variadic::Sum | Variadic::Mean => Arith::Add,
     };
-    let mut acc = (*first).clone();
+    let mut acc = pooled_copy(first, None, ctx)?;
     for t in rest {
         let next = arith(bin, &acc, t, ctx)?;
         ctx.release(std::mem::replace(&mut acc, next));

@@ -1,23 +1,26 @@
-//! `Cast` (6-21) and `CastLike` (15-21) between every IR dtype, with C cast semantics:
+//! `Cast` (6-28) and `CastLike` (15-28) between every IR dtype, with C cast semantics:
 //! float to integer truncates toward zero (saturating; NaN becomes 0), integer narrowing
 //! wraps, anything to bool is `!= 0`, f16 converts through f32 with round-to-nearest-even.
 
 use crate::error::Result;
 use crate::ir::{DType, Tensor, TypeInfo};
-use crate::ops::typed::{cast_elem, tensor, view, with_any_type};
+use crate::ops::typed::{cast_elem, pooled_copy, tensor, view, with_any_type, Elem};
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
 /// `t` converted to `to`.
-pub fn cast(t: &Tensor, to: DType) -> Result<Tensor> {
+pub fn cast(t: &Tensor, to: DType, ctx: &mut RunCtx) -> Result<Tensor> {
     if t.dtype() == to {
-        return Ok(t.clone());
+        return pooled_copy(t, None, ctx);
     }
     with_any_type!(t.dtype(), |S| {
         let src = view::<S>(t)?;
-        with_any_type!(to, |D| tensor::<D>(
-            t.shape().to_vec(),
-            src.iter().map(|&x| cast_elem::<S, D>(x)).collect()
-        ))
+        with_any_type!(to, |D| {
+            let mut out = D::filled(ctx, src.len());
+            for (o, &x) in out.iter_mut().zip(src) {
+                *o = cast_elem::<S, D>(x);
+            }
+            tensor::<D>(t.shape().to_vec(), out)
+        })
     })
 }
 
@@ -43,13 +46,13 @@ fn target(node: &crate::ir::Node) -> Result<DType> {
 struct CastKernel(Option<DType>);
 
 impl Kernel for CastKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let x = required(inputs, 0)?;
         let to = match self.0 {
             Some(dt) => dt,
             None => required(inputs, 1)?.dtype(),
         };
-        Ok(vec![cast(x, to)?])
+        Ok(vec![cast(x, to, ctx)?])
     }
 }
 
@@ -79,6 +82,7 @@ mod tests {
     use crate::ir::dtype::f32_to_f16;
     use crate::ir::{Attr, DType, Tensor, TensorData};
     use crate::ops::testutil::*;
+    use crate::ops::RunCtx;
 
     fn cast_to(x: Option<Tensor>, to: DType) -> Tensor {
         run(
@@ -119,11 +123,14 @@ mod tests {
             &TensorData::F16(vec![f32_to_f16(1.5), f32_to_f16(-65504.0)])
         );
         assert_eq!(
-            cast(&h, DType::F32).unwrap().as_f32().unwrap(),
+            cast(&h, DType::F32, &mut RunCtx::default())
+                .unwrap()
+                .as_f32()
+                .unwrap(),
             &[1.5, -65504.0]
         );
         assert_eq!(
-            cast(&h, DType::I8).unwrap().data(),
+            cast(&h, DType::I8, &mut RunCtx::default()).unwrap().data(),
             &TensorData::I8(vec![1, -128])
         );
         let big = i64t(&[2], &[300, -1]);

@@ -1,6 +1,7 @@
-//! Comparisons and logic with broadcasting: `Equal`, `Less`, `Greater`, `LessOrEqual`,
-//! `GreaterOrEqual` (any dtype in, bool out; f16 compares as f32), `And`, `Or`, `Xor`, `Not`
-//! (bool), and `Where` (bool condition selecting between two same-typed operands).
+//! Comparisons and logic with broadcasting: `Equal`, `Less`, `Greater` (7-28), `LessOrEqual`,
+//! `GreaterOrEqual` (12-28) take any dtype and give bool (f16 compares as f32); `And`, `Or`,
+//! `Xor` (7-28) and `Not` (1-28) work on bool; `Where` (9-28) selects between two
+//! same-typed operands with a bool condition.
 
 use crate::error::{Error, Result};
 use crate::ir::{checked_numel, DType, Tensor, TensorData, TypeInfo};

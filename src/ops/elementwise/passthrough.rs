@@ -1,17 +1,17 @@
-//! Ops that return their input: `Identity` (1-21) and inference-mode `Dropout` (1-21), whose
+//! Ops that return their input: `Identity` (1-28) and inference-mode `Dropout` (1-28), whose
 //! optional mask output is all true (opset >= 10: bool; before: ones of the input's type).
 //! Opset < 7 Dropout's `is_test` is ignored: old exporters leave it 0 in inference graphs.
 
 use crate::error::{Error, Result};
 use crate::ir::{DType, Tensor, TensorData, TypeInfo};
-use crate::ops::typed::{tensor, with_any_type, Elem};
+use crate::ops::typed::{pooled_copy, tensor, with_any_type, Elem};
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
 struct IdentityKernel;
 
 impl Kernel for IdentityKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
-        Ok(vec![required(inputs, 0)?.clone()])
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        Ok(vec![pooled_copy(required(inputs, 0)?, None, ctx)?])
     }
 }
 
@@ -21,7 +21,7 @@ struct DropoutKernel {
 }
 
 impl Kernel for DropoutKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let x = required(inputs, 0)?;
         if let Some(t) = inputs.get(2).copied().flatten() {
             let training = t.to_i64_vec()?.first().is_some_and(|&v| v != 0);
@@ -38,7 +38,7 @@ impl Kernel for DropoutKernel {
                 ));
             }
         }
-        let mut out = vec![x.clone()];
+        let mut out = vec![pooled_copy(x, None, ctx)?];
         if self.outputs > 1 {
             let shape = x.shape().to_vec();
             out.push(if self.bool_mask {

@@ -1,4 +1,4 @@
-//! `Softmax` and `LogSoftmax` (1-21) on f32/f64 (f16 computes in f32). Before opset 13 the
+//! `Softmax` and `LogSoftmax` (1-28) on f32/f64 (f16 computes in f32). Before opset 13 the
 //! input is coerced to 2-D at `axis` (default 1) and each row of the flattened trailing dims
 //! is normalised; from 13 the op normalises along the single `axis` (default -1). Both
 //! subtract the maximum first so large logits do not overflow.
@@ -7,7 +7,9 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::ir::{Tensor, TypeInfo};
-use crate::ops::typed::{run_widening_f16, tensor, view, with_float_type, Elem, Float};
+use crate::ops::typed::{
+    fold_lanes, max_nan, run_widening_f16, sum_lanes, tensor, view, with_float_type, Elem, Float,
+};
 use crate::ops::{node_error, normalize_axis, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
 /// Blocks of at least this many elements run in parallel.
@@ -33,7 +35,7 @@ fn softmax<T: Float>(x: &[T], out: &mut [T], n: usize, inner: usize, log: bool) 
             columns(src, dst, n, inner, log)
         }
     };
-    if x.len() >= PAR_MIN && x.len() / block > 1 {
+    if x.len() >= PAR_MIN && x.len() / block > 1 && crate::kernels::par::threads() > 1 {
         out.par_chunks_mut(block)
             .zip(x.par_chunks(block))
             .for_each(|(d, s)| one(s, d));
@@ -45,15 +47,12 @@ fn softmax<T: Float>(x: &[T], out: &mut [T], n: usize, inner: usize, log: bool) 
 }
 
 fn row<T: Float>(src: &[T], dst: &mut [T], log: bool) {
-    let max = src
-        .iter()
-        .fold(T::LOWEST, |m, &v| if v > m { v } else { m });
-    let mut sum = T::ZERO;
+    let max = fold_lanes(src, T::LOWEST, max_nan, max_nan);
     for (d, &s) in dst.iter_mut().zip(src) {
-        let e = s.sub(max).exp();
-        *d = e;
-        sum = sum.add(e);
+        *d = s.sub(max);
     }
+    T::exp_in_place(dst);
+    let sum = sum_lanes(dst);
     if log {
         let lse = sum.ln();
         for (d, &s) in dst.iter_mut().zip(src) {
@@ -71,22 +70,18 @@ fn columns<T: Float>(src: &[T], dst: &mut [T], n: usize, inner: usize, log: bool
     let mut max = src[..inner].to_vec();
     for r in 1..n {
         for (m, &v) in max.iter_mut().zip(&src[r * inner..(r + 1) * inner]) {
-            if v > *m {
-                *m = v;
-            }
+            *m = max_nan(*m, v);
         }
     }
     let mut sum = vec![T::ZERO; inner];
     for r in 0..n {
         let range = r * inner..(r + 1) * inner;
-        for (((d, &s), &m), acc) in dst[range.clone()]
-            .iter_mut()
-            .zip(&src[range])
-            .zip(&max)
-            .zip(sum.iter_mut())
-        {
-            let e = s.sub(m).exp();
-            *d = e;
+        let d = &mut dst[range.clone()];
+        for ((d, &s), &m) in d.iter_mut().zip(&src[range]).zip(&max) {
+            *d = s.sub(m);
+        }
+        T::exp_in_place(d);
+        for (acc, &e) in sum.iter_mut().zip(d.iter()) {
             *acc = acc.add(e);
         }
     }

@@ -1,10 +1,13 @@
-//! Pointwise math: `Sqrt`, `Exp`, `Log`, `Erf`, `Reciprocal`, `Floor`, `Ceil`, `Round`
-//! (half to even), `Sin`, `Cos`, `Tan` on floats; `Neg`, `Abs`, `Sign` on every numeric type;
-//! `IsNaN`, `IsInf` (float in, bool out). f16 computes in f32.
+//! Pointwise math. On floats: `Sqrt`, `Exp`, `Log`, `Reciprocal`, `Floor`, `Ceil` (1-28),
+//! `Erf` (9-28), `Round` (11-28, half to even), `Sin`, `Cos`, `Tan` (7-28). On every numeric
+//! type: `Neg`, `Abs` (1-28), `Sign` (9-28). Float in, bool out: `IsNaN` (9-28), `IsInf`
+//! (10-28). f16 computes in f32.
 
 use crate::error::{Error, Result};
 use crate::ir::{DType, Tensor, TensorData, TypeInfo};
-use crate::ops::broadcast::map_into;
+use crate::ops::broadcast::{
+    map_chunks, map_into, PAR_MIN_COMPUTE as COMPUTE, PAR_MIN_MEMORY as MEMORY,
+};
 use crate::ops::typed::{
     run_widening_f16, tensor, view, with_float_type, with_num_type, Elem, Float, Num,
 };
@@ -36,27 +39,27 @@ impl Unary {
 
 fn apply_float<T: Float>(op: Unary, x: &[T], out: &mut [T]) {
     match op {
-        Unary::Sqrt => map_into(x, out, <T as Float>::sqrt),
-        Unary::Exp => map_into(x, out, <T as Float>::exp),
-        Unary::Log => map_into(x, out, <T as Float>::ln),
-        Unary::Erf => map_into(x, out, <T as Float>::erf),
-        Unary::Reciprocal => map_into(x, out, |v: T| T::ONE.div(v)),
-        Unary::Floor => map_into(x, out, <T as Float>::floor),
-        Unary::Ceil => map_into(x, out, <T as Float>::ceil),
-        Unary::Round => map_into(x, out, <T as Float>::round_even),
-        Unary::Sin => map_into(x, out, <T as Float>::sin),
-        Unary::Cos => map_into(x, out, <T as Float>::cos),
-        Unary::Tan => map_into(x, out, <T as Float>::tan),
+        Unary::Sqrt => map_into(x, out, MEMORY, <T as Float>::sqrt),
+        Unary::Exp => map_into(x, out, COMPUTE, <T as Float>::exp),
+        Unary::Log => map_into(x, out, COMPUTE, <T as Float>::ln),
+        Unary::Erf => map_chunks(x, out, COMPUTE, T::erf_slice),
+        Unary::Reciprocal => map_into(x, out, MEMORY, |v: T| T::ONE.div(v)),
+        Unary::Floor => map_into(x, out, MEMORY, <T as Float>::floor),
+        Unary::Ceil => map_into(x, out, MEMORY, <T as Float>::ceil),
+        Unary::Round => map_into(x, out, MEMORY, <T as Float>::round_even),
+        Unary::Sin => map_into(x, out, COMPUTE, <T as Float>::sin),
+        Unary::Cos => map_into(x, out, COMPUTE, <T as Float>::cos),
+        Unary::Tan => map_into(x, out, COMPUTE, <T as Float>::tan),
         Unary::Neg | Unary::Abs | Unary::Sign => apply_num(op, x, out),
     }
 }
 
 fn apply_num<T: Num>(op: Unary, x: &[T], out: &mut [T]) {
     match op {
-        Unary::Neg => map_into(x, out, <T as Num>::neg),
-        Unary::Abs => map_into(x, out, <T as Num>::abs),
+        Unary::Neg => map_into(x, out, MEMORY, <T as Num>::neg),
+        Unary::Abs => map_into(x, out, MEMORY, <T as Num>::abs),
         // NaN and zeros map to themselves.
-        _ => map_into(x, out, |v: T| {
+        _ => map_into(x, out, MEMORY, |v: T| {
             if v > T::ZERO {
                 T::ONE
             } else if v < T::ZERO {

@@ -81,7 +81,12 @@ pub fn grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
         )));
     }
     let is_max = node.op_type == "MaxPool";
-    if is_max && win.kernel == [2, 2] && win.stride == [2, 2] && win.pads == [0; 4] && win.dilation == [1, 1] {
+    if is_max
+        && win.kernel == [2, 2]
+        && win.stride == [2, 2]
+        && win.pads == [0; 4]
+        && win.dilation == [1, 1]
+    {
         let dx = max_pool_2x2(f32s(x), f32s(&g), (h, w), (oh, ow));
         return Ok(vec![Some(f32_tensor(x.shape(), dx)?)]);
     }
@@ -144,13 +149,21 @@ pub fn grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
 
 /// The common 2x2, stride-2 max pool: windows do not overlap, so each input receives either
 /// its window's gradient or zero, written directly without a separate zeroing pass.
-fn max_pool_2x2(xv: &[f32], gv: &[f32], (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Vec<f32> {
+fn max_pool_2x2(
+    xv: &[f32],
+    gv: &[f32],
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Vec<f32> {
     let mut dx = vec![0.0f32; xv.len()];
     dx.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
         let xs = &xv[p * h * w..(p + 1) * h * w];
         let gs = &gv[p * oh * ow..(p + 1) * oh * ow];
         for (oy, grow) in gs.chunks_exact(ow).enumerate() {
-            let (r0, r1) = (&xs[2 * oy * w..(2 * oy + 1) * w], &xs[(2 * oy + 1) * w..(2 * oy + 2) * w]);
+            let (r0, r1) = (
+                &xs[2 * oy * w..(2 * oy + 1) * w],
+                &xs[(2 * oy + 1) * w..(2 * oy + 2) * w],
+            );
             let (d0, d1) = dst[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
             for (ox, &gval) in grow.iter().enumerate() {
                 let c = 2 * ox;

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{data, f32_input, require_f32};
+use super::{alloc_output, data, f32_input, require_f32};
 use crate::error::Result;
 use crate::ir::{Node, Tensor, TypeInfo};
 use crate::ops::activation::infer_same_as_first;
@@ -132,7 +132,7 @@ impl Kernel for BatchNormKernel {
         }
         let c = s[1];
         let plane: usize = s[2..].iter().product();
-        let mut out = ctx.alloc_f32(x.numel());
+        let mut out = alloc_output(node, ctx, s)?;
         if plane > 0 {
             let one = |(i, (dst, src)): (usize, (&mut [f32], &[f32]))| {
                 let (ai, bi) = (a[i % c], b[i % c]);
@@ -140,7 +140,7 @@ impl Kernel for BatchNormKernel {
                     *d = ai * v + bi;
                 }
             };
-            if rayon::current_num_threads() > 1 && out.len() >= PAR_MIN_ELEMS {
+            if crate::kernels::par::threads() > 1 && out.len() >= PAR_MIN_ELEMS {
                 out.par_chunks_mut(plane)
                     .zip(data(x).par_chunks(plane))
                     .enumerate()

@@ -2,7 +2,7 @@
 //! `kernel_shape`, `auto_pad`, optional bias, and a fused activation. Constant weights are
 //! packed once at compile time.
 
-use super::{data, f32_input, nchw, optional_input, require_f32, Window};
+use super::{alloc_output, data, f32_input, nchw, optional_input, require_f32, Window};
 use crate::error::Result;
 use crate::ir::{Dim, Node, Tensor, TypeInfo};
 use crate::kernels::activation::Activation;
@@ -108,7 +108,13 @@ fn compile(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
             .and_then(|t| t.shape.as_ref())
             .and_then(|s| s.get(1))
             .and_then(Dim::known)
-            .unwrap_or(w.shape().get(1).copied().unwrap_or(0) * kernel.group);
+            .unwrap_or(
+                w.shape()
+                    .get(1)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_mul(kernel.group),
+            );
         kernel.prepared = Some(kernel.prepare(c_in, w, b)?);
     }
     Ok(Box::new(kernel))
@@ -139,13 +145,13 @@ impl ConvKernel {
                 ),
             ));
         }
-        if ws[1] * self.group != c_in {
+        let expected = ws[1].saturating_mul(self.group);
+        if expected != c_in {
             return Err(node_error(
                 node,
                 format!(
-                    "input has {c_in} channels but the weight {ws:?} with group {} expects {}",
-                    self.group,
-                    ws[1] * self.group
+                    "input has {c_in} channels but the weight {ws:?} with group {} expects {expected}",
+                    self.group
                 ),
             ));
         }
@@ -226,7 +232,7 @@ impl Kernel for ConvKernel {
         }
         let (_, _, _, pads) = win.as_2d([h, w]);
         let (oh, ow) = g.out_hw_with(h, w, pads).map_err(|e| e.at_node(node))?;
-        let mut out = ctx.alloc_f32(n * g.c_out * oh * ow);
+        let mut out = alloc_output(node, ctx, &[n, g.c_out, oh, ow])?;
         conv.run_with_pads(data(x), [n, h, w], pads, &mut out)
             .map_err(|e| e.at_node(node))?;
         let shape = if win_rank == 1 {
@@ -405,6 +411,28 @@ mod tests {
                 Dim::Unknown
             ]
         );
+    }
+
+    #[test]
+    fn hostile_attributes_are_errors_not_panics() {
+        let x = t(&[1, 1, 4, 4], vec![0.0; 16]);
+        let w = t(&[1, 1, 2, 2], vec![1.0; 4]);
+        let cases = [
+            ("pads", Attr::Ints(vec![i64::MAX, 0, 0, 0])),
+            ("pads", Attr::Ints(vec![1 << 40, 1 << 40, 1 << 40, 1 << 40])),
+            ("strides", Attr::Ints(vec![0, 1])),
+            ("dilations", Attr::Ints(vec![i64::MAX, 1])),
+            ("group", Attr::Int(i64::MAX)),
+            ("group", Attr::Int(0)),
+            ("auto_pad", Attr::String("SIDEWAYS".into())),
+        ];
+        for (key, value) in cases {
+            let n = node("Conv", 2).with_attr(key, value.clone());
+            for constant in [[false, true], [false, false]] {
+                let r = run(&n, 18, &[Some(&x), Some(&w)], &constant, None);
+                assert!(r.is_err(), "{key} = {value:?} should fail");
+            }
+        }
     }
 
     #[test]

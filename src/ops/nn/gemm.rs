@@ -2,11 +2,11 @@
 //! broadcast from a scalar, `[N]`, `[1, N]`, `[M, 1]` or `[M, N]`; plus a fused activation.
 //! A constant B is packed once; a constant C becomes a pre-scaled bias of the GEMM epilogue.
 
-use super::{data, f32_input, require_f32};
+use super::{alloc_output, data, f32_input, require_f32};
 use crate::error::Result;
 use crate::ir::{Dim, Node, Tensor, TypeInfo};
 use crate::kernels::activation::Activation;
-use crate::kernels::gemm::{gemm, Bias, Epilogue, Lhs, MatMut, MatRef, PackedB, Rhs};
+use crate::kernels::gemm::{gemm_threads, Bias, Epilogue, Lhs, MatMut, MatRef, PackedB, Rhs};
 use crate::ops::{node_error, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
 
 pub const GEMM: OpDef = OpDef {
@@ -159,7 +159,7 @@ impl Kernel for GemmKernel {
                 format!("A' is {m}x{k} but B' is {kb}x{n}: inner dimensions differ"),
             ));
         }
-        let mut out = ctx.alloc_f32(m * n);
+        let mut out = alloc_output(node, ctx, &[m, n])?;
         let mut beta = 0.0;
         let bias = match &self.c_plan {
             Some(CPlan::None) => Bias::None,
@@ -177,7 +177,8 @@ impl Kernel for GemmKernel {
                 Bias::None
             }
         };
-        gemm(
+        gemm_threads(
+            crate::kernels::par::threads(),
             at.alpha,
             Lhs::Mat(am),
             rhs,

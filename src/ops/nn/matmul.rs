@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::{data, f32_input, require_f32};
+use super::{alloc_output, data, f32_input, require_f32};
 use crate::error::Result;
 use crate::ir::{Dim, Node, Tensor, TypeInfo};
 use crate::kernels::activation::Activation;
@@ -198,12 +198,12 @@ impl Kernel for MatMulKernel {
         if b_shape.len() >= 2 {
             out_shape.push(n);
         }
-        let mut out = ctx.alloc_f32(batches * m * n);
+        let mut out = alloc_output(node, ctx, &out_shape)?;
         let epi = Epilogue {
             act: self.act,
             ..Epilogue::default()
         };
-        let threads = rayon::current_num_threads();
+        let threads = crate::kernels::par::threads();
         let rhs_at = |bi: usize| -> Result<Rhs> {
             Ok(match (&self.b, b_t) {
                 (Some(c), _) => Rhs::Packed(&c.packed[bi]),

@@ -2,7 +2,7 @@
 //! supported), `AveragePool` (1-21, with `count_include_pad`, `ceil_mode` and, from opset 19,
 //! `dilations`), and `GlobalAveragePool` / `GlobalMaxPool` (1-21, any rank).
 
-use super::{data, f32_input, nchw, require_f32, Window};
+use super::{alloc_output, data, f32_input, nchw, require_f32, Window};
 use crate::error::Result;
 use crate::ir::{Dim, Node, Tensor, TypeInfo};
 use crate::kernels::pool::{global_pool, pool2d, Pool2dGeom, PoolKind};
@@ -134,7 +134,7 @@ impl Kernel for PoolKernel {
             ceil_mode: self.at.ceil_mode,
         };
         let (oh, ow) = geom.out_hw(h, w).map_err(|e| e.at_node(node))?;
-        let mut out = ctx.alloc_f32(n * c * oh * ow);
+        let mut out = alloc_output(node, ctx, &[n, c, oh, ow])?;
         pool2d(&geom, self.at.kind, data(x), [n * c, h, w], &mut out)
             .map_err(|e| e.at_node(node))?;
         let shape = if x.rank() == 3 {
@@ -194,7 +194,7 @@ impl Kernel for GlobalKernel {
             ));
         }
         let planes = s[0] * s[1];
-        let mut out = ctx.alloc_f32(planes);
+        let mut out = alloc_output(node, ctx, &[planes])?;
         global_pool(
             self.kind,
             data(x),
@@ -307,6 +307,27 @@ mod tests {
                 Dim::Known(1)
             ]
         );
+    }
+
+    #[test]
+    fn hostile_attributes_are_errors_not_panics() {
+        let x = ramp(&[1, 1, 4, 4]);
+        for (key, value) in [
+            ("kernel_shape", Attr::Ints(vec![i64::MAX, 1])),
+            ("pads", Attr::Ints(vec![1 << 40, 1 << 40, 1 << 40, 1 << 40])),
+            ("strides", Attr::Ints(vec![-1, 1])),
+            ("dilations", Attr::Ints(vec![1 << 62, 1])),
+        ] {
+            for op in ["MaxPool", "AveragePool"] {
+                let n = node(op, 1)
+                    .with_attr("kernel_shape", Attr::Ints(vec![2, 2]))
+                    .with_attr(key, value.clone());
+                assert!(
+                    run(&n, 19, &[Some(&x)], &[false], None).is_err(),
+                    "{op} {key}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `ArgMax` and `ArgMin` (1-21): i64 index of the extreme value along `axis`, first
+//! `ArgMax` and `ArgMin` (1-28): i64 index of the extreme value along `axis`, first
 //! occurrence unless `select_last_index` (opset 12+), with `keepdims`.
 
 use crate::error::{Error, Result};

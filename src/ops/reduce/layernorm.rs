@@ -1,4 +1,4 @@
-//! `LayerNormalization` (17-21): normalises over the dims from `axis` on, then applies
+//! `LayerNormalization` (17-28): normalises over the dims from `axis` on, then applies
 //! `Scale` and the optional bias `B`. Statistics are computed per row in two passes (mean,
 //! then mean squared deviation) for accuracy. The optional `Mean` and `InvStdDev` outputs are
 //! produced with shape `X.shape[..axis] ++ [1; rank - axis]`; they are f32 for f16 and f32
@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::ir::dtype::f32_to_f16;
 use crate::ir::{DType, Dim, Tensor, TensorData, TypeInfo};
 use crate::ops::elementwise::{arith, Arith};
-use crate::ops::typed::{tensor, view, with_float_type, Float};
+use crate::ops::typed::{fold_lanes, sum_lanes, tensor, view, with_float_type, Float};
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
 /// Inputs of at least this many elements are normalised in parallel.
@@ -30,14 +30,17 @@ fn norm_row<T: Float>(
     affine: (Option<&[T]>, Option<&[T]>),
 ) -> (T, T) {
     let n = T::from_usize(src.len());
-    let mean = src.iter().fold(T::ZERO, |a, &v| a.add(v)).div(n);
-    let var = src
-        .iter()
-        .fold(T::ZERO, |a, &v| {
+    let mean = sum_lanes(src).div(n);
+    let var = fold_lanes(
+        src,
+        T::ZERO,
+        |a, v| {
             let d = v.sub(mean);
             a.add(d.mul(d))
-        })
-        .div(n);
+        },
+        T::add,
+    )
+    .div(n);
     let inv = T::ONE.div(var.add(eps).sqrt());
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = s.sub(mean).mul(inv);
@@ -79,7 +82,7 @@ impl LayerNormKernel {
         let mut y = T::filled(ctx, src.len());
         let mut stats = vec![(T::ZERO, T::ZERO); rows];
         if d > 0 {
-            if src.len() >= PAR_MIN {
+            if src.len() >= PAR_MIN && crate::kernels::par::threads() > 1 {
                 y.par_chunks_mut(d)
                     .zip(src.par_chunks(d))
                     .zip(stats.par_iter_mut())

@@ -1,8 +1,8 @@
 //! `ReduceSum`, `ReduceMean`, `ReduceMax`, `ReduceMin`, `ReduceProd`, `ReduceL1`, `ReduceL2`,
-//! `ReduceSumSquare`, `ReduceLogSum`, `ReduceLogSumExp` (1-21). Axes are an attribute before
-//! opset 18 (13 for ReduceSum) and an optional input after, where `noop_with_empty_axes`
-//! turns "no axes" from "all axes" into the identity (composite reductions still apply their
-//! pointwise part, so ReduceSumSquare of no axes squares).
+//! `ReduceSumSquare`, `ReduceLogSum`, `ReduceLogSumExp` (1-28; bool Max/Min as from 20).
+//! Axes are an attribute before opset 18 (13 for ReduceSum) and an optional input after,
+//! where `noop_with_empty_axes` turns "no axes" from "all axes" into the identity (composite
+//! reductions still apply their pointwise part, so ReduceSumSquare of no axes squares).
 //!
 //! One pass over the input accumulates into the output through the broadcast plan: the
 //! output, seen with its reduced dims kept as 1, is an operand with stride 0 along them.
@@ -13,9 +13,10 @@
 use crate::error::{Error, Result};
 use crate::ir::{DType, Dim, Tensor, TypeInfo};
 use crate::ops::broadcast::Plan;
-use crate::ops::elementwise::{arith, Arith};
+use crate::ops::elementwise::{arith, cast, Arith};
 use crate::ops::typed::{
-    max_nan, min_nan, run_widening_f16, tensor, view, with_float_type, with_num_type, Float, Num,
+    fold_lanes, max_nan, min_nan, run_widening_f16, tensor, view, with_float_type, with_num_type,
+    Float, Num,
 };
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
@@ -60,22 +61,7 @@ fn reduce_core<T: Copy>(
                 *a = step(*a, v);
             }
         } else {
-            let mut lanes = [init; 8];
-            let chunks = src.chunks_exact(8);
-            let rest = chunks.remainder();
-            for c in chunks {
-                for (l, &v) in lanes.iter_mut().zip(c) {
-                    *l = step(*l, v);
-                }
-            }
-            let mut r = acc[ao];
-            for l in lanes {
-                r = combine(r, l);
-            }
-            for &v in rest {
-                r = step(r, v);
-            }
-            acc[ao] = r;
+            acc[ao] = combine(acc[ao], fold_lanes(src, init, &step, &combine));
         }
     });
     acc
@@ -169,6 +155,12 @@ pub fn reduce(op: Reduce, x: &Tensor, axes: &[usize], ctx: &mut RunCtx) -> Resul
     }
     let count: usize = axes.iter().map(|&a| x.shape()[a]).product();
     let dt = x.dtype();
+    if dt == DType::Bool && matches!(op, Reduce::Max | Reduce::Min) {
+        // Max is "any" and Min is "all", with false < true.
+        let bytes = cast(x, DType::U8, ctx)?;
+        let reduced = reduce(op, &bytes, axes, ctx)?;
+        return cast(&reduced, DType::Bool, ctx);
+    }
     let unsupported = || Error::DType(format!("{op:?} does not support {dt}"));
     if op.float_only() || dt.is_float() {
         with_float_type!(
@@ -276,7 +268,8 @@ impl Kernel for ReduceKernel {
 pub fn infer(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
     let node = ctx.node;
     let x = ctx.input_type(0)?;
-    if x.dtype == DType::Bool {
+    let bool_ok = matches!(node.op_type.as_str(), "ReduceMax" | "ReduceMin");
+    if x.dtype == DType::Bool && !bool_ok {
         return Err(node_error(node, "bool inputs are not supported"));
     }
     let spec = axes_spec(node, ctx.opset)?;
@@ -458,6 +451,36 @@ mod tests {
         let out = run("ReduceMax", 13, &[], vec![i64t(&[3], &[-5, 9, 2])], 1).unwrap();
         assert_eq!(out[0].as_i64().unwrap(), &[9]);
         assert!(run("ReduceL2", 13, &[], vec![i64t(&[1], &[3])], 1).is_err());
+    }
+
+    #[test]
+    fn bool_max_is_any_and_min_is_all() {
+        use crate::ir::{Tensor, TensorData};
+        let b = Some(
+            Tensor::new(
+                vec![2, 2],
+                TensorData::Bool(vec![true, false, false, false]),
+            )
+            .unwrap(),
+        );
+        let out = run(
+            "ReduceMax",
+            20,
+            &[("keepdims", Attr::Int(0))],
+            vec![b.clone(), i64t(&[1], &[1])],
+            1,
+        )
+        .unwrap();
+        assert_eq!(out[0].data(), &TensorData::Bool(vec![true, false]));
+        let out = run(
+            "ReduceMin",
+            20,
+            &[("keepdims", Attr::Int(0))],
+            vec![b, None],
+            1,
+        )
+        .unwrap();
+        assert_eq!(out[0].data(), &TensorData::Bool(vec![false]));
     }
 
     #[test]

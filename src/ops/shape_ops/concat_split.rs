@@ -1,4 +1,4 @@
-//! `Concat` (4-21) and `Split` (2-21: sizes as the `split` attribute before opset 13, as an
+//! `Concat` (4-28) and `Split` (2-28: sizes as the `split` attribute before opset 13, as an
 //! input from 13; `num_outputs` from 18, where an uneven split makes the last part smaller).
 
 use super::common::{axis_in, const_ints, input_ints, unify};

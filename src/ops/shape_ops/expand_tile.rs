@@ -1,5 +1,5 @@
-//! `Expand` (8-21: broadcast to the broadcast of the input shape and a shape tensor) and
-//! `Tile` (6-21: repeat along each dim).
+//! `Expand` (8-28: broadcast to the broadcast of the input shape and a shape tensor) and
+//! `Tile` (6-28: repeat along each dim).
 
 use super::common::{const_ints, known_dims, known_len, to_dims};
 use crate::error::{Error, Result};
@@ -74,7 +74,7 @@ fn tile_into<T: Copy>(src: &[T], shape: &[usize], reps: &[usize], out: &mut Vec<
     }
 }
 
-pub fn tile(x: &Tensor, reps: &[i64]) -> Result<Tensor> {
+pub fn tile(x: &Tensor, reps: &[i64], ctx: &mut RunCtx) -> Result<Tensor> {
     if reps.len() != x.rank() {
         return Err(Error::Shape(format!(
             "Tile repeats {reps:?} do not match rank {}",
@@ -91,7 +91,8 @@ pub fn tile(x: &Tensor, reps: &[i64]) -> Result<Tensor> {
         .ok_or_else(|| Error::TooLarge(format!("Tile of {:?} by {reps:?}", x.shape())))?;
     let n = checked_numel(&shape, x.dtype().size_of())?;
     with_any_type!(x.dtype(), |T| {
-        let mut out = Vec::with_capacity(n);
+        let mut out = T::filled(ctx, n);
+        out.clear();
         if n > 0 {
             tile_into(view::<T>(x)?, x.shape(), &reps, &mut out);
         }
@@ -102,9 +103,9 @@ pub fn tile(x: &Tensor, reps: &[i64]) -> Result<Tensor> {
 struct TileKernel;
 
 impl Kernel for TileKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let reps = required(inputs, 1)?.to_i64_vec()?;
-        Ok(vec![tile(required(inputs, 0)?, &reps)?])
+        Ok(vec![tile(required(inputs, 0)?, &reps, ctx)?])
     }
 }
 

@@ -1,11 +1,11 @@
-//! Ops that produce shapes or fresh tensors rather than moving data: `Shape` (1-21;
-//! `start`/`end` from 15), `Size` (1-21), `ConstantOfShape` (9-21), `Range` (11-21) and
-//! `Constant` (1-21).
+//! Ops that produce shapes or fresh tensors rather than moving data: `Shape` (1-28;
+//! `start`/`end` from 15), `Size` (1-28), `ConstantOfShape` (9-28), `Range` (11-28) and
+//! `Constant` (1-28).
 
 use super::common::{const_ints, known_len, to_dims};
 use crate::error::{Error, Result};
 use crate::ir::{checked_numel, DType, Dim, Node, Tensor, TypeInfo};
-use crate::ops::typed::{tensor, view, with_any_type, Elem};
+use crate::ops::typed::{narrow_f16, tensor, view, with_any_type, Elem};
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
 /// Shape's `start..end` window over a rank, clamped as the spec says.
@@ -203,7 +203,9 @@ fn range_typed<T: Elem>(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Resul
 
 fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor> {
     match start.dtype() {
-        DType::Bool | DType::F16 => Err(Error::DType(format!(
+        // stash_type 1 (the default, and the only behaviour before opset 27): compute in f32.
+        DType::F16 => narrow_f16(range(&start.to_f32(), &limit.to_f32(), &delta.to_f32())?),
+        DType::Bool => Err(Error::DType(format!(
             "Range does not support {}",
             start.dtype()
         ))),
@@ -382,6 +384,13 @@ mod tests {
         let i32s = |v: i32| Some(Tensor::new(vec![], TensorData::I32(vec![v])).unwrap());
         let out = run("Range", 11, &[], vec![i32s(0), i32s(3), i32s(1)], 1).unwrap();
         assert_eq!(out[0].data(), &TensorData::I32(vec![0, 1, 2]));
+        use crate::ir::dtype::f32_to_f16;
+        let h = |v: f32| Some(Tensor::new(vec![], TensorData::F16(vec![f32_to_f16(v)])).unwrap());
+        let out = run("Range", 11, &[], vec![h(1.0), h(2.0), h(0.5)], 1).unwrap();
+        assert_eq!(
+            out[0].data(),
+            &TensorData::F16(vec![f32_to_f16(1.0), f32_to_f16(1.5)])
+        );
     }
 
     #[test]

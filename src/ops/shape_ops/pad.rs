@@ -1,4 +1,4 @@
-//! `Pad` (2-21): `constant`, `reflect`, `edge` and `wrap` modes. Opset < 11 takes `pads` and
+//! `Pad` (2-28): `constant`, `reflect`, `edge` and `wrap` modes. Opset < 11 takes `pads` and
 //! `value` as attributes; from 11 `pads` and `constant_value` are inputs, and from 18 an
 //! `axes` input selects which dims `pads` refers to. Negative pads crop.
 
@@ -108,6 +108,10 @@ fn pad_typed<T: Elem>(
     }
     let strides = dense_strides(x.shape());
     let row = last_map.len();
+    let begin = pads.last().map_or(0, |p| p.0);
+    let last_dim = x.shape().last().copied().unwrap_or(1) as i64;
+    let lo = begin.clamp(0, row as i64) as usize;
+    let hi = ((begin + last_dim).clamp(0, row as i64) as usize).max(lo);
     let mut idx = vec![0usize; outer_maps.len()];
     for r in 0..n / row.max(1) {
         // Rows whose outer index lands in padding keep the fill value.
@@ -119,9 +123,15 @@ fn pad_typed<T: Elem>(
                 m[i].map(|j| acc + j * s as usize)
             });
         if let Some(base) = base {
-            for (o, m) in out[r * row..(r + 1) * row].iter_mut().zip(last_map) {
-                if let Some(j) = m {
-                    *o = src[base + j];
+            let dst = &mut out[r * row..(r + 1) * row];
+            // The unpadded middle of the row is one contiguous copy.
+            if lo < hi {
+                let from = (base as i64 + lo as i64 - begin) as usize;
+                dst[lo..hi].copy_from_slice(&src[from..from + hi - lo]);
+            }
+            for o in (0..lo).chain(hi..row) {
+                if let Some(j) = last_map[o] {
+                    dst[o] = src[base + j];
                 }
             }
         }

@@ -1,10 +1,11 @@
-//! Ops that keep the data and change only the shape: `Reshape` (5-21; `allowzero` from 14),
-//! `Flatten` (1-21), `Squeeze` and `Unsqueeze` (1-21; axes as an attribute before opset 13,
+//! Ops that keep the data and change only the shape: `Reshape` (5-28; `allowzero` from 14),
+//! `Flatten` (1-28), `Squeeze` and `Unsqueeze` (1-28; axes as an attribute before opset 13,
 //! as an input from 13).
 
 use super::common::{axes_in, const_ints, dim_product, has_input, input_ints, known_len};
 use crate::error::{Error, Result};
 use crate::ir::{Dim, Tensor, TypeInfo};
+use crate::ops::typed::pooled_copy;
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, RunCtx};
 
 /// The shape `spec` describes for an input of shape `input` (0 copies, -1 is inferred).
@@ -119,12 +120,32 @@ struct ReshapeKernel {
     allowzero: bool,
 }
 
-impl Kernel for ReshapeKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
-        let x = required(inputs, 0)?;
+impl ReshapeKernel {
+    fn out_shape(&self, x: &Tensor, inputs: &[Option<&Tensor>]) -> Result<Vec<usize>> {
         let spec = required(inputs, 1)?.to_i64_vec()?;
-        let shape = reshape_dims(x.shape(), &spec, self.allowzero)?;
-        Ok(vec![x.clone().reshaped(shape)?])
+        reshape_dims(x.shape(), &spec, self.allowzero)
+    }
+}
+
+impl Kernel for ReshapeKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let x = required(inputs, 0)?;
+        let shape = self.out_shape(x, inputs)?;
+        Ok(vec![pooled_copy(x, Some(shape), ctx)?])
+    }
+
+    fn reuses_input(&self) -> Option<usize> {
+        Some(0)
+    }
+
+    fn run_owned(
+        &self,
+        x: Tensor,
+        inputs: &[Option<&Tensor>],
+        _: &mut RunCtx,
+    ) -> Result<Vec<Tensor>> {
+        let shape = self.out_shape(&x, inputs)?;
+        Ok(vec![x.reshaped(shape)?])
     }
 }
 
@@ -171,15 +192,30 @@ struct FlattenKernel {
     axis: i64,
 }
 
-impl Kernel for FlattenKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
-        let x = required(inputs, 0)?;
+impl FlattenKernel {
+    fn out_shape(&self, x: &Tensor) -> Result<Vec<usize>> {
         let a = flatten_axis(self.axis, x.rank())?;
-        let shape = vec![
+        Ok(vec![
             x.shape()[..a].iter().product(),
             x.shape()[a..].iter().product(),
-        ];
-        Ok(vec![x.clone().reshaped(shape)?])
+        ])
+    }
+}
+
+impl Kernel for FlattenKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let x = required(inputs, 0)?;
+        let shape = self.out_shape(x)?;
+        Ok(vec![pooled_copy(x, Some(shape), ctx)?])
+    }
+
+    fn reuses_input(&self) -> Option<usize> {
+        Some(0)
+    }
+
+    fn run_owned(&self, x: Tensor, _: &[Option<&Tensor>], _: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let shape = self.out_shape(&x)?;
+        Ok(vec![x.reshaped(shape)?])
     }
 }
 
@@ -257,20 +293,44 @@ struct SqueezeKernel {
     axes: Option<Vec<i64>>,
 }
 
-impl Kernel for SqueezeKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
-        let x = required(inputs, 0)?;
+impl SqueezeKernel {
+    fn out_shape(&self, x: &Tensor, inputs: &[Option<&Tensor>]) -> Result<Vec<usize>> {
         let axes = match &self.axes {
             Some(a) => Some(a.clone()),
             None => input_ints(inputs, 1)?,
         };
-        let shape = if self.unsqueeze {
+        if self.unsqueeze {
             let axes = axes.ok_or_else(|| Error::Graph("Unsqueeze needs axes".into()))?;
-            unsqueeze_shape(x.shape(), &unsqueeze_axes(&axes, x.rank())?, 1)
+            Ok(unsqueeze_shape(
+                x.shape(),
+                &unsqueeze_axes(&axes, x.rank())?,
+                1,
+            ))
         } else {
-            squeeze_shape(x.shape(), axes.as_deref())?
-        };
-        Ok(vec![x.clone().reshaped(shape)?])
+            squeeze_shape(x.shape(), axes.as_deref())
+        }
+    }
+}
+
+impl Kernel for SqueezeKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let x = required(inputs, 0)?;
+        let shape = self.out_shape(x, inputs)?;
+        Ok(vec![pooled_copy(x, Some(shape), ctx)?])
+    }
+
+    fn reuses_input(&self) -> Option<usize> {
+        Some(0)
+    }
+
+    fn run_owned(
+        &self,
+        x: Tensor,
+        inputs: &[Option<&Tensor>],
+        _: &mut RunCtx,
+    ) -> Result<Vec<Tensor>> {
+        let shape = self.out_shape(&x, inputs)?;
+        Ok(vec![x.reshaped(shape)?])
     }
 }
 

@@ -1,4 +1,4 @@
-//! `Slice` (1-21): numpy-style `start:end:step` per axis. Opset < 10 takes `starts`, `ends`,
+//! `Slice` (1-28): numpy-style `start:end:step` per axis. Opset < 10 takes `starts`, `ends`,
 //! `axes` as attributes (step 1); from 10 they are inputs with optional `axes` and `steps`,
 //! steps may be negative, and out-of-range starts/ends are clamped as the spec describes.
 

@@ -5,8 +5,14 @@
 //! whole rows becomes a series of `copy_from_slice`, and one that moves single elements is
 //! done in square tiles so both the reads and the writes stay within a few cache lines.
 
+use rayon::prelude::*;
+
 /// Tile edge for element-wise transposes.
 const TILE: usize = 16;
+/// Copies of at least this many elements run in parallel ...
+const PAR_MIN: usize = crate::ops::broadcast::PAR_MIN_MEMORY;
+/// ... in blocks of about this many elements.
+const PAR_BLOCK: usize = 1 << 15;
 
 /// One dim of a view: its length, the source stride, and the (dense) destination stride.
 #[derive(Clone, Copy, Debug)]
@@ -19,7 +25,7 @@ struct Axis {
 /// Writes `out[i] = src[base + Σ i_k * strides_k]` for every index `i` of the dense tensor
 /// `out` of shape `shape`. Every addressed source element must be in bounds; callers build
 /// the strides from a shape they have validated.
-pub fn strided_copy<T: Copy>(
+pub fn strided_copy<T: Copy + Send + Sync>(
     src: &[T],
     base: isize,
     shape: &[usize],
@@ -29,6 +35,33 @@ pub fn strided_copy<T: Copy>(
     if out.is_empty() {
         return;
     }
+    // Large copies split the outermost dim longer than 1 into blocks of whole slices, one
+    // task each; every block keeps the inner dims, so tiling still applies inside it.
+    let lead = shape.iter().position(|&d| d > 1);
+    if let Some(k) = lead.filter(|_| out.len() >= PAR_MIN && crate::kernels::par::threads() > 1) {
+        let slice: usize = shape[k + 1..].iter().product();
+        let per_block = (PAR_BLOCK / slice.max(1)).clamp(1, shape[k]);
+        let block_shape = shape[k..].to_vec();
+        out.par_chunks_mut(per_block * slice)
+            .enumerate()
+            .for_each(|(b, chunk)| {
+                let mut block_shape = block_shape.clone();
+                block_shape[0] = chunk.len() / slice;
+                let first = (b * per_block) as isize;
+                copy_serial(
+                    src,
+                    base + first * strides[k],
+                    &block_shape,
+                    &strides[k..],
+                    chunk,
+                );
+            });
+        return;
+    }
+    copy_serial(src, base, shape, strides, out);
+}
+
+fn copy_serial<T: Copy>(src: &[T], base: isize, shape: &[usize], strides: &[isize], out: &mut [T]) {
     let mut axes: Vec<Axis> = Vec::with_capacity(shape.len());
     let mut dst = 1usize;
     let mut dense: Vec<Axis> = shape
@@ -173,6 +206,17 @@ mod tests {
         let mut got = vec![0; want.len()];
         strided_copy(&src, base, shape, strides, &mut got);
         assert_eq!(got, want, "{shape:?} {strides:?}");
+    }
+
+    #[test]
+    fn large_copies_split_into_blocks() {
+        check(1100 * 1000, 0, &[1000, 1100], &[1, 1000]);
+        check(
+            2 * 700 * 801,
+            2 * 700 * 801 - 1,
+            &[1, 2, 700, 801],
+            &[0, -560700, -1, -700],
+        );
     }
 
     #[test]

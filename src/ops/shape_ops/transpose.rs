@@ -1,4 +1,4 @@
-//! `Transpose` (1-21): permutes dims (default: reverses them) through a strided copy, which
+//! `Transpose` (1-28): permutes dims (default: reverses them) through a strided copy, which
 //! moves whole rows when the innermost dim stays in place and tiles element-wise moves.
 
 use super::strided::{dense_strides, strided_copy};

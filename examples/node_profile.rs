@@ -1,0 +1,130 @@
+//! Per-node latency of a model: `cargo run --release --example node_profile -- MODEL [BATCH]
+//! [THREADS] [ROUNDS]`.
+//!
+//! `lithe bench --profile` sums time per op type; tuning a kernel needs the individual
+//! layers (which convolution is slow, not that convolutions are). Prints the median of each
+//! step over the rounds, with the input shapes it saw, so a step can be compared to the same
+//! layer in ONNX Runtime's profile.
+
+use std::time::Duration;
+
+use lithe::ir::{Dim, Tensor};
+use lithe::runtime::{Session, SessionOptions};
+
+fn main() -> lithe::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(path) = args.first() else {
+        eprintln!("usage: node_profile MODEL [BATCH] [THREADS] [ROUNDS]");
+        std::process::exit(2);
+    };
+    let arg = |i: usize, default: usize| {
+        args.get(i)
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(default)
+    };
+    let (batch, threads, rounds) = (arg(1, 1), arg(2, 1), arg(3, 50).max(1));
+    let model = lithe::onnx::load_model(std::path::Path::new(path))?;
+    let (simple, _) = lithe::passes::simplify(&model)?;
+    let session = Session::new(
+        &simple,
+        &SessionOptions {
+            threads,
+            ..SessionOptions::default()
+        },
+    )?;
+    let mut feeds = Vec::new();
+    for (name, ty) in session.input_types() {
+        let shape: Vec<usize> = ty
+            .shape
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match d {
+                Dim::Known(n) => *n,
+                _ if i == 0 => batch,
+                _ => 1,
+            })
+            .collect();
+        let n: usize = shape.iter().product();
+        let data = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0);
+        feeds.push((name.to_string(), Tensor::from_f32(shape, data.collect())?));
+    }
+    let refs: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    for _ in 0..3 {
+        session.run(&refs)?;
+    }
+    let mut per_step: Vec<(String, String, Vec<Duration>)> = Vec::new();
+    let mut totals = Vec::with_capacity(rounds);
+    let mut cpu = Vec::with_capacity(rounds);
+    let mut wall = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let (c0, w0) = (process_cpu(), std::time::Instant::now());
+        session.run(&refs)?;
+        wall.push(w0.elapsed());
+        cpu.push(process_cpu().saturating_sub(c0));
+        let (_, timings) = session.run_profiled(&refs)?;
+        if per_step.is_empty() {
+            per_step = timings
+                .iter()
+                .map(|t| (t.node_name.clone(), t.label.clone(), Vec::new()))
+                .collect();
+        }
+        totals.push(timings.iter().map(|t| t.elapsed).sum::<Duration>());
+        for (acc, t) in per_step.iter_mut().zip(&timings) {
+            acc.2.push(t.elapsed);
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    println!(
+        "{:<40} {:<22} {:>9} {:>9}",
+        "node", "op", "p50 ms", "min ms"
+    );
+    for (name, label, times) in &mut per_step {
+        let p50 = median(times);
+        println!(
+            "{name:<40} {label:<22} {p50:>9.4} {:>9.4}",
+            times[0].as_secs_f64() * 1e3
+        );
+    }
+    println!("{:<63} {:>9.4}", "total (p50 of sums)", median(&mut totals));
+    let min_wall = wall.iter().min().map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    println!(
+        "run: wall p50 {:.4} ms, wall min {min_wall:.4} ms, process CPU p50 {:.4} ms",
+        median(&mut wall),
+        median(&mut cpu)
+    );
+    Ok(())
+}
+
+/// CPU time of the whole process (all threads): unlike wall time it does not grow when other
+/// processes take the cores, which makes single-thread runs comparable on a busy machine.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn process_cpu() -> Duration {
+    let mut ts = [0i64; 2];
+    let ret: i64;
+    // SAFETY: clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) writes two i64s into `ts`.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") 228i64 => ret,
+            in("rdi") 2i64,
+            in("rsi") ts.as_mut_ptr(),
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    if ret != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts[0] as u64, ts[1] as u32)
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn process_cpu() -> Duration {
+    Duration::ZERO
+}

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""lithe quantize vs onnxruntime.quantization.quantize_static on the MNIST CNN.
+
+usage: ort_quantize_compare.py [--lithe target/release/lithe] [--model assets/models/mnist_cnn.onnx]
+                               [--out DIR] [--schemes] [--json FILE]
+
+Both quantizers get the same 1000 calibration images (the first 1000 of MNIST train, normalised
+as lithe does) and write QDQ models with per-channel weights; every model is then run in ONNX
+Runtime on the 10k test set. Reports accuracy at 8 bits and with 4-bit weights, the wall time
+of each quantizer, and the peak RSS of lithe's calibration with 100, 1000 and 10000 samples
+(flat: observers are streaming). With --schemes, also every lithe scheme (linear, fixed, log,
+kmeans) at 8, 6 and 4 weight bits: accuracy in ORT and bytes.
+"""
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MEAN, STD = 0.1307, 0.3081
+
+
+def idx(path):
+    with gzip.open(path) as f:
+        data = f.read()
+    if data[2] == 8 and data[3] == 3:
+        n, r, c = np.frombuffer(data[4:16], ">u4")
+        return np.frombuffer(data[16:], np.uint8).reshape(n, 1, r, c)
+    return np.frombuffer(data[8:], np.uint8)
+
+
+def images(split):
+    d = REPO / "assets" / "mnist"
+    name = "train" if split == "train" else "t10k"
+    x = idx(d / f"{name}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+    y = idx(d / f"{name}-labels-idx1-ubyte.gz")
+    return (x - MEAN) / STD, y
+
+
+class Reader(CalibrationDataReader):
+    def __init__(self, x, name, batch=100):
+        self.x, self.name, self.batch, self.i = x, name, batch, 0
+
+    def get_next(self):
+        if self.i >= len(self.x):
+            return None
+        b = self.x[self.i : self.i + self.batch]
+        self.i += self.batch
+        return {self.name: b}
+
+
+def accuracy(model, x, y):
+    so = ort.SessionOptions()
+    s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    out = s.run(None, {s.get_inputs()[0].name: x})[0]
+    return float((out.argmax(1) == y).mean())
+
+
+def lithe(args, model, out, extra, calib=None):
+    """Runs `lithe quantize`; returns (wall seconds, its JSON report)."""
+    report = Path(str(out) + ".report.json")
+    cmd = [args.lithe, "quantize", str(model), "-o", str(out), "-q", "--no-activation-sqnr"]
+    cmd += ["--report", str(report)]
+    cmd += ["--calib", str(calib)] if calib else ["--calib", "mnist", "--calib-split", "train"]
+    t = time.perf_counter()
+    p = subprocess.run(cmd + extra, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        sys.exit(f"lithe failed: {' '.join(cmd + extra)}\n{p.stderr}")
+    return wall, json.loads(report.read_text())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lithe", default=str(REPO / "target" / "release" / "lithe"))
+    ap.add_argument("--model", default=str(REPO / "assets" / "models" / "mnist_cnn.onnx"))
+    ap.add_argument("--out", default="/tmp/lithe-quantize-compare")
+    ap.add_argument("--schemes", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    xc, yc = images("train")
+    xc, yc = np.ascontiguousarray(xc[:1000]), yc[:1000].astype(np.int64)
+    # The same 1000 preprocessed images for both quantizers, in memory for ORT and as an .npz
+    # for lithe (so neither pays for reading the 60k training set).
+    calib = out / "calib1000.npz"
+    np.savez(calib, x=xc, y=yc)
+    xt, yt = images("test")
+    name = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    results = {"f32": accuracy(args.model, xt, yt), "rows": [], "rss": [], "schemes": []}
+    print(f"f32 in ORT: {results['f32'] * 100:.2f} %")
+
+    print(f"\n{'quantizer':<10} {'calibration':<12} {'weights':<8} {'top-1 (ORT)':>11} {'wall s':>8}")
+    ort_methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "kl": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    lithe_methods = {"minmax": "minmax", "kl": "kl", "percentile": "percentile=99.999"}
+    for wbits in (8, 4):
+        for m in ort_methods:
+            f = out / f"ort_{m}_w{wbits}.onnx"
+            t = time.perf_counter()
+            quantize_static(
+                args.model,
+                str(f),
+                Reader(xc, name),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8 if wbits == 8 else QuantType.QInt4,
+                calibrate_method=ort_methods[m],
+            )
+            ort_wall = time.perf_counter() - t
+            ort_acc = accuracy(f, xt, yt)
+            g = out / f"lithe_{m}_w{wbits}.onnx"
+            lithe_wall, _ = lithe(
+                args, args.model, g,
+                ["--activations", lithe_methods[m], "--weight-bits", str(wbits)],
+                calib=calib,
+            )
+            lithe_acc = accuracy(g, xt, yt)
+            for who, acc, wall in (("ORT", ort_acc, ort_wall), ("lithe", lithe_acc, lithe_wall)):
+                print(f"{who:<10} {m:<12} {'s' + str(wbits):<8} {acc * 100:>10.2f}% {wall:>8.2f}")
+            results["rows"].append(
+                dict(method=m, weight_bits=wbits, ort_top1=ort_acc, ort_seconds=ort_wall,
+                     lithe_top1=lithe_acc, lithe_seconds=lithe_wall,
+                     time_ratio=lithe_wall / ort_wall))
+    ratios = [r["time_ratio"] for r in results["rows"]]
+    print(f"lithe / ORT wall time: {min(ratios):.3f} .. {max(ratios):.3f}")
+
+    print("\npeak RSS of lithe quantize (KL calibration):")
+    for n in (100, 1000, 10000):
+        wall, rep = lithe(args, args.model, out / f"lithe_rss_{n}.onnx", ["--calib-limit", str(n)])
+        rss = rep["peak_rss_bytes"] / 2**20
+        print(f"  {n:>6} samples: {rss:7.1f} MiB, {wall:.2f} s")
+        results["rss"].append(dict(samples=n, peak_rss_mib=rss, seconds=wall))
+
+    if args.schemes:
+        print(f"\n{'scheme':<8} {'bits':>4} {'top-1 (ORT)':>11} {'file bytes':>11} {'weights packed':>15}")
+        for scheme in ("linear", "fixed", "log", "kmeans"):
+            for bits in (8, 6, 4):
+                f = out / f"lithe_{scheme}_{bits}.onnx"
+                _, rep = lithe(args, args.model, f, ["--scheme", scheme, "--weight-bits", str(bits)],
+                               calib=calib)
+                acc = accuracy(f, xt, yt)
+                size = f.stat().st_size
+                packed = rep["weight_bytes_packed"]
+                print(f"{scheme:<8} {bits:>4} {acc * 100:>10.2f}% {size:>11} {packed:>15}")
+                results["schemes"].append(dict(scheme=scheme, weight_bits=bits, top1=acc,
+                                               file_bytes=size, weight_bytes_packed=packed))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+//! `lithe quantize MODEL --calib DATA -o OUT.onnx`: post-training quantization with a report.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use lithe::data::dataset::BatchSource;
+use lithe::eval::Accuracy;
+use lithe::passes::quantize::{
+    quantize, ActivationCalib, CalibProgress, QuantFormat, QuantizeConfig, WeightScheme,
+};
+use lithe::runtime::{Session, SessionOptions};
+
+use super::common::{load_model, progress};
+use super::eval::{choose_preprocess, open_data};
+
+/// Model metadata naming the data set a model was trained on (the default calibration set).
+const DATASET_METADATA_KEY: &str = "lithe.dataset";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// ONNX model file (f32).
+    model: PathBuf,
+    /// Calibration data: `mnist`, `fashion-mnist`, a folder of images or an .npz. Default:
+    /// the data set named by the model's `lithe.dataset` metadata, else mnist.
+    #[arg(long)]
+    calib: Option<String>,
+    /// Split of a named calibration set.
+    #[arg(long, default_value = "train")]
+    calib_split: String,
+    /// Calibration samples (the first N).
+    #[arg(long, default_value_t = 1000)]
+    calib_limit: usize,
+    /// Weight scheme: linear, fixed (dynamic fixed point), log (powers of two), kmeans.
+    #[arg(long, default_value = "linear")]
+    scheme: String,
+    /// Bits for weights and activations (2..=8).
+    #[arg(long, default_value_t = 8)]
+    bits: u32,
+    /// Bits for weights only (overrides --bits).
+    #[arg(long)]
+    weight_bits: Option<u32>,
+    /// Bits for activations only (overrides --bits).
+    #[arg(long)]
+    activation_bits: Option<u32>,
+    /// Activation ranges: kl (entropy), minmax, percentile=P, mse, sigma=K, or none (f32).
+    #[arg(long, default_value = "kl")]
+    activations: String,
+    /// Per-output-channel weight parameters (the default).
+    #[arg(long, overrides_with = "per_tensor")]
+    per_channel: bool,
+    /// One set of weight parameters per tensor.
+    #[arg(long)]
+    per_tensor: bool,
+    /// Leave these nodes in f32 (repeatable).
+    #[arg(long, num_args = 1..)]
+    exclude: Vec<String>,
+    /// qdq (QuantizeLinear/DequantizeLinear, for ONNX Runtime) or qop (QLinearConv/...,
+    /// integer-only).
+    #[arg(long, default_value = "qdq")]
+    format: String,
+    /// Evaluate top-1 before and after on this labelled data set.
+    #[arg(long)]
+    eval: Option<String>,
+    #[arg(long, default_value = "test")]
+    eval_split: String,
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    /// Preprocessing (default: the model's metadata, else the data set's convention).
+    #[arg(long)]
+    preprocess: Option<String>,
+    /// Output model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Allow the output to replace the input file.
+    #[arg(long)]
+    force: bool,
+    /// Calibration batch size.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Skip the second pass that measures activation SQNR.
+    #[arg(long)]
+    no_activation_sqnr: bool,
+    /// QOperator form: pointwise activations between quantized tensors as 256-entry lookup
+    /// tables (Cast + Gather) instead of DequantizeLinear -> op -> QuantizeLinear.
+    #[arg(long)]
+    lookup_tables: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if the platform tells.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+fn accuracy(
+    model: &lithe::ir::Model,
+    data: &dyn BatchSource,
+    limit: Option<usize>,
+    threads: usize,
+) -> Result<Accuracy> {
+    let (simple, _) = lithe::passes::simplify(model)?;
+    let session = Session::new(
+        &simple,
+        &SessionOptions {
+            threads,
+            ..SessionOptions::default()
+        },
+    )?;
+    Ok(lithe::eval::evaluate(&session, data, 100, limit, |_| {})?)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if same_file(&args.model, &args.output) && !args.force {
+        bail!(
+            "refusing to overwrite the input model {} (pass --force to replace it)",
+            args.model.display()
+        );
+    }
+    let model = load_model(&args.model)?;
+    let config = QuantizeConfig {
+        scheme: args.scheme.parse::<WeightScheme>()?,
+        weight_bits: args.weight_bits.unwrap_or(args.bits),
+        activation_bits: args.activation_bits.unwrap_or(args.bits),
+        activations: args.activations.parse::<ActivationCalib>()?,
+        per_channel: !args.per_tensor,
+        exclude: args.exclude.clone(),
+        format: args.format.parse::<QuantFormat>()?,
+        batch_size: args.batch,
+        calib_limit: Some(args.calib_limit),
+        measure_activation_sqnr: !args.no_activation_sqnr,
+        threads: args.threads,
+        lookup_tables: args.lookup_tables,
+    };
+    config.validate()?;
+    let pre = choose_preprocess(args.preprocess.as_deref(), &model)?;
+    let calib_spec = args
+        .calib
+        .clone()
+        .or_else(|| {
+            model
+                .metadata_value(DATASET_METADATA_KEY)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "mnist".to_string());
+    let source = if config.activations == ActivationCalib::None {
+        None
+    } else {
+        Some(
+            open_data(&calib_spec, &args.calib_split, pre.as_ref())
+                .with_context(|| format!("cannot open calibration data '{calib_spec}'"))?,
+        )
+    };
+    let total = source.as_ref().map_or(0, |s| s.len().min(args.calib_limit)) as u64;
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        progress(total, "calibrate")
+    };
+    let mut phase = "calibrate";
+    let (mut quantized, mut report) = quantize(
+        &model,
+        source.as_deref(),
+        &config,
+        &mut |p: CalibProgress| {
+            if p.phase != phase {
+                phase = p.phase;
+                bar.set_message(p.phase);
+                bar.reset();
+            }
+            bar.set_position(p.done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    quantized.set_metadata(DATASET_METADATA_KEY, calib_spec.clone());
+    lithe::onnx::save_model(&quantized, &args.output, &Default::default())
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    report.model_bytes_before = std::fs::metadata(&args.model)
+        .ok()
+        .map(|m| m.len() as usize);
+    report.model_bytes_after = std::fs::metadata(&args.output)
+        .ok()
+        .map(|m| m.len() as usize);
+    if let Some(spec) = &args.eval {
+        let data = open_data(spec, &args.eval_split, pre.as_ref())?;
+        let before = accuracy(&model, data.as_ref(), args.eval_limit, args.threads)?;
+        let after = accuracy(&quantized, data.as_ref(), args.eval_limit, args.threads)?;
+        let same = before
+            .predictions
+            .iter()
+            .zip(&after.predictions)
+            .filter(|(a, b)| a == b)
+            .count();
+        report.top1_agreement = Some(same as f64 / before.predictions.len().max(1) as f64);
+        report.accuracy_before = Some(before);
+        report.accuracy_after = Some(after);
+    }
+    report.peak_rss_bytes = peak_rss_bytes();
+    print!("{}", report.table());
+    println!("wrote {}", args.output.display());
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        lithe::data::atomic::write_atomic(path, json.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,396 @@
+//! ONNX `QLinearMatMul` (opsets 10-21) and `MatMulInteger` (10-21) for a 2-D B (weights),
+//! per-tensor or per-column B parameters, A of any rank (leading dims are rows). B is packed
+//! once when constant.
+
+use super::engine::{matmul_rows, shift_i8_to_u8, shift_u8_to_i8, OutputStage};
+use super::params::{dtype_range, present, read_qparams};
+use crate::error::Result;
+use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
+use crate::kernels::qgemm::{float_scales, PackedB};
+use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
+
+pub const QLINEAR_MATMUL: OpDef = OpDef {
+    op_type: "QLinearMatMul",
+    domain: "",
+    opsets: (10, 21),
+    infer: infer_qlinear,
+    compile: compile_qlinear,
+    fuses_activation: false,
+};
+
+pub const MATMUL_INTEGER: OpDef = OpDef {
+    op_type: "MatMulInteger",
+    domain: "",
+    opsets: (10, 21),
+    infer: infer_integer,
+    compile: compile_integer,
+    fuses_activation: false,
+};
+
+fn out_type(ctx: &InferCtx, b_index: usize, dtype: DType) -> Result<Vec<TypeInfo>> {
+    let a = ctx.input_type(0)?;
+    let b = ctx.input_type(b_index)?;
+    let (Some(as_), Some(bs)) = (&a.shape, &b.shape) else {
+        return Ok(vec![TypeInfo::unknown_shape(dtype)]);
+    };
+    if bs.len() != 2 || as_.is_empty() {
+        return Ok(vec![TypeInfo::unknown_shape(dtype)]);
+    }
+    let mut out: Vec<Dim> = as_[..as_.len() - 1].to_vec();
+    out.push(bs[1].clone());
+    Ok(vec![TypeInfo::new(dtype, out)])
+}
+
+fn infer_qlinear(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
+    let dt = ctx
+        .input_types
+        .get(7)
+        .cloned()
+        .flatten()
+        .map(|t| t.dtype)
+        .unwrap_or(DType::U8);
+    out_type(ctx, 3, dt)
+}
+
+fn infer_integer(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
+    out_type(ctx, 1, DType::I32)
+}
+
+struct Prepared {
+    b: PackedB,
+    a_zp: u8,
+    a_signed: bool,
+    stage: OutputStage,
+    out_dtype: DType,
+}
+
+fn pack_b(node: &Node, b: &Tensor, zps: &[i32]) -> Result<PackedB> {
+    let &[k, n] = b.shape() else {
+        return Err(node_error(
+            node,
+            format!("B of shape {:?}: only a 2-D B is supported", b.shape()),
+        ));
+    };
+    if zps.len() != 1 && zps.len() != n {
+        return Err(node_error(
+            node,
+            format!("{} B zero points for {n} columns", zps.len()),
+        ));
+    }
+    let packed = match b.data() {
+        TensorData::I8(v) => PackedB::from_kn(v, k, n, zps),
+        TensorData::U8(v) => {
+            let z: Vec<i32> = zps.iter().map(|z| z - 128).collect();
+            PackedB::from_kn(&shift_u8_to_i8(v), k, n, &z)
+        }
+        other => {
+            return Err(node_error(
+                node,
+                format!("B must be u8 or i8, got {}", other.dtype()),
+            ))
+        }
+    };
+    packed.map_err(|e| node_error(node, e.to_string()))
+}
+
+fn a_zero_point(node: &Node, zp: i32, dtype: DType) -> Result<(u8, bool)> {
+    match dtype {
+        DType::U8 => Ok((zp as u8, false)),
+        DType::I8 => Ok(((zp + 128) as u8, true)),
+        other => Err(node_error(node, format!("A must be u8 or i8, got {other}"))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare_qlinear(
+    node: &Node,
+    a_scale: &Tensor,
+    a_zp: Option<&Tensor>,
+    b: &Tensor,
+    b_scale: &Tensor,
+    b_zp: Option<&Tensor>,
+    y_scale: &Tensor,
+    y_zp: Option<&Tensor>,
+) -> Result<Prepared> {
+    let ap = read_qparams(node, a_scale, a_zp, DType::U8, "a")?;
+    let bp = read_qparams(node, b_scale, b_zp, b.dtype(), "b")?;
+    let yp = read_qparams(node, y_scale, y_zp, DType::U8, "y")?;
+    if !ap.is_per_tensor() || !yp.is_per_tensor() {
+        return Err(node_error(
+            node,
+            "A and the output must be quantized per tensor",
+        ));
+    }
+    let packed = pack_b(node, b, &bp.zero_points)?;
+    if !bp.is_per_tensor() && bp.scales.len() != packed.n() {
+        return Err(node_error(
+            node,
+            format!("{} B scales for {} columns", bp.scales.len(), packed.n()),
+        ));
+    }
+    let (a_zp, a_signed) = a_zero_point(node, ap.zero_points[0], ap.dtype)?;
+    let (qmin, qmax) = match yp.dtype {
+        DType::U8 | DType::I8 => dtype_range(yp.dtype).unwrap_or((0, 255)),
+        other => {
+            return Err(node_error(
+                node,
+                format!("output must be u8 or i8, got {other}"),
+            ))
+        }
+    };
+    Ok(Prepared {
+        b: packed,
+        a_zp,
+        a_signed,
+        stage: OutputStage::Requant {
+            scales: float_scales(ap.scales[0], &bp.scales, yp.scales[0]),
+            zero_point: yp.zero_points[0],
+            qmin,
+            qmax,
+            bias: None,
+        },
+        out_dtype: yp.dtype,
+    })
+}
+
+fn prepare_integer(
+    node: &Node,
+    a_dtype: DType,
+    b: &Tensor,
+    a_zp: Option<&Tensor>,
+    b_zp: Option<&Tensor>,
+) -> Result<Prepared> {
+    let za = match a_zp {
+        None => 0,
+        Some(z) if z.numel() == 1 => z.to_i64_vec()?[0] as i32,
+        Some(_) => {
+            return Err(node_error(
+                node,
+                "only a per-tensor A zero point is supported",
+            ))
+        }
+    };
+    let zb: Vec<i32> = match b_zp {
+        None => vec![0],
+        Some(z) => z.to_i64_vec()?.into_iter().map(|v| v as i32).collect(),
+    };
+    let packed = pack_b(node, b, &zb)?;
+    let (a_zp, a_signed) = a_zero_point(node, za, a_dtype)?;
+    Ok(Prepared {
+        b: packed,
+        a_zp,
+        a_signed,
+        stage: OutputStage::Int32,
+        out_dtype: DType::I32,
+    })
+}
+
+impl Prepared {
+    fn run(&self, node: &Node, a: &Tensor) -> Result<Tensor> {
+        let shape = a.shape();
+        let k = self.b.k();
+        if shape.last() != Some(&k) {
+            return Err(node_error(
+                node,
+                format!("A of shape {shape:?} does not have {k} columns"),
+            ));
+        }
+        let m = a.numel() / k.max(1);
+        let shifted;
+        let au8: &[u8] = match (a.data(), self.a_signed) {
+            (TensorData::U8(v), false) => v,
+            (TensorData::I8(v), true) => {
+                shifted = shift_i8_to_u8(v);
+                &shifted
+            }
+            (other, _) => {
+                return Err(node_error(
+                    node,
+                    format!(
+                        "A is {} but its zero point is {}",
+                        other.dtype(),
+                        if self.a_signed { "i8" } else { "u8" }
+                    ),
+                ))
+            }
+        };
+        let mut out_shape = shape[..shape.len() - 1].to_vec();
+        out_shape.push(self.b.n());
+        let len = m * self.b.n();
+        let err = |e: crate::error::Error| node_error(node, e.to_string());
+        let data = match self.out_dtype {
+            DType::U8 => {
+                let mut o = vec![0u8; len];
+                matmul_rows(au8, m, self.a_zp, &self.b, &self.stage, &mut o).map_err(err)?;
+                TensorData::U8(o)
+            }
+            DType::I8 => {
+                let mut o = vec![0i8; len];
+                matmul_rows(au8, m, self.a_zp, &self.b, &self.stage, &mut o).map_err(err)?;
+                TensorData::I8(o)
+            }
+            _ => {
+                let mut o = vec![0i32; len];
+                matmul_rows(au8, m, self.a_zp, &self.b, &self.stage, &mut o).map_err(err)?;
+                TensorData::I32(o)
+            }
+        };
+        Tensor::new(out_shape, data)
+    }
+}
+
+struct QLinearMatMulKernel {
+    node: Node,
+    prepared: Option<Prepared>,
+}
+
+fn compile_qlinear(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
+    let node = ctx.node;
+    let c = |i: usize| ctx.constant(i);
+    let optional_ok = |i: usize| node.input(i).is_none() || c(i).is_some();
+    let prepared = match (c(1), c(3), c(4), c(6)) {
+        (Some(a_s), Some(b), Some(b_s), Some(y_s))
+            if optional_ok(2) && optional_ok(5) && optional_ok(7) =>
+        {
+            Some(prepare_qlinear(node, a_s, c(2), b, b_s, c(5), y_s, c(7))?)
+        }
+        _ => None,
+    };
+    Ok(Box::new(QLinearMatMulKernel {
+        node: node.clone(),
+        prepared,
+    }))
+}
+
+impl Kernel for QLinearMatMulKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let a = required(inputs, 0)?;
+        let built;
+        let p = match &self.prepared {
+            Some(p) => p,
+            None => {
+                built = prepare_qlinear(
+                    &self.node,
+                    required(inputs, 1)?,
+                    present(inputs, 2),
+                    required(inputs, 3)?,
+                    required(inputs, 4)?,
+                    present(inputs, 5),
+                    required(inputs, 6)?,
+                    present(inputs, 7),
+                )?;
+                &built
+            }
+        };
+        Ok(vec![p.run(&self.node, a)?])
+    }
+}
+
+struct MatMulIntegerKernel {
+    node: Node,
+    prepared: Option<Prepared>,
+}
+
+fn compile_integer(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
+    let node = ctx.node;
+    let zp_ok = |i: usize| node.input(i).is_none() || ctx.constant(i).is_some();
+    let prepared = match (ctx.constant(1), ctx.input_type(0).map(|t| t.dtype)) {
+        (Some(b), Some(dt)) if zp_ok(2) && zp_ok(3) => Some(prepare_integer(
+            node,
+            dt,
+            b,
+            ctx.constant(2),
+            ctx.constant(3),
+        )?),
+        _ => None,
+    };
+    Ok(Box::new(MatMulIntegerKernel {
+        node: node.clone(),
+        prepared,
+    }))
+}
+
+impl Kernel for MatMulIntegerKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let a = required(inputs, 0)?;
+        let built;
+        let p = match &self.prepared {
+            Some(p) => p,
+            None => {
+                built = prepare_integer(
+                    &self.node,
+                    a.dtype(),
+                    required(inputs, 1)?,
+                    present(inputs, 2),
+                    present(inputs, 3),
+                )?;
+                &built
+            }
+        };
+        Ok(vec![p.run(&self.node, a)?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ir::{Tensor, TensorData};
+    use crate::ops::testutil::run;
+    use crate::quant::linear::round_half_even;
+
+    #[test]
+    fn qlinear_matmul_matches_definition() {
+        let (m, k, n) = (6, 37, 19);
+        let a: Vec<u8> = (0..m * k).map(|i| ((i * 37 + 11) % 256) as u8).collect();
+        let b: Vec<i8> = (0..k * n)
+            .map(|i| ((i * 53 + 7) % 255) as i32 - 127)
+            .map(|v| v as i8)
+            .collect();
+        let bs: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-3).collect();
+        let (a_s, za, y_s, zy) = (0.03f32, 120u8, 0.5f32, 100u8);
+        let mut want = Vec::new();
+        for i in 0..m {
+            for j in 0..n {
+                let acc: i32 = (0..k)
+                    .map(|t| (i32::from(a[i * k + t]) - i32::from(za)) * i32::from(b[t * n + j]))
+                    .sum();
+                let v = acc as f32 * (a_s * bs[j] / y_s);
+                let q = round_half_even(v.clamp(-100.0, 155.0)) as i32 + 100;
+                want.push(q as u8);
+            }
+        }
+        let t = |s: Vec<usize>, d: TensorData| Some(Tensor::new(s, d).unwrap());
+        let out = run(
+            "QLinearMatMul",
+            13,
+            &[],
+            vec![
+                t(vec![2, 3, k], TensorData::U8(a.clone())),
+                Some(Tensor::scalar_f32(a_s)),
+                t(vec![], TensorData::U8(vec![za])),
+                t(vec![k, n], TensorData::I8(b.clone())),
+                t(vec![n], TensorData::F32(bs)),
+                t(vec![n], TensorData::I8(vec![0; n])),
+                Some(Tensor::scalar_f32(y_s)),
+                t(vec![], TensorData::U8(vec![zy])),
+            ],
+            1,
+        )
+        .unwrap();
+        assert_eq!(out[0].shape(), &[2, 3, n]);
+        assert_eq!(out[0].data(), &TensorData::U8(want));
+        let ints = run(
+            "MatMulInteger",
+            13,
+            &[],
+            vec![
+                t(vec![m, k], TensorData::U8(a)),
+                t(vec![k, n], TensorData::I8(b)),
+                t(vec![], TensorData::U8(vec![za])),
+                None,
+            ],
+            1,
+        )
+        .unwrap();
+        assert_eq!(ints[0].shape(), &[m, n]);
+    }
+}
