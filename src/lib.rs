@@ -14,5 +14,7 @@ pub mod ops;
 pub mod passes;
 pub mod quant;
 pub mod runtime;
+pub mod train;
+pub mod zoo;
 
 pub use error::{Error, Result};

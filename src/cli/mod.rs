@@ -7,6 +7,7 @@ mod eval;
 mod inspect;
 mod quantize;
 mod run;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ enum Command {
     Demo(demo::Args),
     /// Post-training quantization (int8 and lower; linear, fixed, log or k-means) with a report.
     Quantize(Box<quantize::Args>),
+    /// Train a zoo model from scratch, or fine-tune an ONNX model, on a labelled data set.
+    Train(Box<train::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -45,5 +48,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Quantize(a) => quantize::run(*a),
+        Command::Train(a) => train::run(*a),
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod conv_grad;
 pub mod gemm;
 pub mod par;
 pub mod pool;

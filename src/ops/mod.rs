@@ -11,6 +11,7 @@ pub mod broadcast;
 pub mod elementwise;
 pub mod erf;
 pub mod expf;
+pub mod grad;
 pub mod nn;
 pub mod quantized;
 pub mod reduce;

@@ -1,0 +1,189 @@
+//! Training throughput: `cargo run --release --example train_bench -- [--arch lenet5]
+//! [--batch 64] [--threads 0] [--epochs 1] [--limit N] [--data mnist]`.
+//!
+//! Trains a zoo model on MNIST (the full training set unless `--limit`), then reports images
+//! per second, the GFLOP/s of the convolutions and dense layers (forward, weight gradient,
+//! and input gradient except for the first layer), that as a fraction of this CPU's FMA peak
+//! (cores x 32 f32 FLOP/cycle at the `cpu MHz` of /proc/cpuinfo), the split of a step into
+//! forward, backward and update, test accuracy, and peak resident memory (VmHWM).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use lithe::analysis::analyze;
+use lithe::data::Split;
+use lithe::train::{Mode, TrainConfig, TrainSet, Trainer};
+use lithe::zoo::{self, ZooConfig};
+
+fn cpu_mhz() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], key: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == key)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let arch: String = arg(&args, "--arch", "lenet5".to_string());
+    let data: String = arg(&args, "--data", "mnist".to_string());
+    let batch: usize = arg(&args, "--batch", 64);
+    let threads: usize = arg(&args, "--threads", 0);
+    let epochs: usize = arg(&args, "--epochs", 1);
+    let limit: usize = arg(&args, "--limit", usize::MAX);
+    let lr: f32 = arg(&args, "--lr", 0.01);
+
+    let mut train = TrainSet::open(&data, Split::Train, None)?;
+    train.truncate(limit);
+    let train = Arc::new(train);
+    let test = TrainSet::open(&data, Split::Test, None)?;
+    let sample = train.sample_shape();
+    let cfg = ZooConfig {
+        input: [sample[0], sample[1], sample[2]],
+        classes: 10,
+        seed: 1,
+    };
+    let model = zoo::build(&arch, &cfg)?;
+
+    // Multiply-adds per image: forward, weight gradient, input gradient (none for layers
+    // reading the graph input).
+    let stats = analyze(&model, &[("N".into(), 1)])?;
+    let input = model.graph.inputs[0].name.clone();
+    let train_macs: u64 = stats
+        .layers
+        .iter()
+        .filter(|l| l.macs > 0)
+        .map(|l| {
+            if l.inputs.first() == Some(&input) {
+                2 * l.macs
+            } else {
+                3 * l.macs
+            }
+        })
+        .sum();
+
+    let config = TrainConfig {
+        epochs,
+        batch,
+        lr,
+        threads,
+        seed: 1,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(model, config)?;
+    let cores = trainer.graph().threads();
+
+    // Step breakdown over a few batches.
+    let (x, labels) = train.gather(
+        &(0..batch).collect::<Vec<_>>(),
+        Default::default(),
+        &mut lithe::train::Rng::new(0),
+    )?;
+    let reps = 20;
+    let (mut t_fwd, mut t_bwd, mut t_upd) = (0.0, 0.0, 0.0);
+    let mut scratch = Trainer::new(trainer.export(), trainer.config.clone())?;
+    scratch.graph_mut().set_profiling(true);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let tape = scratch.graph().forward(
+            &scratch.params,
+            vec![(input.clone(), x.clone())],
+            Mode::Train,
+            0,
+        )?;
+        let logits = tape.value(scratch.graph(), "logits").ok_or("no logits")?;
+        let loss = lithe::train::cross_entropy(logits, &labels)?;
+        let t1 = Instant::now();
+        let grads = scratch.graph().backward(
+            &scratch.params,
+            &tape,
+            vec![("logits".into(), loss.grad)],
+            false,
+        )?;
+        let t2 = Instant::now();
+        scratch
+            .optimizer
+            .step(&mut scratch.params, &grads.params, 0.01)?;
+        t_fwd += (t1 - t0).as_secs_f64();
+        t_bwd += (t2 - t1).as_secs_f64();
+        t_upd += t2.elapsed().as_secs_f64();
+    }
+    let profile = scratch.graph().profile();
+    drop(scratch);
+
+    println!("slowest nodes (ms per step, forward / backward):");
+    for n in profile.iter().take(8) {
+        println!(
+            "  {:<12} {:<18} {:7.2} {:7.2}",
+            n.node,
+            n.op_type,
+            n.forward / reps as f64 * 1e3,
+            n.backward / reps as f64 * 1e3
+        );
+    }
+    let started = Instant::now();
+    trainer.fit(train.clone(), Some(&test), &mut |_| {})?;
+    let secs = started.elapsed().as_secs_f64();
+    let last = trainer.history.last().ok_or("no epoch ran")?;
+    let images = (train.len() * epochs) as f64;
+    let train_secs: f64 = trainer.history.iter().map(|e| e.seconds).sum();
+    let ips = images / train_secs;
+    let gflops = ips * train_macs as f64 * 2.0 / 1e9;
+    println!(
+        "{arch} on {data}: {} images x {epochs} epoch(s), batch {batch}, {cores} thread(s)",
+        train.len()
+    );
+    println!(
+        "step split (batch {batch}, mean of {reps}): forward+loss {:.2} ms, backward {:.2} ms, update {:.2} ms",
+        t_fwd / reps as f64 * 1e3,
+        t_bwd / reps as f64 * 1e3,
+        t_upd / reps as f64 * 1e3
+    );
+    println!(
+        "training: {train_secs:.2} s ({:.2} s with evaluation), {ips:.0} images/s",
+        secs
+    );
+    println!(
+        "work: {:.2} MFLOP per image (conv + dense, fwd + bwd) -> {gflops:.1} GFLOP/s",
+        train_macs as f64 * 2.0 / 1e6
+    );
+    if let Some(mhz) = cpu_mhz() {
+        let peak = cores as f64 * 32.0 * mhz / 1e3;
+        println!(
+            "FMA peak {peak:.0} GFLOP/s ({cores} cores x 32 FLOP/cycle x {mhz:.0} MHz): {:.1} %",
+            gflops / peak * 100.0
+        );
+    }
+    if let Some(t) = &last.test {
+        println!(
+            "test accuracy after {} epoch(s): {:.2} % (error {:.2} %)",
+            last.epoch,
+            t.accuracy * 100.0,
+            100.0 - t.accuracy * 100.0
+        );
+    }
+    if let Some(rss) = peak_rss_mib() {
+        println!("peak RSS: {rss:.0} MiB");
+    }
+    Ok(())
+}
