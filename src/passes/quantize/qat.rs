@@ -7,8 +7,7 @@
 //! quantized ones); choose the quantized nodes and tensors with the pass's plan; calibrate the
 //! activation ranges as post-training quantization does; install the fake quantizers of
 //! [`crate::train::fake_quant`] on every quantized weight and every calibrated activation
-//! (the graph input excepted: it receives no gradient, and the written model still quantizes
-//! it with the calibrated range); train; export `forward(w)` of each weight, which the pass
+//! (including the graph input); train; export `forward(w)` of each weight, which the pass
 //! re-encodes onto the same grid (same rules, grid values map onto themselves; k-means weights
 //! have exactly `2^b` distinct values, which optimal k-means reproduces), with the learned
 //! activation ranges given to [`super::quantize_with_ranges`].
@@ -129,6 +128,32 @@ pub fn quantize_aware_training(
         (BTreeMap::new(), 0)
     };
 
+    // The training engine hooks node outputs only: the graph inputs that get quantized pass
+    // through an Identity whose output carries their fake quantizer (simplification removes
+    // it again when the model is written).
+    let mut simple = simple;
+    let graph_inputs: HashSet<String> =
+        simple.graph.inputs.iter().map(|v| v.name.clone()).collect();
+    let mut hooked: BTreeMap<String, String> = BTreeMap::new();
+    for name in calibrated.keys().filter(|n| graph_inputs.contains(*n)) {
+        let q = format!("{name}__qat_input");
+        for node in &mut simple.graph.nodes {
+            for i in node.inputs.iter_mut().filter(|i| *i == name) {
+                *i = q.clone();
+            }
+        }
+        simple.graph.nodes.insert(
+            0,
+            crate::ir::Node::new(
+                format!("{name}__qat_input_quant"),
+                "Identity",
+                vec![name.clone()],
+                vec![q.clone()],
+            ),
+        );
+        hooked.insert(name.clone(), q);
+    }
+
     let mut trainer = Trainer::new(simple, qat.train.clone())?;
     if let Some(p) = train.preprocess() {
         trainer.set_preprocess(&p.to_string());
@@ -164,17 +189,8 @@ pub fn quantize_aware_training(
         trainer.params.set_fake_quant(&t.weight, Some(fq.clone()))?;
         weight_fq.push((t.weight.clone(), fq));
     }
-    let inputs: HashSet<String> = trainer
-        .graph()
-        .input_names()
-        .into_iter()
-        .map(str::to_string)
-        .collect();
     let mut act_fq: Vec<(String, Arc<ActivationFakeQuant>)> = Vec::new();
     for (name, r) in &calibrated {
-        if inputs.contains(name) {
-            continue;
-        }
         let fq = Arc::new(ActivationFakeQuant::new(
             *r,
             config.scheme,
@@ -182,9 +198,10 @@ pub fn quantize_aware_training(
             qat.act_ranges,
             name,
         )?);
+        let value = hooked.get(name).unwrap_or(name);
         trainer
             .graph_mut()
-            .set_activation_fake_quant(name, Some(fq.clone()))?;
+            .set_activation_fake_quant(value, Some(fq.clone()))?;
         act_fq.push((name.clone(), fq));
     }
 
