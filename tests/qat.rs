@@ -15,7 +15,7 @@ use lithe::passes::quantize::{
     quantize, quantize_aware_training, ActivationCalib, QatConfig, QuantizeConfig, WeightScheme,
 };
 use lithe::runtime::{Session, SessionOptions};
-use lithe::train::{ActRangeMode, OptimizerKind, TrainConfig, TrainSet};
+use lithe::train::{ActRangeMode, KmeansFakeQuant, OptimizerKind, TrainConfig, TrainSet, Trainer};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -242,4 +242,128 @@ fn qat_tunes_a_two_bit_kmeans_codebook() {
     assert_eq!(codes.len(), 4, "one index tensor per layer");
     assert!(codes.iter().all(|&m| m < 4), "largest indices {codes:?}");
     check_ort(&model, &d, "kmeans2", 995, 0.005);
+}
+
+#[test]
+fn kmeans_weights_stay_on_their_trained_centroids() {
+    let Some(d) = data() else { return };
+    let (simple, _) = lithe::passes::simplify(&mnist_model()).expect("simplify");
+    let mut trainer = Trainer::new(
+        simple,
+        TrainConfig {
+            optimizer: OptimizerKind::sgd(0.9),
+            ..TrainConfig::default()
+        },
+    )
+    .expect("trainer");
+    let weights: Vec<String> = trainer
+        .params
+        .iter()
+        .filter(|p| p.value.rank() >= 2)
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(weights.len(), 4);
+    let mut start = Vec::new();
+    for w in &weights {
+        let value = trainer.params.get(w).expect("param").value.clone();
+        let (fq, snapped) = KmeansFakeQuant::new(&value, 2, w).expect("k-means");
+        trainer.params.set_value(w, snapped.clone()).expect("set");
+        trainer
+            .params
+            .set_fake_quant(w, Some(Arc::new(fq)))
+            .expect("hook");
+        start.push(snapped);
+    }
+    let distinct = |t: &Tensor| -> Vec<u32> {
+        let mut v: Vec<u32> = t
+            .as_f32()
+            .expect("f32")
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    // Momentum makes later steps depend on earlier ones: the weights must still agree
+    // within each cluster after several.
+    for step in 0..3 {
+        let (x, labels) = d.calib.batch(step * 32, 32).expect("batch");
+        trainer.train_step(x, &labels, 1e-4).expect("step");
+    }
+    for (w, s) in weights.iter().zip(&start) {
+        let now = &trainer.params.get(w).expect("param").value;
+        assert_eq!(
+            distinct(now).len(),
+            4,
+            "{w}: {} values",
+            distinct(now).len()
+        );
+        assert_ne!(distinct(now), distinct(s), "{w}: the centroids moved");
+    }
+}
+
+#[test]
+fn cli_quantize_qat_reports_f32_ptq_and_qat_accuracy() {
+    if data().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lithe-qat-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (out, report) = (dir.join("q.onnx"), dir.join("r.json"));
+    let run = Command::new(env!("CARGO_BIN_EXE_lithe"))
+        .arg("quantize")
+        .arg(repo().join("assets/models/mnist_cnn.onnx"))
+        .args([
+            "--qat",
+            "--data",
+            "mnist",
+            "--train-limit",
+            "640",
+            "--epochs",
+            "1",
+        ])
+        .args(["--scheme", "log", "--bits", "4", "--act-ranges", "ema"])
+        .args([
+            "--eval",
+            "mnist",
+            "--eval-limit",
+            "300",
+            "--no-activation-sqnr",
+            "-q",
+        ])
+        .arg("-o")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .expect("lithe runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("qat epoch 1"), "{stdout}");
+    assert!(stdout.contains("post-training"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+    assert_eq!(json["qat"]["train_samples"], 640);
+    assert_eq!(json["qat"]["act_ranges"], "ema=0.99");
+    assert!(json["ptq_accuracy"]["top1"].as_f64().is_some());
+    assert!(json["quantize"]["accuracy_after"]["top1"]
+        .as_f64()
+        .is_some());
+    let model = lithe::onnx::load_model(&out).expect("written model");
+    assert!(model.metadata_value("lithe.qat").is_some());
+    let bad = Command::new(env!("CARGO_BIN_EXE_lithe"))
+        .arg("quantize")
+        .arg(repo().join("assets/models/mnist_cnn.onnx"))
+        .args(["--qat", "--act-ranges", "learned", "-o"])
+        .arg(dir.join("bad.onnx"))
+        .output()
+        .expect("lithe runs");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("activation range mode"), "{err}");
 }
