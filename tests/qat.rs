@@ -15,7 +15,9 @@ use lithe::passes::quantize::{
     quantize, quantize_aware_training, ActivationCalib, QatConfig, QuantizeConfig, WeightScheme,
 };
 use lithe::runtime::{Session, SessionOptions};
-use lithe::train::{ActRangeMode, KmeansFakeQuant, OptimizerKind, TrainConfig, TrainSet, Trainer};
+use lithe::train::{
+    ActRangeMode, KmeansFakeQuant, OptimizerKind, TrainConfig, TrainSet, Trainer, WeightRangeMode,
+};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -110,6 +112,7 @@ fn ptq_vs_qat(
     d: &Data,
     config: &QuantizeConfig,
     act_ranges: ActRangeMode,
+    weight_ranges: WeightRangeMode,
     optimizer: OptimizerKind,
 ) -> (f64, f64, Model, Model) {
     let (ptq, _) = quantize(&mnist_model(), Some(d.calib.as_ref()), config, &mut |_| {})
@@ -125,6 +128,7 @@ fn ptq_vs_qat(
             ..TrainConfig::default()
         },
         act_ranges,
+        weight_ranges,
     };
     let (model, report, qat_report) = quantize_aware_training(
         &mnist_model(),
@@ -141,7 +145,7 @@ fn ptq_vs_qat(
     assert_eq!(qat_report.train_samples, 3000);
     let qat_acc = accuracy(&predict(&model, &d.x), &d.labels);
     println!(
-        "{}{} weights, {}-bit activations ({act_ranges}): PTQ {:.2} % -> QAT {:.2} % on 1000 test images ({:.1} s, 1 epoch on 3000 images)",
+        "{}{} weights ({weight_ranges}), {}-bit activations ({act_ranges}): PTQ {:.2} % -> QAT {:.2} % on 1000 test images ({:.1} s, 1 epoch on 3000 images)",
         config.scheme,
         config.weight_bits,
         config.activation_bits,
@@ -189,6 +193,7 @@ fn qat_recovers_three_bit_linear_quantization() {
         &d,
         &config,
         ActRangeMode::Ema { momentum: 0.9 },
+        WeightRangeMode::MinMax,
         OptimizerKind::sgd(0.9),
     );
     assert!(qat > ptq + 0.05, "QAT {qat} vs PTQ {ptq}");
@@ -196,6 +201,31 @@ fn qat_recovers_three_bit_linear_quantization() {
     assert!(model.metadata_value("lithe.qat").is_some());
     // 3-bit logits tie often, and ties break on rounding differences between runtimes.
     check_ort(&model, &d, "linear3", 980, 0.01);
+}
+
+#[test]
+fn qat_with_least_squares_weight_ranges_recovers_ternary_weights() {
+    let Some(d) = data() else { return };
+    // 2-bit symmetric weights are ternary {-s, 0, s}; with s from the largest weight nearly
+    // every weight rounds to 0 and the post-training model guesses. Clipping at the
+    // least-squares threshold while training recovers it.
+    let config = QuantizeConfig {
+        scheme: WeightScheme::Linear,
+        weight_bits: 2,
+        activation_bits: 8,
+        per_channel: false,
+        measure_activation_sqnr: false,
+        ..QuantizeConfig::default()
+    };
+    let (ptq, qat, _, model) = ptq_vs_qat(
+        &d,
+        &config,
+        ActRangeMode::Fixed,
+        WeightRangeMode::Mse,
+        OptimizerKind::sgd(0.9),
+    );
+    assert!(qat > ptq + 0.5 && qat > 0.9, "QAT {qat} vs PTQ {ptq}");
+    check_ort(&model, &d, "ternary", 995, 0.005);
 }
 
 #[test]
@@ -210,8 +240,13 @@ fn qat_tunes_a_two_bit_kmeans_codebook() {
         ..QuantizeConfig::default()
     };
     // Summed per-cluster gradients are large for big clusters; Adam normalises them.
-    let (ptq, qat, ptq_model, model) =
-        ptq_vs_qat(&d, &config, ActRangeMode::Fixed, OptimizerKind::adam());
+    let (ptq, qat, ptq_model, model) = ptq_vs_qat(
+        &d,
+        &config,
+        ActRangeMode::Fixed,
+        WeightRangeMode::MinMax,
+        OptimizerKind::adam(),
+    );
     // The CNN already fits its training images, so there is little to gain on 1000 test
     // images; fine-tuning the centroids must not lose accuracy.
     assert!(qat >= ptq - 0.005, "QAT {qat} vs PTQ {ptq}");

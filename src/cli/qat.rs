@@ -10,7 +10,7 @@ use lithe::ir::Model;
 use lithe::passes::quantize::{
     quantize_aware_training, QatConfig, QatEvent, QatReport, QuantizeConfig, QuantizeReport,
 };
-use lithe::train::{ActRangeMode, Event, OptimizerKind, TrainConfig, TrainSet};
+use lithe::train::{ActRangeMode, Event, OptimizerKind, TrainConfig, TrainSet, WeightRangeMode};
 
 use super::common::progress;
 
@@ -46,6 +46,10 @@ pub struct QatArgs {
     /// moving average of the batch min/max, default momentum 0.99).
     #[arg(long, default_value = "fixed")]
     pub act_ranges: String,
+    /// Weight grids during QAT (linear and fixed point): minmax, or mse (the clipping
+    /// threshold of least squared error, for 2 and 3 bits).
+    #[arg(long, default_value = "minmax")]
+    pub weight_ranges: String,
 }
 
 fn optimizer(a: &QatArgs) -> Result<OptimizerKind> {
@@ -108,6 +112,7 @@ pub fn run(
             ..TrainConfig::default()
         },
         act_ranges,
+        weight_ranges: a.weight_ranges.parse::<WeightRangeMode>()?,
     };
     let batches = train.len().div_ceil(a.train_batch.max(1)) * a.epochs;
     let n_train = train.len();

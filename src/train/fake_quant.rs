@@ -32,7 +32,95 @@ pub struct WeightFakeQuant {
     /// Per-output-channel grids along `axis` (linear and fixed point only, as in the pass).
     per_channel: bool,
     axis: usize,
+    /// Clip to the range of least squared error instead of the min and max.
+    mse: bool,
     name: String,
+}
+
+/// How a weight's grid range is chosen in each forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightRangeMode {
+    /// The weights' min and max (nothing is clipped), the post-training rule.
+    MinMax,
+    /// Linear and fixed point: the clipping threshold (scale, or fractional bits) of least
+    /// squared error, so that at 2 or 3 bits the bulk of the weights is not rounded to zero
+    /// for the sake of a few large ones. The written model keeps the grid: the clipped
+    /// weights sit at the grid's ends, which is where min/max re-encoding puts them.
+    Mse,
+}
+
+impl std::str::FromStr for WeightRangeMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<WeightRangeMode> {
+        match s.to_ascii_lowercase().as_str() {
+            "minmax" | "max" => Ok(WeightRangeMode::MinMax),
+            "mse" => Ok(WeightRangeMode::Mse),
+            _ => Err(Error::Data(format!(
+                "unknown weight range mode '{s}' (expected minmax or mse)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightRangeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightRangeMode::MinMax => "minmax",
+            WeightRangeMode::Mse => "mse",
+        })
+    }
+}
+
+/// At most this many values (evenly strided) score each candidate clipping threshold.
+const MSE_SAMPLE: usize = 16384;
+
+fn sampled_sse(x: &[f32], q: impl Fn(f32) -> f32) -> f64 {
+    let step = x.len().div_ceil(MSE_SAMPLE).max(1);
+    x.iter()
+        .step_by(step)
+        .map(|&v| {
+            let d = f64::from(v) - f64::from(q(v));
+            d * d
+        })
+        .sum()
+}
+
+/// The symmetric threshold in `[max |x| / 64, max |x|]` of least squared error on `scheme`'s
+/// grid.
+fn mse_threshold(x: &[f32], scheme: &QScheme, name: &str) -> Result<QParams> {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut best = (f64::INFINITY, scheme.params_from_threshold(amax, name)?);
+    if amax == 0.0 {
+        return Ok(best.1);
+    }
+    // Thresholds from max |x| down to max |x| / 64 in steps of 2^(1/8).
+    for k in 0..=48 {
+        let p = scheme.params_from_threshold(amax * (-(k as f32) / 8.0).exp2(), name)?;
+        let e = sampled_sse(x, |v| p.fake_quantize(v));
+        if e < best.0 {
+            best = (e, p);
+        }
+    }
+    Ok(best.1)
+}
+
+/// The fixed-point format of least squared error: the min/max one or up to three more
+/// fractional bits (clipping the largest values).
+fn mse_fixed(x: &[f32], bits: u32, name: &str) -> Result<FixedFormat> {
+    let base = FixedFormat::for_data(bits, x, name)?;
+    let mut best = (f64::INFINITY, base);
+    for extra in 0..=3 {
+        let Ok(f) = FixedFormat::new(bits, base.frac() + extra) else {
+            break;
+        };
+        let p = f.to_qparams();
+        let e = sampled_sse(x, |v| p.fake_quantize(v));
+        if e < best.0 {
+            best = (e, f);
+        }
+    }
+    Ok(best.1)
 }
 
 impl WeightFakeQuant {
@@ -63,8 +151,33 @@ impl WeightFakeQuant {
             per_channel: per_channel
                 && matches!(scheme, WeightScheme::Linear | WeightScheme::Fixed),
             axis,
+            mse: false,
             name,
         })
+    }
+
+    /// Chooses the grid range by `mode` (linear and fixed point; the power-of-two grid always
+    /// follows the largest weight).
+    pub fn with_range(mut self, mode: WeightRangeMode) -> WeightFakeQuant {
+        self.mse = mode == WeightRangeMode::Mse;
+        self
+    }
+
+    /// Values of each index of `axis`.
+    fn channel_values(&self, x: &[f32], shape: &[usize]) -> Result<Vec<Vec<f32>>> {
+        if self.axis >= shape.len() {
+            return Err(Error::Tensor {
+                name: self.name.clone(),
+                msg: format!("channel axis {} does not fit shape {shape:?}", self.axis),
+            });
+        }
+        let c = shape[self.axis];
+        let inner: usize = shape[self.axis + 1..].iter().product::<usize>().max(1);
+        let mut out = vec![Vec::new(); c];
+        for (i, &v) in x.iter().enumerate() {
+            out[(i / inner) % c].push(v);
+        }
+        Ok(out)
     }
 
     /// Per-channel `(min, max)` of `x` along `axis`.
@@ -88,6 +201,22 @@ impl WeightFakeQuant {
 
     fn quantization(&self, x: &[f32], shape: &[usize]) -> Result<Quantization> {
         match self.scheme {
+            WeightScheme::Linear if self.mse => {
+                let s = QScheme::new(self.bits, true, true)?;
+                Ok(if self.per_channel {
+                    let params = self
+                        .channel_values(x, shape)?
+                        .iter()
+                        .map(|c| mse_threshold(c, &s, &self.name))
+                        .collect::<Result<_>>()?;
+                    Quantization::PerChannel(PerChannel {
+                        axis: self.axis,
+                        params,
+                    })
+                } else {
+                    Quantization::PerTensor(mse_threshold(x, &s, &self.name)?)
+                })
+            }
             WeightScheme::Linear => {
                 let s = QScheme::new(self.bits, true, true)?;
                 Ok(if self.per_channel {
@@ -97,7 +226,22 @@ impl WeightFakeQuant {
                 })
             }
             _ => {
-                let formats: Vec<FixedFormat> = if self.per_channel {
+                let formats: Vec<FixedFormat> = if self.mse {
+                    if self.per_channel {
+                        self.channel_values(x, shape)?
+                            .iter()
+                            .map(|c| {
+                                if c.is_empty() {
+                                    FixedFormat::new(self.bits, self.bits as i32 - 1)
+                                } else {
+                                    mse_fixed(c, self.bits, &self.name)
+                                }
+                            })
+                            .collect::<Result<_>>()?
+                    } else {
+                        vec![mse_fixed(x, self.bits, &self.name)?]
+                    }
+                } else if self.per_channel {
                     self.channel_ranges(x, shape)?
                         .into_iter()
                         .map(|(lo, hi)| {
@@ -407,6 +551,30 @@ mod tests {
             &[0.5, 0.0, 0.0, 2.0, -2.0, 0.0]
         );
         assert!(WeightFakeQuant::new(WeightScheme::Kmeans, 4, true, 0, "w").is_err());
+
+        // Least-squares clipping: one outlier no longer rounds the bulk to zero, and the
+        // clipped grid survives min/max re-encoding (the outlier sits at the grid's end).
+        let mut v: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) / 64.0).collect();
+        v.push(2.0);
+        let w = t(vec![1, 65], v);
+        for scheme in [WeightScheme::Linear, WeightScheme::Fixed] {
+            let minmax = WeightFakeQuant::new(scheme, 2, false, 0, "w").unwrap();
+            let mse = minmax.clone().with_range(WeightRangeMode::Mse);
+            let err = |y: &Tensor| -> f32 {
+                y.as_f32()
+                    .unwrap()
+                    .iter()
+                    .zip(w.as_f32().unwrap())
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum()
+            };
+            let (a, b) = (minmax.forward(&w).unwrap(), mse.forward(&w).unwrap());
+            assert!(err(&b) < err(&a), "{scheme}: {} vs {}", err(&b), err(&a));
+            assert_eq!(
+                minmax.forward(&b).unwrap().as_f32().unwrap(),
+                b.as_f32().unwrap()
+            );
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::quant::calibrate::Range;
 use crate::quant::QScheme;
 use crate::train::{
     ActRangeMode, ActivationFakeQuant, EpochStats, EvalStats, Event, FakeQuant, KmeansFakeQuant,
-    TrainConfig, TrainSet, Trainer, WeightFakeQuant,
+    TrainConfig, TrainSet, Trainer, WeightFakeQuant, WeightRangeMode,
 };
 
 /// Metadata key of the QAT summary (JSON) in the written model.
@@ -41,11 +41,13 @@ pub struct QatConfig {
     pub train: TrainConfig,
     /// Whether activation ranges stay at their calibrated values or are learned.
     pub act_ranges: ActRangeMode,
+    /// How each forward pass chooses the weight grids (linear and fixed point).
+    pub weight_ranges: WeightRangeMode,
 }
 
 impl Default for QatConfig {
     /// One epoch of SGD (momentum 0.9) at a fine-tuning learning rate of 0.001, fixed
-    /// activation ranges.
+    /// activation ranges, min/max weight grids.
     fn default() -> QatConfig {
         QatConfig {
             train: TrainConfig {
@@ -54,6 +56,7 @@ impl Default for QatConfig {
                 ..TrainConfig::default()
             },
             act_ranges: ActRangeMode::Fixed,
+            weight_ranges: WeightRangeMode::MinMax,
         }
     }
 }
@@ -72,6 +75,7 @@ pub enum QatEvent<'a> {
 #[derive(Clone, Debug, Serialize)]
 pub struct QatReport {
     pub act_ranges: String,
+    pub weight_ranges: String,
     pub train_samples: usize,
     pub calibration_samples: usize,
     pub epochs: Vec<EpochStats>,
@@ -178,13 +182,16 @@ pub fn quantize_aware_training(
             trainer.params.set_value(&t.weight, snapped)?;
             Arc::new(fq)
         } else {
-            Arc::new(WeightFakeQuant::new(
-                config.scheme,
-                config.weight_bits,
-                config.per_channel,
-                t.weight_axis,
-                &t.weight,
-            )?)
+            Arc::new(
+                WeightFakeQuant::new(
+                    config.scheme,
+                    config.weight_bits,
+                    config.per_channel,
+                    t.weight_axis,
+                    &t.weight,
+                )?
+                .with_range(qat.weight_ranges),
+            )
         };
         trainer.params.set_fake_quant(&t.weight, Some(fq.clone()))?;
         weight_fq.push((t.weight.clone(), fq));
@@ -241,6 +248,7 @@ pub fn quantize_aware_training(
     };
     let qat_report = QatReport {
         act_ranges: qat.act_ranges.to_string(),
+        weight_ranges: qat.weight_ranges.to_string(),
         train_samples: train.len(),
         calibration_samples: samples,
         epochs: trainer.history.clone(),
@@ -256,6 +264,7 @@ pub fn quantize_aware_training(
         "batch": qat.train.batch,
         "optimizer": qat.train.optimizer.to_string(),
         "act_ranges": qat_report.act_ranges,
+        "weight_ranges": qat_report.weight_ranges,
         "train_samples": qat_report.train_samples,
         "test_accuracy": qat_report.fake_quant_after.as_ref().map(|s| s.accuracy),
     });
