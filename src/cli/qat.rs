@@ -32,6 +32,7 @@ pub struct QatArgs {
     /// QAT optimizer: sgd, nesterov, adam or adamw.
     #[arg(long, default_value = "sgd")]
     pub optimizer: String,
+    /// Momentum of QAT's SGD and Nesterov.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f32,
     /// QAT mini-batch size.
@@ -40,6 +41,7 @@ pub struct QatArgs {
     /// Train on the first N training samples only.
     #[arg(long)]
     pub train_limit: Option<usize>,
+    /// Seed of the QAT sample order (same seed and thread count give the same bits).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Activation ranges during QAT: fixed (as calibrated) or ema[=MOMENTUM] (learned as a
