@@ -5,6 +5,7 @@ mod common;
 mod demo;
 mod eval;
 mod inspect;
+mod qat;
 mod quantize;
 mod run;
 mod train;

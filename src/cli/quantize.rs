@@ -93,6 +93,8 @@ pub struct Args {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    qat: super::qat::QatArgs,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), if the platform tells.
@@ -168,6 +170,41 @@ pub fn run(args: Args) -> Result<()> {
                 .with_context(|| format!("cannot open calibration data '{calib_spec}'"))?,
         )
     };
+    let (mut quantized, report, qat_report) = if args.qat.qat {
+        let eval = args.eval.as_deref().map(|data| super::qat::EvalSpec {
+            data,
+            split: &args.eval_split,
+            limit: args.eval_limit,
+        });
+        let (m, r, q) = super::qat::run(
+            &args.qat,
+            &model,
+            &config,
+            source.as_deref(),
+            &calib_spec,
+            pre.as_ref(),
+            eval,
+            args.threads,
+            args.quiet,
+        )?;
+        (m, r, Some(q))
+    } else {
+        let (m, r) = post_training(&args, &model, &config, source.as_deref())?;
+        (m, r, None)
+    };
+    quantized.set_metadata(DATASET_METADATA_KEY, calib_spec.clone());
+    finish(
+        args, model, quantized, report, qat_report, config, source, pre,
+    )
+}
+
+/// The post-training pass with its progress bar.
+fn post_training(
+    args: &Args,
+    model: &lithe::ir::Model,
+    config: &QuantizeConfig,
+    source: Option<&dyn BatchSource>,
+) -> Result<(lithe::ir::Model, lithe::passes::quantize::QuantizeReport)> {
     let total = source.as_ref().map_or(0, |s| s.len().min(args.calib_limit)) as u64;
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
@@ -175,21 +212,30 @@ pub fn run(args: Args) -> Result<()> {
         progress(total, "calibrate")
     };
     let mut phase = "calibrate";
-    let (mut quantized, mut report) = quantize(
-        &model,
-        source.as_deref(),
-        &config,
-        &mut |p: CalibProgress| {
-            if p.phase != phase {
-                phase = p.phase;
-                bar.set_message(p.phase);
-                bar.reset();
-            }
-            bar.set_position(p.done as u64);
-        },
-    )?;
+    let out = quantize(model, source, config, &mut |p: CalibProgress| {
+        if p.phase != phase {
+            phase = p.phase;
+            bar.set_message(p.phase);
+            bar.reset();
+        }
+        bar.set_position(p.done as u64);
+    })?;
     bar.finish_and_clear();
-    quantized.set_metadata(DATASET_METADATA_KEY, calib_spec.clone());
+    Ok(out)
+}
+
+/// Writes the model, evaluates, prints and writes the report.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    args: Args,
+    model: lithe::ir::Model,
+    quantized: lithe::ir::Model,
+    mut report: lithe::passes::quantize::QuantizeReport,
+    qat_report: Option<lithe::passes::quantize::QatReport>,
+    config: QuantizeConfig,
+    source: Option<Box<dyn BatchSource>>,
+    pre: Option<lithe::data::preprocess::Preprocess>,
+) -> Result<()> {
     lithe::onnx::save_model(&quantized, &args.output, &Default::default())
         .with_context(|| format!("cannot write {}", args.output.display()))?;
     report.model_bytes_before = std::fs::metadata(&args.model)
@@ -198,6 +244,7 @@ pub fn run(args: Args) -> Result<()> {
     report.model_bytes_after = std::fs::metadata(&args.output)
         .ok()
         .map(|m| m.len() as usize);
+    let mut ptq_accuracy = None;
     if let Some(spec) = &args.eval {
         let data = open_data(spec, &args.eval_split, pre.as_ref())?;
         let before = accuracy(&model, data.as_ref(), args.eval_limit, args.threads)?;
@@ -209,6 +256,19 @@ pub fn run(args: Args) -> Result<()> {
             .filter(|(a, b)| a == b)
             .count();
         report.top1_agreement = Some(same as f64 / before.predictions.len().max(1) as f64);
+        if qat_report.is_some() {
+            // The post-training result with the same settings, for comparison.
+            let (ptq, _) = quantize(&model, source.as_deref(), &config, &mut |_| {})?;
+            let p = accuracy(&ptq, data.as_ref(), args.eval_limit, args.threads)?;
+            println!(
+                "top-1 accuracy on {} samples: f32 {:.2} %, post-training {:.2} %, quantization-aware training {:.2} %",
+                before.samples,
+                before.top1 * 100.0,
+                p.top1 * 100.0,
+                after.top1 * 100.0
+            );
+            ptq_accuracy = Some(p);
+        }
         report.accuracy_before = Some(before);
         report.accuracy_after = Some(after);
     }
@@ -216,7 +276,14 @@ pub fn run(args: Args) -> Result<()> {
     print!("{}", report.table());
     println!("wrote {}", args.output.display());
     if let Some(path) = &args.report {
-        let json = serde_json::to_string_pretty(&report)?;
+        let json = match &qat_report {
+            None => serde_json::to_string_pretty(&report)?,
+            Some(q) => serde_json::to_string_pretty(&serde_json::json!({
+                "quantize": report,
+                "qat": q,
+                "ptq_accuracy": ptq_accuracy,
+            }))?,
+        };
         lithe::data::atomic::write_atomic(path, json.as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))?;
     }

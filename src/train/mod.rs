@@ -20,6 +20,7 @@
 
 pub mod data;
 pub mod exec;
+pub mod fake_quant;
 pub mod fit;
 pub mod loss;
 pub mod optim;
@@ -28,6 +29,9 @@ pub mod rng;
 
 pub use data::{Augment, Batch, EpochLoader, EpochPlan, TrainSet};
 pub use exec::{Gradients, Mode, NodeTime, Tape, TrainGraph};
+pub use fake_quant::{
+    ActRangeMode, ActivationFakeQuant, KmeansFakeQuant, WeightFakeQuant, WeightRangeMode,
+};
 pub use fit::{
     state_path, EpochStats, EvalStats, Event, StepStats, TrainConfig, Trainer, EPOCH_METADATA_KEY,
     TRAIN_METADATA_KEY,

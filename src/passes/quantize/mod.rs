@@ -16,6 +16,7 @@ mod calibrate;
 mod config;
 mod edit;
 mod plan;
+mod qat;
 mod qdq;
 mod qop;
 mod report;
@@ -28,6 +29,7 @@ pub use calibrate::CalibProgress;
 pub use config::{ActivationCalib, QuantFormat, QuantizeConfig, WeightScheme};
 pub use edit::ActParams;
 pub use plan::{all_targets, Target};
+pub use qat::{quantize_aware_training, QatConfig, QatEvent, QatReport};
 pub use report::{LayerReport, QuantizeReport, SkippedNode};
 pub use weights::{encode as encode_weight, Encoded, EncodedWeight};
 
@@ -100,6 +102,29 @@ pub fn quantize(
     config: &QuantizeConfig,
     progress: &mut dyn FnMut(CalibProgress),
 ) -> Result<(Model, QuantizeReport)> {
+    quantize_impl(model, calib, config, None, progress)
+}
+
+/// As [`quantize`], with the activation ranges given (by tensor name of the simplified graph,
+/// e.g. learned in quantization-aware training) instead of calibrated. `calib`, when given,
+/// only serves the activation SQNR measurement.
+pub fn quantize_with_ranges(
+    model: &Model,
+    calib: Option<&dyn BatchSource>,
+    config: &QuantizeConfig,
+    ranges: &BTreeMap<String, Range>,
+    progress: &mut dyn FnMut(CalibProgress),
+) -> Result<(Model, QuantizeReport)> {
+    quantize_impl(model, calib, config, Some(ranges), progress)
+}
+
+fn quantize_impl(
+    model: &Model,
+    calib: Option<&dyn BatchSource>,
+    config: &QuantizeConfig,
+    fixed_ranges: Option<&BTreeMap<String, Range>>,
+    progress: &mut dyn FnMut(CalibProgress),
+) -> Result<(Model, QuantizeReport)> {
     let started = Instant::now();
     config.validate()?;
     let (simple, _) = crate::passes::simplify(model)?;
@@ -144,21 +169,37 @@ pub fn quantize(
     let calib_started = Instant::now();
     let mut calib_seconds = 0.0;
     let plan = if quantize_acts {
-        let source = calib
-            .ok_or_else(|| Error::Data("activation quantization needs calibration data".into()))?;
         let session = calibrate::observing_session(&simple, config.threads)?;
-        let act_scheme = QScheme::new(config.activation_bits, false, false)?;
-        let (ranges, n) = calibrate::calibrate(
-            &session,
-            source,
-            &plan.calibrated(),
-            config.activations,
-            config.activation_bits,
-            &act_scheme,
-            config.calib_limit,
-            config.batch_size,
-            progress,
-        )?;
+        let (ranges, n) = match fixed_ranges {
+            Some(given) => {
+                let mut ranges = BTreeMap::new();
+                for name in plan.calibrated() {
+                    let r = given.get(&name).copied().ok_or_else(|| Error::Tensor {
+                        name: name.clone(),
+                        msg: "no activation range was given for this tensor".into(),
+                    })?;
+                    ranges.insert(name, r);
+                }
+                (ranges, 0)
+            }
+            None => {
+                let source = calib.ok_or_else(|| {
+                    Error::Data("activation quantization needs calibration data".into())
+                })?;
+                let act_scheme = QScheme::new(config.activation_bits, false, false)?;
+                calibrate::calibrate(
+                    &session,
+                    source,
+                    &plan.calibrated(),
+                    config.activations,
+                    config.activation_bits,
+                    &act_scheme,
+                    config.calib_limit,
+                    config.batch_size,
+                    progress,
+                )?
+            }
+        };
         samples = n;
         calib_seconds = calib_started.elapsed().as_secs_f64();
         for (name, r) in &ranges {
@@ -172,7 +213,7 @@ pub fn quantize(
                 acts.insert(t.clone(), p);
             }
         }
-        if config.measure_activation_sqnr {
+        if let (true, Some(source)) = (config.measure_activation_sqnr, calib) {
             let params: BTreeMap<String, QParams> =
                 acts.iter().map(|(k, v)| (k.clone(), v.params)).collect();
             act_sqnr = calibrate::activation_sqnr(
