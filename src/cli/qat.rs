@@ -21,36 +21,36 @@ pub struct QatArgs {
     pub qat: bool,
     /// QAT training data: `mnist`, `fashion-mnist`, a folder of labelled images or an .npz
     /// (default: the calibration data).
-    #[arg(long)]
+    #[arg(long, requires = "qat")]
     pub data: Option<String>,
     /// QAT epochs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, requires = "qat", default_value_t = 1)]
     pub epochs: usize,
     /// QAT learning rate.
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, requires = "qat", default_value_t = 0.001)]
     pub lr: f32,
     /// QAT optimizer: sgd, nesterov, adam or adamw.
-    #[arg(long, default_value = "sgd")]
+    #[arg(long, requires = "qat", default_value = "sgd")]
     pub optimizer: String,
     /// Momentum of QAT's SGD and Nesterov.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, requires = "qat", default_value_t = 0.9)]
     pub momentum: f32,
     /// QAT mini-batch size.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, requires = "qat", default_value_t = 64)]
     pub train_batch: usize,
     /// Train on the first N training samples only.
-    #[arg(long)]
+    #[arg(long, requires = "qat")]
     pub train_limit: Option<usize>,
     /// Seed of the QAT sample order (same seed and thread count give the same bits).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, requires = "qat", default_value_t = 0)]
     pub seed: u64,
     /// Activation ranges during QAT: fixed (as calibrated) or ema[=MOMENTUM] (learned as a
     /// moving average of the batch min/max, default momentum 0.99).
-    #[arg(long, default_value = "fixed")]
+    #[arg(long, requires = "qat", default_value = "fixed")]
     pub act_ranges: String,
     /// Weight grids during QAT (linear and fixed point): minmax, or mse (the clipping
     /// threshold of least squared error, for 2 and 3 bits).
-    #[arg(long, default_value = "minmax")]
+    #[arg(long, requires = "qat", default_value = "minmax")]
     pub weight_ranges: String,
 }
 

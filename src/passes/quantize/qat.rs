@@ -112,6 +112,7 @@ pub fn quantize_aware_training(
     }
 
     let quantize_acts = config.activations != ActivationCalib::None;
+    let calib_started = std::time::Instant::now();
     let (calibrated, samples) = if quantize_acts {
         let source = calib
             .ok_or_else(|| Error::Data("activation quantization needs calibration data".into()))?;
@@ -132,9 +133,19 @@ pub fn quantize_aware_training(
         (BTreeMap::new(), 0)
     };
 
+    let calib_seconds = calib_started.elapsed().as_secs_f64();
+
     // The training engine hooks node outputs only: the graph inputs that get quantized pass
     // through an Identity whose output carries their fake quantizer (simplification removes
     // it again when the model is written).
+    let original_weights: BTreeMap<String, crate::ir::Tensor> = plan
+        .targets
+        .iter()
+        .filter_map(|t| {
+            let w = simple.graph.initializers.get(&t.weight)?;
+            Some((t.weight.clone(), w.clone()))
+        })
+        .collect();
     let mut simple = simple;
     let graph_inputs: HashSet<String> =
         simple.graph.inputs.iter().map(|v| v.name.clone()).collect();
@@ -243,6 +254,22 @@ pub fn quantize_aware_training(
         super::quantize(&tuned, None, config, &mut export_progress)?
     };
     report.calibration_samples = samples;
+    report.calibration_seconds = calib_seconds;
+    // The export sees weights already on their grid, so its own SQNR would be infinite; the
+    // useful figure is the distance of the shipped weights from the original f32 ones
+    // (quantization and fine-tuning together).
+    for layer in &mut report.layers {
+        let Some(target) = plan.targets.iter().find(|t| t.name == layer.node) else {
+            continue;
+        };
+        if let (Some(orig), Some(shipped)) = (
+            original_weights.get(&target.weight),
+            tuned.graph.initializers.get(&target.weight),
+        ) {
+            layer.weight_sqnr_db =
+                crate::quant::linear::sqnr_db(orig.as_f32()?, shipped.as_f32()?)?;
+        }
+    }
     let pairs = |m: &BTreeMap<String, Range>| -> BTreeMap<String, (f32, f32)> {
         m.iter().map(|(k, r)| (k.clone(), (r.min, r.max))).collect()
     };
