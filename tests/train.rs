@@ -363,3 +363,85 @@ fn distils_a_student_from_a_teacher() {
         .accuracy;
     assert!(acc > 0.9, "student accuracy {acc}");
 }
+
+/// The real `lithe train` binary: bad data is a clear error on stderr (no panic), with a
+/// non-zero exit.
+#[test]
+fn cli_bad_input_is_a_clear_error() {
+    let dir = tmp("cli-bad");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lithe"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("lithe runs");
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let npz = |name: &str, shape: [usize; 4], labels: Vec<i64>| {
+        let n: usize = shape.iter().product();
+        // Deterministic values in [-1, 1).
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let path = dir.join(name);
+        lithe::data::npz::write_npz(
+            &path,
+            &[
+                ("x".into(), Tensor::from_f32(shape.to_vec(), x).unwrap()),
+                (
+                    "y".into(),
+                    Tensor::from_i64(vec![labels.len()], labels).unwrap(),
+                ),
+            ],
+        )
+        .unwrap();
+        path.to_string_lossy().to_string()
+    };
+    let out = dir.join("out.onnx").to_string_lossy().to_string();
+    let model = "assets/models/mnist_cnn.onnx";
+
+    // Labels outside the 10 classes of the model being fine-tuned.
+    let data = npz("labels.npz", [4, 1, 28, 28], vec![0, 3, 12, 1]);
+    let err = run(&["train", model, "--data", &data, "--batch", "4", "-o", &out]);
+    assert!(
+        err.contains("label 12") && err.contains("10 classes"),
+        "{err}"
+    );
+
+    // Images of the wrong size for the model.
+    let data = npz("size.npz", [4, 1, 32, 32], vec![0, 1, 2, 3]);
+    let err = run(&["train", model, "--data", &data, "--batch", "4", "-o", &out]);
+    assert!(
+        err.contains("[1, 32, 32]") || err.contains("[1, 28, 28]"),
+        "{err}"
+    );
+
+    // A learning rate that makes the loss blow up: the error names the step and the rate.
+    let labels = (0..64).map(|i| i % 10).collect();
+    let data = npz("nan.npz", [64, 1, 28, 28], labels);
+    let err = run(&[
+        "train",
+        "--arch",
+        "lenet-300-100",
+        "--data",
+        &data,
+        "--batch",
+        "32",
+        "--epochs",
+        "20",
+        "--lr",
+        "1e30",
+        "--eval-limit",
+        "0",
+        "-o",
+        &out,
+    ]);
+    assert!(
+        err.contains("loss became") && err.contains("at step") && err.contains("learning rate"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
