@@ -445,3 +445,49 @@ fn cli_bad_input_is_a_clear_error() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `lithe train` reports its peak memory; lenet5 at batch 256 stays far under 1 GiB (the
+/// full-epoch figure is in BENCHMARKS.md).
+#[test]
+fn cli_lenet5_at_batch_256_stays_under_1_gib() {
+    if mnist(Split::Train, 1).is_none() {
+        return;
+    }
+    let dir = tmp("cli-mem");
+    let out = dir.join("lenet5.onnx");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lithe"))
+        .args([
+            "train", "--arch", "lenet5", "--data", "mnist", "--batch", "256",
+        ])
+        .args([
+            "--epochs",
+            "1",
+            "--limit",
+            "1024",
+            "--eval-limit",
+            "1000",
+            "-o",
+        ])
+        .arg(&out)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("lithe runs");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let Some(mib) = text
+        .split("peak memory ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+    else {
+        eprintln!("no peak memory reported (no /proc?), skipping: {text}");
+        return;
+    };
+    eprintln!("lenet5, batch 256: peak memory {mib} MiB");
+    assert!(mib < 1024.0, "{mib} MiB");
+    let _ = std::fs::remove_dir_all(&dir);
+}
