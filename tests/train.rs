@@ -279,13 +279,15 @@ fn lenet5_reaches_0_9_percent() {
 #[test]
 #[ignore]
 fn mlp_1200_with_dropout_and_jitter_reaches_1_3_percent() {
+    // With dropout on the input and hidden layers, lr 0.05 (and +-2 px jitter) learnt too
+    // slowly to get there in 30 epochs; see BENCHMARKS.md.
     let config = TrainConfig {
-        epochs: 30,
+        epochs: 35,
         batch: 100,
-        lr: 0.05,
+        lr: 0.01,
         schedule: ScheduleKind::Cosine { min_factor: 0.0 },
         augment: Augment {
-            shift: 2,
+            shift: 1,
             flip: false,
         },
         seed: 1,
