@@ -1,11 +1,12 @@
 //! Training throughput: `cargo run --release --example train_bench -- [--arch lenet5]
-//! [--batch 64] [--threads 0] [--epochs 1] [--limit N] [--data mnist] [--reps 20]`.
+//! [--batch 64] [--threads 0] [--epochs 1] [--limit N] [--data mnist] [--reps 20] [--peak GFLOPS]`.
 //!
 //! Trains a zoo model on MNIST (the full training set unless `--limit`), then reports images
 //! per second, the GFLOP/s of the convolutions and dense layers (forward, weight gradient,
 //! and input gradient except for the first layer), that as a fraction of this CPU's FMA peak
-//! (cores x 32 f32 FLOP/cycle at the `cpu MHz` of /proc/cpuinfo), the split of a step into
-//! forward, backward and update, test accuracy, and peak resident memory (VmHWM).
+//! (cores x 32 f32 FLOP/cycle at the `cpu MHz` of /proc/cpuinfo, or a measured one-core
+//! peak given as `--peak GFLOPS`), the split of a step into forward, backward and update,
+//! test accuracy, and peak resident memory (VmHWM).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -195,7 +196,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "work: {:.2} MFLOP per image (conv + dense, fwd + bwd) -> {gflops:.1} GFLOP/s",
         train_macs as f64 * 2.0 / 1e6
     );
-    if let Some(mhz) = cpu_mhz() {
+    let measured_peak: f64 = arg(&args, "--peak", 0.0);
+    if measured_peak > 0.0 {
+        // Per CPU-second, the fraction does not depend on how many cores the run got.
+        if let Some(cpu) = cpu {
+            let per_cpu = images / cpu * train_macs as f64 * 2.0 / 1e9;
+            println!(
+                "measured one-core peak {measured_peak:.1} GFLOP/s: {:.1} % per CPU-second, {:.1} % of {cores} core(s) in wall time",
+                per_cpu / measured_peak * 100.0,
+                gflops / (measured_peak * cores as f64) * 100.0
+            );
+        }
+    } else if let Some(mhz) = cpu_mhz() {
         let peak = cores as f64 * 32.0 * mhz / 1e3;
         println!(
             "FMA peak {peak:.0} GFLOP/s ({cores} cores x 32 FLOP/cycle x {mhz:.0} MHz): {:.1} %",
