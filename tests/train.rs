@@ -253,8 +253,7 @@ fn lenet_300_100_reaches_1_8_percent() {
         weight_decay: 1e-4,
         schedule: ScheduleKind::Cosine { min_factor: 0.0 },
         seed: 1,
-        // One thread, as in the runs recorded in BENCHMARKS.md (same seed and thread count
-        // give the same bits).
+        // One thread, as in the CLI runs recorded in BENCHMARKS.md.
         threads: 1,
         ..TrainConfig::default()
     };
@@ -272,8 +271,7 @@ fn lenet5_reaches_0_9_percent() {
         weight_decay: 5e-4,
         schedule: ScheduleKind::Cosine { min_factor: 0.0 },
         seed: 1,
-        // One thread, as in the runs recorded in BENCHMARKS.md (same seed and thread count
-        // give the same bits).
+        // One thread, as in the CLI runs recorded in BENCHMARKS.md.
         threads: 1,
         ..TrainConfig::default()
     };
@@ -297,8 +295,7 @@ fn mlp_1200_with_dropout_and_jitter_reaches_1_3_percent() {
             flip: false,
         },
         seed: 1,
-        // One thread, as in the runs recorded in BENCHMARKS.md (same seed and thread count
-        // give the same bits).
+        // One thread, as in the CLI runs recorded in BENCHMARKS.md.
         threads: 1,
         ..TrainConfig::default()
     };
