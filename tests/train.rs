@@ -283,15 +283,15 @@ fn lenet5_reaches_0_9_percent() {
 #[test]
 #[ignore]
 fn mlp_1200_with_dropout_and_jitter_reaches_1_3_percent() {
-    // With dropout on the input and hidden layers, lr 0.05 (and +-2 px jitter) learnt too
-    // slowly to get there in 30 epochs; see BENCHMARKS.md.
+    // With dropout on the input and hidden layers, lr 0.05 learnt too slowly to get there in
+    // 30 epochs; lr 0.02 for 35 epochs does (1.24 %, see BENCHMARKS.md).
     let config = TrainConfig {
         epochs: 35,
         batch: 100,
-        lr: 0.01,
+        lr: 0.02,
         schedule: ScheduleKind::Cosine { min_factor: 0.0 },
         augment: Augment {
-            shift: 1,
+            shift: 2,
             flip: false,
         },
         seed: 1,
