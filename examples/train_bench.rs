@@ -1,11 +1,12 @@
 //! Training throughput: `cargo run --release --example train_bench -- [--arch lenet5]
-//! [--batch 64] [--threads 0] [--epochs 1] [--limit N] [--data mnist]`.
+//! [--batch 64] [--threads 0] [--epochs 1] [--limit N] [--data mnist] [--reps 20] [--peak GFLOPS]`.
 //!
 //! Trains a zoo model on MNIST (the full training set unless `--limit`), then reports images
 //! per second, the GFLOP/s of the convolutions and dense layers (forward, weight gradient,
 //! and input gradient except for the first layer), that as a fraction of this CPU's FMA peak
-//! (cores x 32 f32 FLOP/cycle at the `cpu MHz` of /proc/cpuinfo), the split of a step into
-//! forward, backward and update, test accuracy, and peak resident memory (VmHWM).
+//! (cores x 32 f32 FLOP/cycle at the `cpu MHz` of /proc/cpuinfo, or a measured one-core
+//! peak given as `--peak GFLOPS`), the split of a step into forward, backward and update,
+//! test accuracy, and peak resident memory (VmHWM).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,6 +34,19 @@ fn peak_rss_mib() -> Option<f64> {
         .parse()
         .ok()?;
     Some(kb / 1024.0)
+}
+
+/// CPU seconds this process has used (user + system, all threads), from /proc/self/stat.
+/// On a machine shared with other work, images per CPU-second of a one-thread run is the
+/// stable number; wall time depends on what else runs.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name start at field 3 (state); utime and
+    // stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], key: &str, default: T) -> T {
@@ -99,10 +113,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Default::default(),
         &mut lithe::train::Rng::new(0),
     )?;
-    let reps = 20;
+    let reps: usize = arg(&args, "--reps", 20);
     let (mut t_fwd, mut t_bwd, mut t_upd) = (0.0, 0.0, 0.0);
     let mut scratch = Trainer::new(trainer.export(), trainer.config.clone())?;
     scratch.graph_mut().set_profiling(true);
+    let reps_cpu0 = cpu_seconds();
     for _ in 0..reps {
         let t0 = Instant::now();
         let tape = scratch.graph().forward(
@@ -128,6 +143,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t_bwd += (t2 - t1).as_secs_f64();
         t_upd += t2.elapsed().as_secs_f64();
     }
+    let reps_cpu = cpu_seconds().zip(reps_cpu0).map(|(b, a)| b - a);
     let profile = scratch.graph().profile();
     drop(scratch);
 
@@ -142,8 +158,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let started = Instant::now();
-    trainer.fit(train.clone(), Some(&test), &mut |_| {})?;
+    let cpu0 = cpu_seconds();
+    trainer.fit(train.clone(), None, &mut |_| {})?;
+    let cpu = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
     let secs = started.elapsed().as_secs_f64();
+    let test_stats = trainer.evaluate(&test)?;
     let last = trainer.history.last().ok_or("no epoch ran")?;
     let images = (train.len() * epochs) as f64;
     let train_secs: f64 = trainer.history.iter().map(|e| e.seconds).sum();
@@ -159,29 +178,48 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t_bwd / reps as f64 * 1e3,
         t_upd / reps as f64 * 1e3
     );
-    println!(
-        "training: {train_secs:.2} s ({:.2} s with evaluation), {ips:.0} images/s",
-        secs
-    );
+    if let Some(c) = reps_cpu {
+        println!(
+            "CPU time per step (all threads): {:.2} ms",
+            c / reps as f64 * 1e3
+        );
+    }
+    println!("training: {train_secs:.2} s ({secs:.2} s in fit), {ips:.0} images/s");
+    if let Some(cpu) = cpu {
+        println!(
+            "CPU time: {cpu:.2} s, {:.0} images per CPU-second ({:.1} GFLOP per CPU-second)",
+            images / cpu,
+            images / cpu * train_macs as f64 * 2.0 / 1e9
+        );
+    }
     println!(
         "work: {:.2} MFLOP per image (conv + dense, fwd + bwd) -> {gflops:.1} GFLOP/s",
         train_macs as f64 * 2.0 / 1e6
     );
-    if let Some(mhz) = cpu_mhz() {
+    let measured_peak: f64 = arg(&args, "--peak", 0.0);
+    if measured_peak > 0.0 {
+        // Per CPU-second, the fraction does not depend on how many cores the run got.
+        if let Some(cpu) = cpu {
+            let per_cpu = images / cpu * train_macs as f64 * 2.0 / 1e9;
+            println!(
+                "measured one-core peak {measured_peak:.1} GFLOP/s: {:.1} % per CPU-second, {:.1} % of {cores} core(s) in wall time",
+                per_cpu / measured_peak * 100.0,
+                gflops / (measured_peak * cores as f64) * 100.0
+            );
+        }
+    } else if let Some(mhz) = cpu_mhz() {
         let peak = cores as f64 * 32.0 * mhz / 1e3;
         println!(
             "FMA peak {peak:.0} GFLOP/s ({cores} cores x 32 FLOP/cycle x {mhz:.0} MHz): {:.1} %",
             gflops / peak * 100.0
         );
     }
-    if let Some(t) = &last.test {
-        println!(
-            "test accuracy after {} epoch(s): {:.2} % (error {:.2} %)",
-            last.epoch,
-            t.accuracy * 100.0,
-            100.0 - t.accuracy * 100.0
-        );
-    }
+    println!(
+        "test accuracy after {} epoch(s): {:.2} % (error {:.2} %)",
+        last.epoch,
+        test_stats.accuracy * 100.0,
+        100.0 - test_stats.accuracy * 100.0
+    );
     if let Some(rss) = peak_rss_mib() {
         println!("peak RSS: {rss:.0} MiB");
     }

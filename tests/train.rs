@@ -253,6 +253,8 @@ fn lenet_300_100_reaches_1_8_percent() {
         weight_decay: 1e-4,
         schedule: ScheduleKind::Cosine { min_factor: 0.0 },
         seed: 1,
+        // One thread, as in the CLI runs recorded in BENCHMARKS.md.
+        threads: 1,
         ..TrainConfig::default()
     };
     if let Some(e) = mnist_error("lenet-300-100", config) {
@@ -269,6 +271,8 @@ fn lenet5_reaches_0_9_percent() {
         weight_decay: 5e-4,
         schedule: ScheduleKind::Cosine { min_factor: 0.0 },
         seed: 1,
+        // One thread, as in the CLI runs recorded in BENCHMARKS.md.
+        threads: 1,
         ..TrainConfig::default()
     };
     if let Some(e) = mnist_error("lenet5", config) {
@@ -279,16 +283,20 @@ fn lenet5_reaches_0_9_percent() {
 #[test]
 #[ignore]
 fn mlp_1200_with_dropout_and_jitter_reaches_1_3_percent() {
+    // With dropout on the input and hidden layers, lr 0.05 learnt too slowly to get there in
+    // 30 epochs; lr 0.02 for 35 epochs does (1.24 %, see BENCHMARKS.md).
     let config = TrainConfig {
-        epochs: 30,
+        epochs: 35,
         batch: 100,
-        lr: 0.05,
+        lr: 0.02,
         schedule: ScheduleKind::Cosine { min_factor: 0.0 },
         augment: Augment {
             shift: 2,
             flip: false,
         },
         seed: 1,
+        // One thread, as in the CLI runs recorded in BENCHMARKS.md.
+        threads: 1,
         ..TrainConfig::default()
     };
     if let Some(e) = mnist_error("mlp-1200", config) {
@@ -362,4 +370,132 @@ fn distils_a_student_from_a_teacher() {
         .unwrap()
         .accuracy;
     assert!(acc > 0.9, "student accuracy {acc}");
+}
+
+/// The real `lithe train` binary: bad data is a clear error on stderr (no panic), with a
+/// non-zero exit.
+#[test]
+fn cli_bad_input_is_a_clear_error() {
+    let dir = tmp("cli-bad");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lithe"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("lithe runs");
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let npz = |name: &str, shape: [usize; 4], labels: Vec<i64>| {
+        let n: usize = shape.iter().product();
+        // Deterministic values in [-1, 1).
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let path = dir.join(name);
+        lithe::data::npz::write_npz(
+            &path,
+            &[
+                ("x".into(), Tensor::from_f32(shape.to_vec(), x).unwrap()),
+                (
+                    "y".into(),
+                    Tensor::from_i64(vec![labels.len()], labels).unwrap(),
+                ),
+            ],
+        )
+        .unwrap();
+        path.to_string_lossy().to_string()
+    };
+    let out = dir.join("out.onnx").to_string_lossy().to_string();
+    let model = "assets/models/mnist_cnn.onnx";
+
+    // Labels outside the 10 classes of the model being fine-tuned.
+    let data = npz("labels.npz", [4, 1, 28, 28], vec![0, 3, 12, 1]);
+    let err = run(&["train", model, "--data", &data, "--batch", "4", "-o", &out]);
+    assert!(
+        err.contains("label 12") && err.contains("10 classes"),
+        "{err}"
+    );
+
+    // Images of the wrong size for the model.
+    let data = npz("size.npz", [4, 1, 32, 32], vec![0, 1, 2, 3]);
+    let err = run(&["train", model, "--data", &data, "--batch", "4", "-o", &out]);
+    assert!(
+        err.contains("[1, 32, 32]") || err.contains("[1, 28, 28]"),
+        "{err}"
+    );
+
+    // A learning rate that makes the loss blow up: the error names the step and the rate.
+    let labels = (0..64).map(|i| i % 10).collect();
+    let data = npz("nan.npz", [64, 1, 28, 28], labels);
+    let err = run(&[
+        "train",
+        "--arch",
+        "lenet-300-100",
+        "--data",
+        &data,
+        "--batch",
+        "32",
+        "--epochs",
+        "20",
+        "--lr",
+        "1e30",
+        "--eval-limit",
+        "0",
+        "-o",
+        &out,
+    ]);
+    assert!(
+        err.contains("loss became") && err.contains("at step") && err.contains("learning rate"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `lithe train` reports its peak memory; lenet5 at batch 256 stays far under 1 GiB (the
+/// full-epoch figure is in BENCHMARKS.md).
+#[test]
+fn cli_lenet5_at_batch_256_stays_under_1_gib() {
+    if mnist(Split::Train, 1).is_none() {
+        return;
+    }
+    let dir = tmp("cli-mem");
+    let out = dir.join("lenet5.onnx");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lithe"))
+        .args([
+            "train", "--arch", "lenet5", "--data", "mnist", "--batch", "256",
+        ])
+        .args([
+            "--epochs",
+            "1",
+            "--limit",
+            "1024",
+            "--eval-limit",
+            "1000",
+            "-o",
+        ])
+        .arg(&out)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("lithe runs");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let Some(mib) = text
+        .split("peak memory ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+    else {
+        eprintln!("no peak memory reported (no /proc?), skipping: {text}");
+        return;
+    };
+    eprintln!("lenet5, batch 256: peak memory {mib} MiB");
+    assert!(mib < 1024.0, "{mib} MiB");
+    let _ = std::fs::remove_dir_all(&dir);
 }

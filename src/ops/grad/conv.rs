@@ -6,7 +6,7 @@ use super::{f32_tensor, f32s, GradCtx};
 use crate::error::Result;
 use crate::ir::Tensor;
 use crate::kernels::conv::Conv2dGeom;
-use crate::kernels::conv_grad::{conv2d_backward_data, conv2d_backward_weight};
+use crate::kernels::conv_grad::{conv2d_backward_data, conv2d_backward_weight, sum_f32};
 
 pub fn grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
     let node = ctx.node;
@@ -65,7 +65,7 @@ pub fn grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
     } else if want_db {
         let p = g.numel() / (n * ws[0]).max(1);
         for (i, plane) in f32s(&g).chunks_exact(p.max(1)).enumerate() {
-            db[i % ws[0]] += plane.iter().sum::<f32>();
+            db[i % ws[0]] += sum_f32(plane);
         }
     }
     if want_db {

@@ -52,7 +52,7 @@ pub fn reduce_to_shape(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
                 *o += v;
             }
         } else {
-            out[off] += row.iter().sum::<f32>();
+            out[off] += crate::kernels::conv_grad::sum_f32(row);
         }
         // Odometer over the outer dims, keeping the output offset in step.
         for d in (0..outer.len()).rev() {

@@ -86,6 +86,7 @@ pub fn grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
         && win.stride == [2, 2]
         && win.pads == [0; 4]
         && win.dilation == [1, 1]
+        && (oh, ow) == (h / 2, w / 2)
     {
         let dx = max_pool_2x2(f32s(x), f32s(&g), (h, w), (oh, ow));
         return Ok(vec![Some(f32_tensor(x.shape(), dx)?)]);
@@ -155,6 +156,7 @@ fn max_pool_2x2(
     (h, w): (usize, usize),
     (oh, ow): (usize, usize),
 ) -> Vec<f32> {
+    let avx = crate::kernels::simd::has_avx2_fma();
     let mut dx = vec![0.0f32; xv.len()];
     dx.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
         let xs = &xv[p * h * w..(p + 1) * h * w];
@@ -165,7 +167,14 @@ fn max_pool_2x2(
                 &xs[(2 * oy + 1) * w..(2 * oy + 2) * w],
             );
             let (d0, d1) = dst[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
-            for (ox, &gval) in grow.iter().enumerate() {
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if avx {
+                // SAFETY: AVX2 was detected; every row holds `w >= 2 * ow` values.
+                done = unsafe { max_2x2_rows_avx2(r0, r1, grow, d0, d1) };
+            }
+            let _ = avx;
+            for (ox, &gval) in grow.iter().enumerate().skip(done) {
                 let c = 2 * ox;
                 let v = [r0[c], r0[c + 1], r1[c], r1[c + 1]];
                 // First maximum, as the forward picks it; branch-free.
@@ -181,6 +190,74 @@ fn max_pool_2x2(
         }
     });
     dx
+}
+
+/// Eight windows of one row pair at a time: de-interleave the even and odd columns, pick the
+/// first maximum of each window with the same strict comparisons as the scalar loop, and
+/// interleave the routed gradients back. Returns how many outputs of the row it handled.
+///
+/// # Safety
+/// The CPU must support AVX2; `r0`, `r1`, `d0` and `d1` hold at least `2 * g.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_2x2_rows_avx2(
+    r0: &[f32],
+    r1: &[f32],
+    g: &[f32],
+    d0: &mut [f32],
+    d1: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::*;
+    // Columns 2j and 2j + 1 of 16 consecutive values, each in natural order.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn split(p: *const f32) -> (__m256, __m256) {
+        let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+        let even = _mm256_shuffle_ps::<0x88>(a, b);
+        let odd = _mm256_shuffle_ps::<0xDD>(a, b);
+        (
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(even))),
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(odd))),
+        )
+    }
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn join(p: *mut f32, even: __m256, odd: __m256) {
+        let lo = _mm256_unpacklo_ps(even, odd);
+        let hi = _mm256_unpackhi_ps(even, odd);
+        _mm256_storeu_ps(p, _mm256_permute2f128_ps::<0x20>(lo, hi));
+        _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+    }
+    let n = g.len().min(r0.len() / 2).min(r1.len() / 2);
+    let n = n.min(d0.len() / 2).min(d1.len() / 2);
+    let mut ox = 0;
+    while ox + 8 <= n {
+        let c = 2 * ox;
+        let (v0, v1) = split(r0.as_ptr().add(c));
+        let (v2, v3) = split(r1.as_ptr().add(c));
+        // `v[k] > best` (false for NaN) moves the winner, as in the scalar loop.
+        let w1 = _mm256_cmp_ps::<_CMP_GT_OQ>(v1, v0);
+        let m = _mm256_blendv_ps(v0, v1, w1);
+        let w2 = _mm256_cmp_ps::<_CMP_GT_OQ>(v2, m);
+        let m = _mm256_blendv_ps(m, v2, w2);
+        let w3 = _mm256_cmp_ps::<_CMP_GT_OQ>(v3, m);
+        let k2 = _mm256_andnot_ps(w3, w2);
+        let k1 = _mm256_andnot_ps(_mm256_or_ps(w2, w3), w1);
+        let k0 = _mm256_or_ps(_mm256_or_ps(w1, w2), w3);
+        let gv = _mm256_loadu_ps(g.as_ptr().add(ox));
+        join(
+            d0.as_mut_ptr().add(c),
+            _mm256_andnot_ps(k0, gv),
+            _mm256_and_ps(k1, gv),
+        );
+        join(
+            d1.as_mut_ptr().add(c),
+            _mm256_and_ps(k2, gv),
+            _mm256_and_ps(w3, gv),
+        );
+        ox += 8;
+    }
+    ox
 }
 
 pub fn global_grad(ctx: &GradCtx) -> Result<Vec<Option<Tensor>>> {
@@ -310,5 +387,43 @@ mod tests {
                 2e-3,
             );
         }
+    }
+
+    /// The vectorised 2x2 routing agrees with a plain first-maximum loop, ties and NaN
+    /// included, on rows long enough for the vector body and its scalar tail.
+    #[test]
+    fn max_pool_2x2_routes_to_the_first_maximum() {
+        let (planes, h, w) = (3, 6, 45);
+        let (oh, ow) = (h / 2, w / 2);
+        let mut state = 7u32;
+        let x: Vec<f32> = (0..planes * h * w)
+            .map(|i| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                // Few distinct levels, so windows often tie; a sprinkling of NaN.
+                if i % 97 == 5 {
+                    f32::NAN
+                } else {
+                    (state >> 29) as f32
+                }
+            })
+            .collect();
+        let g: Vec<f32> = (0..planes * oh * ow).map(|i| 1.0 + i as f32).collect();
+        let mut want = vec![0.0f32; x.len()];
+        for p in 0..planes {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let at = |k: usize| p * h * w + (2 * oy + k / 2) * w + 2 * ox + k % 2;
+                    let mut best = 0;
+                    for k in 1..4 {
+                        if x[at(k)] > x[at(best)] {
+                            best = k;
+                        }
+                    }
+                    want[at(best)] = g[(p * oh + oy) * ow + ox];
+                }
+            }
+        }
+        let got = super::max_pool_2x2(&x, &g, (h, w), (oh, ow));
+        assert_eq!(got, want);
     }
 }
