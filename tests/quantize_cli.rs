@@ -67,7 +67,7 @@ fn assert_one_line_failure(o: &Output, expect: &[&str]) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// Every activation scale in a QDQ model is positive and finite.
+/// Every activation and weight scale in a QDQ model is positive and finite.
 fn scales_are_positive(path: &Path) {
     let m = lithe::onnx::load_model(path).expect("quantized model");
     let mut seen = 0;
@@ -75,15 +75,17 @@ fn scales_are_positive(path: &Path) {
         .graph
         .nodes
         .iter()
-        .filter(|n| n.op_type == "QuantizeLinear")
+        .filter(|n| n.op_type == "QuantizeLinear" || n.op_type == "DequantizeLinear")
     {
-        let scale = &m.graph.initializers[&node.inputs[1]];
+        let Some(scale) = m.graph.initializers.get(&node.inputs[1]) else {
+            continue;
+        };
         for v in scale.to_f32_vec() {
             assert!(v.is_finite() && v > 0.0, "{}: scale {v}", node.inputs[1]);
         }
         seen += 1;
     }
-    assert!(seen >= 4, "only {seen} QuantizeLinear nodes");
+    assert!(seen >= 8, "only {seen} Quantize/DequantizeLinear nodes");
 }
 
 #[test]
@@ -123,6 +125,28 @@ fn with_first_conv_weight(f: impl Fn(&mut [f32])) -> (Model, String) {
 }
 
 #[test]
+fn all_zero_and_constant_weights_give_positive_scales() {
+    let calib = calib_npz("calib.npz", 4, |i| (i % 5) as f32 * 0.2);
+    for (tag, value) in [("zero", 0.0f32), ("const", 0.25)] {
+        let (m, _) = with_first_conv_weight(|w| w.fill(value));
+        let model = tmp(&format!("weights_{tag}.onnx"));
+        lithe::onnx::save_model(&m, &model, &Default::default()).expect("save");
+        let out = tmp(&format!("weights_{tag}_q.onnx"));
+        let o = lithe(&[
+            "quantize",
+            s(&model),
+            "-o",
+            s(&out),
+            "-q",
+            "--calib",
+            s(&calib),
+        ]);
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        scales_are_positive(&out);
+    }
+}
+
+#[test]
 fn non_finite_weights_name_the_tensor() {
     let calib = calib_npz("ok.npz", 4, |i| (i % 7) as f32 * 0.3);
     for (tag, bad) in [("nan", f32::NAN), ("inf", f32::INFINITY)] {
@@ -152,7 +176,7 @@ fn non_finite_weights_name_the_tensor() {
 #[test]
 fn non_finite_calibration_data_name_the_input_and_sample() {
     for (tag, bad) in [("nan", f32::NAN), ("inf", f32::NEG_INFINITY)] {
-        // Sample 5 of 8 (in the first batch of 4 with --batch 4: the second batch).
+        // Sample 5 of 8 lies in the second batch of 4: the reported index is global.
         let calib = calib_npz(&format!("calib_{tag}.npz"), 8, |i| {
             if i == 5 * 784 + 100 {
                 bad
