@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
-"""lithe quantize vs onnxruntime.quantization.quantize_static on the MNIST CNN.
+"""lithe quantize vs onnxruntime.quantization.quantize_static on MNIST models.
 
-usage: ort_quantize_compare.py [--lithe target/release/lithe] [--model assets/models/mnist_cnn.onnx]
-                               [--out DIR] [--schemes] [--json FILE]
+usage: ort_quantize_compare.py [--lithe target/release/lithe] [--model M.onnx ...]
+                               [--out DIR] [--schemes] [--repeat 3] [--json FILE]
+Default models: assets/models/mnist_cnn.onnx and assets/models/lenet5.onnx (both take
+MNIST normalised with mean 0.1307, std 0.3081).
 
 Both quantizers get the same 1000 calibration images (the first 1000 of MNIST train, normalised
 as lithe does) and write QDQ models with per-channel weights; every model is then run in ONNX
 Runtime on the 10k test set. Reports accuracy at 8 bits and with 4-bit weights, the wall time
-of each quantizer, and the peak RSS of lithe's calibration with 100, 1000 and 10000 samples
-(flat: observers are streaming). With --schemes, also every lithe scheme (linear, fixed, log,
-kmeans) at 8, 6 and 4 weight bits: accuracy in ORT and bytes.
+of each quantizer (best of --repeat alternating runs; lithe's includes process start-up, model
+loading and writing), and the peak RSS of lithe's calibration with 100, 1000 and 10000 samples
+(observers are streaming; run at the default thread count and with --threads 1, since glibc's
+per-thread malloc arenas add a few MiB per decade of batches with 2 threads). For scale, the
+time ONNX Runtime itself needs for one f32 forward pass over the calibration images is printed
+too: MinMax calibration cannot be much faster than that pass. With --schemes, also every lithe
+scheme (linear, fixed, log, kmeans) at 8, 6 and 4 weight bits: accuracy in ORT and bytes.
 """
 import argparse
 import gzip
 import json
-import os
+import logging
 import subprocess
 import sys
 import time
@@ -84,15 +90,41 @@ def lithe(args, model, out, extra, calib=None):
     return wall, json.loads(report.read_text())
 
 
+def forward_seconds(model, x, name, batch=100):
+    """ORT's f32 inference over x in calibration-sized batches (best of 3)."""
+    s = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for i in range(0, len(x), batch):
+            s.run(None, {name: x[i : i + batch]})
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lithe", default=str(REPO / "target" / "release" / "lithe"))
-    ap.add_argument("--model", default=str(REPO / "assets" / "models" / "mnist_cnn.onnx"))
+    ap.add_argument("--model", nargs="+", default=[
+        str(REPO / "assets" / "models" / "mnist_cnn.onnx"),
+        str(REPO / "assets" / "models" / "lenet5.onnx"),
+    ])
     ap.add_argument("--out", default="/tmp/lithe-quantize-compare")
     ap.add_argument("--schemes", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="time each quantizer this many times")
     ap.add_argument("--json")
     args = ap.parse_args()
-    out = Path(args.out)
+    logging.getLogger().setLevel(logging.ERROR)
+    everything = {}
+    for model in args.model:
+        print(f"\n## {Path(model).name}")
+        everything[Path(model).stem] = compare(args, model, Path(args.out) / Path(model).stem)
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=2))
+
+
+def compare(args, model, out):
+    args.model = model
     out.mkdir(parents=True, exist_ok=True)
     xc, yc = images("train")
     xc, yc = np.ascontiguousarray(xc[:1000]), yc[:1000].astype(np.int64)
@@ -115,25 +147,29 @@ def main():
     for wbits in (8, 4):
         for m in ort_methods:
             f = out / f"ort_{m}_w{wbits}.onnx"
-            t = time.perf_counter()
-            quantize_static(
-                args.model,
-                str(f),
-                Reader(xc, name),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8 if wbits == 8 else QuantType.QInt4,
-                calibrate_method=ort_methods[m],
-            )
-            ort_wall = time.perf_counter() - t
-            ort_acc = accuracy(f, xt, yt)
             g = out / f"lithe_{m}_w{wbits}.onnx"
-            lithe_wall, _ = lithe(
-                args, args.model, g,
-                ["--activations", lithe_methods[m], "--weight-bits", str(wbits)],
-                calib=calib,
-            )
+            # Best of --repeat runs each, alternating, so both see the same machine load.
+            ort_wall = lithe_wall = float("inf")
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                quantize_static(
+                    args.model,
+                    str(f),
+                    Reader(xc, name),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8 if wbits == 8 else QuantType.QInt4,
+                    calibrate_method=ort_methods[m],
+                )
+                ort_wall = min(ort_wall, time.perf_counter() - t)
+                wall, _ = lithe(
+                    args, args.model, g,
+                    ["--activations", lithe_methods[m], "--weight-bits", str(wbits)],
+                    calib=calib,
+                )
+                lithe_wall = min(lithe_wall, wall)
+            ort_acc = accuracy(f, xt, yt)
             lithe_acc = accuracy(g, xt, yt)
             for who, acc, wall in (("ORT", ort_acc, ort_wall), ("lithe", lithe_acc, lithe_wall)):
                 print(f"{who:<10} {m:<12} {'s' + str(wbits):<8} {acc * 100:>10.2f}% {wall:>8.2f}")
@@ -141,15 +177,23 @@ def main():
                 dict(method=m, weight_bits=wbits, ort_top1=ort_acc, ort_seconds=ort_wall,
                      lithe_top1=lithe_acc, lithe_seconds=lithe_wall,
                      time_ratio=lithe_wall / ort_wall))
-    ratios = [r["time_ratio"] for r in results["rows"]]
-    print(f"lithe / ORT wall time: {min(ratios):.3f} .. {max(ratios):.3f}")
+    for r in results["rows"]:
+        print(f"lithe / ORT wall time, {r['method']:<10} s{r['weight_bits']}: {r['time_ratio']:.3f}")
+    fwd = forward_seconds(args.model, xc, name)
+    results["ort_f32_forward_seconds"] = fwd
+    print(f"ORT f32 forward pass over the 1000 calibration images: {fwd:.3f} s "
+          f"({fwd / min(r['ort_seconds'] for r in results['rows'] if r['method'] == 'minmax'):.2f}"
+          " of ORT's MinMax quantize_static)")
 
-    print("\npeak RSS of lithe quantize (KL calibration):")
-    for n in (100, 1000, 10000):
-        wall, rep = lithe(args, args.model, out / f"lithe_rss_{n}.onnx", ["--calib-limit", str(n)])
-        rss = rep["peak_rss_bytes"] / 2**20
-        print(f"  {n:>6} samples: {rss:7.1f} MiB, {wall:.2f} s")
-        results["rss"].append(dict(samples=n, peak_rss_mib=rss, seconds=wall))
+    print("\npeak RSS of lithe quantize (KL calibration on MNIST train):")
+    for threads in (0, 1):
+        for n in (100, 1000, 10000):
+            wall, rep = lithe(args, args.model, out / f"lithe_rss_{n}.onnx",
+                              ["--calib-limit", str(n), "--threads", str(threads)])
+            rss = rep["peak_rss_bytes"] / 2**20
+            label = "all cores" if threads == 0 else "1 thread"
+            print(f"  {label:<9} {n:>6} samples: {rss:7.1f} MiB, {wall:.2f} s")
+            results["rss"].append(dict(threads=threads, samples=n, peak_rss_mib=rss, seconds=wall))
 
     if args.schemes:
         print(f"\n{'scheme':<8} {'bits':>4} {'top-1 (ORT)':>11} {'file bytes':>11} {'weights packed':>15}")
@@ -164,8 +208,7 @@ def main():
                 print(f"{scheme:<8} {bits:>4} {acc * 100:>10.2f}% {size:>11} {packed:>15}")
                 results["schemes"].append(dict(scheme=scheme, weight_bits=bits, top1=acc,
                                                file_bytes=size, weight_bytes_packed=packed))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -39,17 +39,31 @@ fn session(model: &Model) -> Session {
 }
 
 fn run_ort(py: &str, model: &Path, feeds: &[(String, Tensor)], tag: &str) -> Vec<(String, Tensor)> {
+    run_ort_with(py, model, feeds, tag, false)
+}
+
+/// `no_opt` turns ORT's graph optimizations off, so a QDQ model runs op by op in f32 (the
+/// arithmetic lithe uses) instead of being fused into integer kernels.
+fn run_ort_with(
+    py: &str,
+    model: &Path,
+    feeds: &[(String, Tensor)],
+    tag: &str,
+    no_opt: bool,
+) -> Vec<(String, Tensor)> {
     let dir = tmp_dir(tag);
     let inp = dir.join("in.npz");
     let out = dir.join("out.npz");
     lithe::data::npz::write_npz(&inp, feeds).expect("write inputs");
-    let status = Command::new(py)
-        .arg(repo().join("scripts/ort_run.py"))
+    let mut cmd = Command::new(py);
+    cmd.arg(repo().join("scripts/ort_run.py"))
         .arg(model)
         .arg(&inp)
-        .arg(&out)
-        .status()
-        .expect("python runs");
+        .arg(&out);
+    if no_opt {
+        cmd.arg("--no-opt");
+    }
+    let status = cmd.status().expect("python runs");
     assert!(
         status.success(),
         "ONNX Runtime failed on {}",
@@ -155,18 +169,50 @@ fn qoperator_model_is_bit_exact_with_onnx_runtime() {
     }
 }
 
+/// Top-1 minus runner-up logit of each row.
+fn margins(t: &Tensor) -> Vec<f32> {
+    let c = t.shape()[1];
+    t.to_f32_vec()
+        .chunks(c)
+        .map(|r| {
+            let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+            for &x in r {
+                if x > a {
+                    b = a;
+                    a = x;
+                } else if x > b {
+                    b = x;
+                }
+            }
+            a - b
+        })
+        .collect()
+}
+
+/// Every weight scheme at 4 bits (8-bit activations) as QDQ, run in lithe and in ONNX Runtime.
+///
+/// Unoptimized ORT (`ORT_DISABLE_ALL`) runs the QDQ graph op by op in f32, the arithmetic
+/// lithe uses: the logits must match to rounding (measured: bit-identical for all four schemes)
+/// and top-1 on every image. Optimized ORT fuses DQ -> Conv/Gemm -> Q into integer kernels
+/// (QLinearConv, QGemm) with its own requantization rounding, and for k-means it even
+/// re-quantizes the codebook-expanded f32 weights to per-tensor int8 (its weight quantization
+/// transformer: the optimized model holds i8 weights with 16 distinct codes), a second
+/// rounding lithe's graph does not contain. So the logits differ by a bounded amount, measured
+/// on these 300 images as at most 0.30 (linear), 0.47 (fixed), 0.64 (log) and 1.16 (k-means);
+/// the bounds below leave headroom over those. Top-1 can then flip only where lithe's own top-1 margin is under twice the logit difference (measured:
+/// 0-2 images per scheme, lithe margins 0.03..0.37), which is asserted image by image instead
+/// of a fixed agreement count.
 #[test]
-#[ignore = "open: after the f32 kernel changes, the 4-bit k-means model agrees with ORT on 296/300 MNIST images (needs 297); run with --ignored"]
 fn every_scheme_runs_in_onnx_runtime() {
     let test = open_dataset("mnist", Split::Test, None).expect("MNIST test");
     let (x, labels) = test.batch(0, 300).expect("batch");
     let py = python();
     let dir = tmp_dir("schemes");
-    for scheme in [
-        WeightScheme::Linear,
-        WeightScheme::Fixed,
-        WeightScheme::Log,
-        WeightScheme::Kmeans,
+    for (scheme, fused_bound) in [
+        (WeightScheme::Linear, 1.0f32),
+        (WeightScheme::Fixed, 1.0),
+        (WeightScheme::Log, 1.25),
+        (WeightScheme::Kmeans, 2.5),
     ] {
         let config = QuantizeConfig {
             scheme,
@@ -189,18 +235,53 @@ fn every_scheme_runs_in_onnx_runtime() {
             .count();
         println!("{scheme} w4/a8: lithe {hits}/300");
         assert!(hits >= 270, "{scheme}: {hits}/300");
-        if let Some(py) = &py {
-            let path = dir.join(format!("mnist_{scheme}.onnx"));
-            lithe::onnx::save_model(&q, &path, &Default::default()).expect("save");
-            let feeds = vec![("input".to_string(), x.clone())];
-            let theirs = run_ort(py, &path, &feeds, &format!("{scheme}"));
-            let agree = argmax_rows(&theirs[0].1)
+        let Some(py) = &py else { continue };
+        let path = dir.join(format!("mnist_{scheme}.onnx"));
+        lithe::onnx::save_model(&q, &path, &Default::default()).expect("save");
+        let feeds = vec![("input".to_string(), x.clone())];
+        let a = ours[0].1.to_f32_vec();
+        let margin = margins(&ours[0].1);
+        for no_opt in [true, false] {
+            let tag = format!("{scheme}-{}", if no_opt { "noopt" } else { "opt" });
+            let theirs = run_ort_with(py, &path, &feeds, &tag, no_opt);
+            let b = theirs[0].1.to_f32_vec();
+            let max_diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            let flips: Vec<usize> = argmax_rows(&theirs[0].1)
                 .iter()
                 .zip(&pred)
-                .filter(|(a, b)| a == b)
-                .count();
-            println!("{scheme}: ORT agrees on {agree}/300");
-            assert!(agree >= 297, "{scheme}: ORT agrees on {agree}/300");
+                .enumerate()
+                .filter(|(_, (a, b))| a != b)
+                .map(|(i, _)| i)
+                .collect();
+            println!(
+                "{scheme} vs ORT ({tag}): max |logit diff| {max_diff:.4}, top-1 differs on {:?} (lithe margins {:?})",
+                flips,
+                flips.iter().map(|&i| margin[i]).collect::<Vec<_>>()
+            );
+            if no_opt {
+                assert!(max_diff <= 1e-4, "{tag}: max logit difference {max_diff}");
+                // Equal logits can still pick different indices only on an exact tie.
+                assert!(
+                    flips.iter().all(|&i| margin[i] <= 2e-4),
+                    "{tag}: top-1 differs on {flips:?}"
+                );
+            } else {
+                assert!(
+                    max_diff <= fused_bound,
+                    "{tag}: max logit difference {max_diff} > {fused_bound}"
+                );
+                for &i in &flips {
+                    assert!(
+                        margin[i] <= 2.0 * max_diff,
+                        "{tag}: image {i} flipped with margin {} > 2 x {max_diff}",
+                        margin[i]
+                    );
+                }
+            }
         }
     }
 }

@@ -291,45 +291,105 @@ impl IntConv {
             .for_each(|(plane_idx, dst)| {
                 let (img, ch) = (plane_idx / c, plane_idx % c);
                 let first_in = img * g.c_in + (ch / cout_g) * cin_g;
-                let mut acc = vec![0i32; ow];
-                let mut xrow = vec![0i32; w];
-                let stage = self.stage.requant_for(ch, 1);
-                let (rq, bias) = match &stage {
-                    Some((
-                        Requant::Float {
-                            scales,
-                            zero_point,
-                            qmin,
-                            qmax,
-                        },
-                        b,
-                    )) => (
-                        Some((
-                            scales[0],
-                            *zero_point,
-                            code_bounds(*qmin, *qmax, *zero_point),
-                        )),
-                        b.as_ref().map_or(0, |b| b[0]),
-                    ),
-                    _ => (None, 0),
+                // The input planes of this channel minus the zero point, converted once: each
+                // input row feeds up to `kh` output rows.
+                let mut xs = vec![0i32; cin_g * h * w];
+                let src = &x[first_in * h * w..(first_in + cin_g) * h * w];
+                for (d, &v) in xs.iter_mut().zip(src) {
+                    *d = i32::from(v) - i32::from(x_zp);
+                }
+                let rq = match &self.stage {
+                    OutputStage::Requant {
+                        scales,
+                        zero_point,
+                        qmin,
+                        qmax,
+                        bias,
+                    } => Some((
+                        scales[if scales.len() == 1 { 0 } else { ch }],
+                        *zero_point,
+                        code_bounds(*qmin, *qmax, *zero_point),
+                        bias.as_ref().map_or(0, |b| b[ch]),
+                    )),
+                    OutputStage::Int32 => None,
                 };
-                for oy in 0..oh {
-                    acc.fill(0);
+                let weights = |ci: usize| &wts[ch * k + ci * taps..ch * k + (ci + 1) * taps];
+                // Without dilation, each tap is one multiply-add over a whole plane rather than
+                // `oh` short row segments: the zero-padded input is split into `sh x sw` phase
+                // planes (`[r][c]` = padded `[sh r + a][sw c + b]`), in which tap `(ky, kx)`
+                // reads phase `(ky % sh, kx % sw)` at offset `(ky / sh, kx / sw)` with unit
+                // stride. Rows are `wq` wide, the columns past `ow` computed and dropped;
+                // integer sums are exact in any order.
+                let whole = (g.dilation == [1, 1] && oh > 0 && ow > 0).then(|| {
+                    let [sh, sw] = g.stride;
+                    let [kh, kw] = g.kernel;
+                    let (pt, pl) = (g.pads[0], g.pads[1]);
+                    let (hq, wq) = (oh + (kh - 1) / sh, ow + (kw - 1) / sw);
+                    let mut phases = vec![0i32; sh * sw * hq * wq];
+                    let mut acc = vec![0i32; oh * wq];
+                    let len = (oh - 1) * wq + ow;
                     for ci in 0..cin_g {
-                        let src = &x[(first_in + ci) * h * w..(first_in + ci + 1) * h * w];
-                        let wk = &wts[ch * k + ci * taps..ch * k + (ci + 1) * taps];
-                        direct_row_dispatch(g, src, [h, w], ow, oy, x_zp, wk, &mut xrow, &mut acc);
+                        let plane = &xs[ci * h * w..(ci + 1) * h * w];
+                        for (i, ph) in phases.chunks_exact_mut(hq * wq).enumerate() {
+                            let (a, b) = (i / sw, i % sw);
+                            for (r, row) in ph.chunks_exact_mut(wq).enumerate() {
+                                let y = (sh * r + a).wrapping_sub(pt);
+                                if y >= h {
+                                    row.fill(0);
+                                    continue;
+                                }
+                                for (c, d) in row.iter_mut().enumerate() {
+                                    let xx = (sw * c + b).wrapping_sub(pl);
+                                    *d = if xx < w { plane[y * w + xx] } else { 0 };
+                                }
+                            }
+                        }
+                        let wk = weights(ci);
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let ph = &phases[((ky % sh) * sw + kx % sw) * hq * wq..];
+                                let off = (ky / sh) * wq + kx / sw;
+                                accumulate_dispatch(
+                                    &mut acc[..len],
+                                    &ph[off..off + len],
+                                    wk[ky * kw + kx],
+                                );
+                            }
+                        }
                     }
+                    (acc, wq)
+                });
+                let mut row_acc = vec![0i32; if whole.is_some() { 0 } else { ow }];
+                for oy in 0..oh {
+                    let acc: &[i32] = match &whole {
+                        Some((acc, wp)) => &acc[oy * wp..oy * wp + ow],
+                        None => {
+                            row_acc.fill(0);
+                            for ci in 0..cin_g {
+                                let plane = &xs[ci * h * w..(ci + 1) * h * w];
+                                direct_row_dispatch(
+                                    g,
+                                    plane,
+                                    [h, w],
+                                    ow,
+                                    oy,
+                                    weights(ci),
+                                    &mut row_acc,
+                                );
+                            }
+                            &row_acc
+                        }
+                    };
                     let drow = &mut dst[oy * ow..(oy + 1) * ow];
                     match rq {
-                        Some((scale, zp, (lo, hi))) => {
-                            for (d, &a) in drow.iter_mut().zip(&acc) {
+                        Some((scale, zp, (lo, hi), bias)) => {
+                            for (d, &a) in drow.iter_mut().zip(acc) {
                                 let v = a.wrapping_add(bias) as f32 * scale;
                                 *d = T::from_code(round_to_code(v, lo, hi).wrapping_add(zp));
                             }
                         }
                         None => {
-                            for (d, &a) in drow.iter_mut().zip(&acc) {
+                            for (d, &a) in drow.iter_mut().zip(acc) {
                                 *d = T::from_code(a);
                             }
                         }
@@ -341,60 +401,52 @@ impl IntConv {
 }
 
 /// [`direct_row`] compiled for AVX2 (eight i32 lanes) when the CPU has it.
-#[allow(clippy::too_many_arguments)]
 #[inline]
 fn direct_row_dispatch(
     g: &Conv2dGeom,
-    src: &[u8],
+    src: &[i32],
     hw: [usize; 2],
     ow: usize,
     oy: usize,
-    x_zp: u8,
     wk: &[i32],
-    xrow: &mut [i32],
     acc: &mut [i32],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 was detected just above.
-            unsafe { direct_row_avx2(g, src, hw, ow, oy, x_zp, wk, xrow, acc) };
+            unsafe { direct_row_avx2(g, src, hw, ow, oy, wk, acc) };
             return;
         }
     }
-    direct_row(g, src, hw, ow, oy, x_zp, wk, xrow, acc);
+    direct_row(g, src, hw, ow, oy, wk, acc);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn direct_row_avx2(
     g: &Conv2dGeom,
-    src: &[u8],
+    src: &[i32],
     hw: [usize; 2],
     ow: usize,
     oy: usize,
-    x_zp: u8,
     wk: &[i32],
-    xrow: &mut [i32],
     acc: &mut [i32],
 ) {
-    direct_row(g, src, hw, ow, oy, x_zp, wk, xrow, acc);
+    direct_row(g, src, hw, ow, oy, wk, acc);
 }
 
-/// Adds one input plane's contribution to output row `oy`: every tap whose input row lies
-/// inside the image, over the output columns whose input column does (padding adds nothing).
-#[allow(clippy::too_many_arguments)]
+/// Adds one input plane's contribution (`x - zero point` as i32) to output row `oy`: every
+/// tap whose input row lies inside the image, over the output columns whose input column does
+/// (padding adds nothing).
 #[inline(always)]
 fn direct_row(
     g: &Conv2dGeom,
-    src: &[u8],
+    src: &[i32],
     [h, w]: [usize; 2],
     ow: usize,
     oy: usize,
-    x_zp: u8,
     wk: &[i32],
-    xrow: &mut [i32],
     acc: &mut [i32],
 ) {
     for ky in 0..g.kernel[0] {
@@ -402,10 +454,7 @@ fn direct_row(
         if iy < 0 || iy >= h as isize {
             continue;
         }
-        let row = &src[iy as usize * w..(iy as usize + 1) * w];
-        for (d, &s) in xrow.iter_mut().zip(row) {
-            *d = i32::from(s) - i32::from(x_zp);
-        }
+        let xrow = &src[iy as usize * w..(iy as usize + 1) * w];
         for kx in 0..g.kernel[1] {
             let wv = wk[ky * g.kernel[1] + kx];
             let off = (kx * g.dilation[1]) as isize - g.pads[1] as isize;
@@ -433,6 +482,26 @@ fn direct_row(
             }
         }
     }
+}
+
+/// [`accumulate`] compiled for AVX2 when the CPU has it.
+#[inline]
+fn accumulate_dispatch(acc: &mut [i32], x: &[i32], w: i32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected just above.
+            unsafe { accumulate_avx2(acc, x, w) };
+            return;
+        }
+    }
+    accumulate(acc, x, w);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn accumulate_avx2(acc: &mut [i32], x: &[i32], w: i32) {
+    accumulate(acc, x, w);
 }
 
 #[inline(always)]

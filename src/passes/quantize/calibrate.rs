@@ -57,9 +57,17 @@ impl Obs {
         Ok(match self {
             Obs::Hist(h) => {
                 let o = h.observed_range()?;
-                Range {
+                let cut = Range {
                     min: r.min.max(o.min),
                     max: r.max.min(o.max),
+                };
+                // A threshold below every observed |x| (constant data, whose only value sits
+                // on a bin edge the threshold rounds under) would cross the cut: keep the
+                // observed range instead.
+                if cut.min <= cut.max {
+                    cut
+                } else {
+                    o
                 }
             }
             _ => r,

@@ -52,6 +52,9 @@ pub struct Histogram {
     min: f32,
     max: f32,
     count: u64,
+    /// How many of the values were exactly zero (all of them also counted in bin 0 of an
+    /// `|x|` histogram).
+    zeros: u64,
 }
 
 /// A read-only, lane-summed copy of a histogram's state, used by the threshold rules.
@@ -62,6 +65,8 @@ pub(super) struct HistView {
     pub width: f64,
     pub bins: Vec<u64>,
     pub total: u64,
+    /// Exact zeros among `total`.
+    pub zeros: u64,
     pub min: f32,
     pub max: f32,
 }
@@ -85,6 +90,7 @@ impl Histogram {
             min: f32::INFINITY,
             max: f32::NEG_INFINITY,
             count: 0,
+            zeros: 0,
         })
     }
 
@@ -167,9 +173,10 @@ impl Histogram {
             } else {
                 other.min
             };
-            let before = self.count;
+            let before = (self.count, self.zeros);
             self.observe(&[v])?;
-            self.count = before;
+            self.count = before.0;
+            self.zeros = before.1 + other.zeros;
             self.add_at(v, other.count - 1);
             self.count += other.count;
             self.min = self.min.min(other.min);
@@ -177,12 +184,13 @@ impl Histogram {
             return Ok(());
         };
         let (lo, hi) = (og.lo as f32, og.top(self.nbins) as f32);
-        let before = (self.count, self.min, self.max);
+        let before = (self.count, self.min, self.max, self.zeros);
         // Establish or grow the grid over the other's span without counting anything.
         self.observe(&[lo, hi])?;
         self.unadd(lo);
         self.unadd(hi);
         self.count = before.0 + other.count;
+        self.zeros = before.3 + other.zeros;
         self.min = before.1.min(other.min);
         self.max = before.2.max(other.max);
         for (i, c) in other.bins().into_iter().enumerate() {
@@ -211,6 +219,7 @@ impl Histogram {
                 Vec::new()
             },
             total: self.count,
+            zeros: self.zeros,
             min: self.min,
             max: self.max,
         })
@@ -394,6 +403,7 @@ impl Observer for Histogram {
         self.min = self.min.min(blo);
         self.max = self.max.max(bhi);
         self.count += x.len() as u64;
+        self.zeros += x.iter().filter(|&&v| v == 0.0).count() as u64;
         match self.grid {
             Some(_) => {
                 let (lo, hi) = self.value_span(blo, bhi);

@@ -63,6 +63,12 @@ impl Histogram {
     ///
     /// The threshold is the right edge `i * width` of the `i` minimising `KL(P || Q)`; ties go
     /// to the smaller `i`. TensorRT's slides put it at `(i + 0.5) * width`, half a bin further.
+    ///
+    /// Exact zeros are left out of `P` and `Q`: every range represents 0 exactly (zero point),
+    /// so they carry no information about where to clip, but after ReLU they are most of the
+    /// data (62-97 % in the MNIST CNNs) and their spike in bin 0, smeared over a whole group in
+    /// `Q`, dominates the divergence and pulls the threshold down to a fraction of the useful
+    /// range (LeNet-5's hidden FC layer: 3.5 instead of 13.8 of max 14.2, costing top-1).
     pub fn entropy_range(&self, levels: usize) -> Result<Range> {
         let v = self.view()?;
         if v.kind != HistKind::Abs {
@@ -81,7 +87,8 @@ impl Histogram {
                 format!("KL calibration needs 2 <= levels <= {n} bins, got {levels}"),
             ));
         }
-        let h: Vec<f64> = v.bins.iter().map(|&c| c as f64).collect();
+        let mut h: Vec<f64> = v.bins.iter().map(|&c| c as f64).collect();
+        h[0] = (h[0] - v.zeros as f64).max(0.0);
         // outliers[i] = sum of h[i..]
         let mut outliers = vec![0f64; n + 1];
         for i in (0..n).rev() {
@@ -387,6 +394,29 @@ mod tests {
         let s = Histogram::new("s", HistKind::Signed, 2048).unwrap();
         assert!(s.entropy_range(128).is_err());
         assert!(h.entropy_range(4096).is_err());
+    }
+
+    #[test]
+    fn kl_ignores_the_zero_spike_after_relu() {
+        // The same half-Gaussian with and without 90 % exact zeros (a ReLU output): zeros are
+        // exact in every range, so the threshold must not move.
+        let pos: Vec<f32> = gaussian(100_000, 3).into_iter().map(f32::abs).collect();
+        let mut plain = Histogram::new("a", HistKind::Abs, 2048).unwrap();
+        let mut relu = Histogram::new("b", HistKind::Abs, 2048).unwrap();
+        for c in pos.chunks(1000) {
+            plain.observe(c).unwrap();
+            relu.observe(&[0.0; 9000]).unwrap();
+            relu.observe(c).unwrap();
+        }
+        let (a, b) = (
+            plain.entropy_range(256).unwrap(),
+            relu.entropy_range(256).unwrap(),
+        );
+        assert_eq!(a, b);
+        // Merging keeps the zero count.
+        let mut merged = Histogram::new("c", HistKind::Abs, 2048).unwrap();
+        merged.merge(&relu).unwrap();
+        assert_eq!(merged.entropy_range(256).unwrap(), b);
     }
 
     #[test]
