@@ -227,3 +227,28 @@ fn unknown_exclude_names_list_the_valid_ones() {
     assert!(o.status.success(), "{}", stderr(&o));
     scales_are_positive(&out);
 }
+
+#[test]
+fn low_bit_activations_default_to_mse_and_warn_about_kl() {
+    let out = tmp("a4.onnx");
+    let base = ["quantize", MODEL, "-o", s(&out), "--no-activation-sqnr"];
+    let run = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--calib", "mnist", "--calib-limit", "200"]);
+        args.extend_from_slice(extra);
+        lithe(&args)
+    };
+    let o = run(&["--activation-bits", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("activations 4-bit mse"), "{text}");
+    let o = run(&["--activation-bits", "4", "--activations", "kl"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: kl calibration with 4-bit"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("activations 8-bit kl"));
+}

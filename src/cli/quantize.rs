@@ -43,8 +43,10 @@ pub struct Args {
     #[arg(long)]
     activation_bits: Option<u32>,
     /// Activation ranges: kl (entropy), minmax, percentile=P, mse, sigma=K, or none (f32).
-    #[arg(long, default_value = "kl")]
-    activations: String,
+    /// Default: kl at 8 bits and above, mse below (KL's threshold search is TensorRT's
+    /// 128-level method; with 3-6 bit grids it clips far too hard).
+    #[arg(long)]
+    activations: Option<String>,
     /// Per-output-channel weight parameters (the default).
     #[arg(long, overrides_with = "per_tensor")]
     per_channel: bool,
@@ -137,11 +139,22 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let model = load_model(&args.model)?;
+    let activation_bits = args.activation_bits.unwrap_or(args.bits);
+    let activations = match &args.activations {
+        Some(a) => a.parse::<ActivationCalib>()?,
+        None if activation_bits < 8 => ActivationCalib::Mse,
+        None => ActivationCalib::Entropy,
+    };
+    if activations == ActivationCalib::Entropy && activation_bits < 8 {
+        eprintln!(
+            "warning: kl calibration with {activation_bits}-bit activations tends to clip far too hard; mse usually does better"
+        );
+    }
     let config = QuantizeConfig {
         scheme: args.scheme.parse::<WeightScheme>()?,
         weight_bits: args.weight_bits.unwrap_or(args.bits),
-        activation_bits: args.activation_bits.unwrap_or(args.bits),
-        activations: args.activations.parse::<ActivationCalib>()?,
+        activation_bits,
+        activations,
         per_channel: !args.per_tensor,
         exclude: args.exclude.clone(),
         format: args.format.parse::<QuantFormat>()?,

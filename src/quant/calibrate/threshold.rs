@@ -54,7 +54,7 @@ impl Histogram {
     /// the formulation of MXNet and ONNX Runtime. Needs an [`HistKind::Abs`] histogram of `n`
     /// bins; `levels` is the number of quantized bins, 128 for 8 bits (`2^(b-1)`).
     ///
-    /// For every candidate `i` in `levels..=n` bins:
+    /// For every candidate `i` in `max(levels, 128)..=n` bins (capped at `n`):
     /// * `P` = bins `[0, i)`, with all counts beyond (the outliers) added to bin `i - 1`;
     /// * `Q` = bins `[0, i)` merged into `levels` groups of `i / levels` bins (the last group
     ///   takes the remainder), each group's total spread evenly over the bins where `P` is
@@ -97,7 +97,13 @@ impl Histogram {
         let mut p = vec![0f64; n];
         let mut q = vec![0f64; n];
         let mut best = (f64::INFINITY, n);
-        for i in levels..=n {
+        // Candidates start at bin 128 as in TensorRT (or at `levels` when that is larger), never
+        // at `levels` alone: with few levels (3- to 6-bit activations) a threshold in the
+        // nearly empty low bins would win, because Q is normalised over the few values below
+        // it and so lands its mass in the same last bin where P piles up everything clipped
+        // (the MNIST CNN's input, mostly background at |x| = 0.42, was clipped to 0.0055).
+        let first = levels.max(MIN_KL_CANDIDATE_BINS).min(n);
+        for i in first..=n {
             let p = &mut p[..i];
             let q = &mut q[..i];
             p.copy_from_slice(&h[..i]);
@@ -180,6 +186,9 @@ impl Histogram {
         Ok(mse_of(&self.view()?, params))
     }
 }
+
+/// TensorRT's first candidate threshold bin (of 2048): KL never clips below 1/16 of the maximum.
+const MIN_KL_CANDIDATE_BINS: usize = 128;
 
 fn full_range(v: &HistView) -> Range {
     match v.kind {
@@ -417,6 +426,20 @@ mod tests {
         let mut merged = Histogram::new("c", HistKind::Abs, 2048).unwrap();
         merged.merge(&relu).unwrap();
         assert_eq!(merged.entropy_range(256).unwrap(), b);
+    }
+
+    #[test]
+    fn kl_with_few_levels_never_clips_below_a_sixteenth_of_the_maximum() {
+        // MNIST's normalised input: mostly background at -0.4242, a few anti-aliased pixels
+        // near zero, strokes up to 2.82. With 8 levels, candidates starting at bin 8 chose
+        // a threshold of 0.0055 (below all the data that matters).
+        let mut x = vec![-0.4242f32; 8000];
+        x.extend((0..50).map(|i| -0.4242 + 0.005 * i as f32));
+        x.extend((0..1950).map(|i| 2.8215 * (i as f32 / 1949.0)));
+        let mut h = Histogram::new("input", HistKind::Abs, 2048).unwrap();
+        h.observe(&x).unwrap();
+        let r = h.entropy_range(8).unwrap();
+        assert!(r.max >= 2.8215 / 16.0, "threshold {}", r.max);
     }
 
     #[test]
