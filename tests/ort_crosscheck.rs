@@ -3,6 +3,9 @@
 //! `scripts/ort_run.py` with the Python in `LITHE_PYTHON` (`.ci/run` sets it up).
 //! Also checks that exported models run bit-identically in lithe and load in ORT.
 
+mod common;
+
+use common::{python, repo, run_ort, shared, tmp_dir};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -10,54 +13,6 @@ use lithe::data::dataset::{open_dataset, Split};
 use lithe::data::{image::read_image, Preprocess};
 use lithe::ir::{Model, Tensor};
 use lithe::runtime::{Session, SessionOptions};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn shared() -> Option<PathBuf> {
-    std::env::var("LITHE_SHARED")
-        .ok()
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([repo().join("../shared")])
-        .find(|p| p.join("models").is_dir())
-}
-
-fn python() -> Option<String> {
-    std::env::var("LITHE_PYTHON").ok()
-}
-
-fn tmp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lithe-ortx-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
-fn ort_outputs(
-    py: &str,
-    model: &Path,
-    feeds: &[(String, Tensor)],
-    tag: &str,
-) -> Vec<(String, Tensor)> {
-    let dir = tmp_dir(tag);
-    let inp = dir.join("in.npz");
-    let out = dir.join("out.npz");
-    lithe::data::npz::write_npz(&inp, feeds).expect("write inputs");
-    let status = Command::new(py)
-        .arg(repo().join("scripts/ort_run.py"))
-        .arg(model)
-        .arg(&inp)
-        .arg(&out)
-        .status()
-        .expect("python runs");
-    assert!(
-        status.success(),
-        "ONNX Runtime failed on {}",
-        model.display()
-    );
-    lithe::data::npz::read_npz(&out).expect("ORT outputs")
-}
 
 fn lithe_outputs(model: &Model, feeds: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
     let (simple, _) = lithe::passes::simplify(model).expect("simplify");
@@ -84,7 +39,7 @@ fn compare(name: &str, model_path: &Path, feeds: Vec<(String, Tensor)>) {
     };
     let model = lithe::onnx::load_model(model_path).expect("load");
     let ours = lithe_outputs(&model, &feeds);
-    let theirs = ort_outputs(&py, model_path, &feeds, name);
+    let theirs = run_ort(&py, model_path, &feeds, name);
     for ((n, a), (_, b)) in ours.iter().zip(&theirs) {
         let err = relative_error(a, b);
         println!(
@@ -223,8 +178,8 @@ fn exported_models_round_trip_and_run_in_onnx_runtime() {
                 checked.success(),
                 "{file}: onnx.checker rejects the exported model"
             );
-            let theirs_original = ort_outputs(&py, &original, &feeds, "rt-orig");
-            let theirs_exported = ort_outputs(&py, &exported, &feeds, "rt-exp");
+            let theirs_original = run_ort(&py, &original, &feeds, "rt-orig");
+            let theirs_exported = run_ort(&py, &exported, &feeds, "rt-exp");
             assert_eq!(
                 theirs_original, theirs_exported,
                 "{file}: ORT disagrees with itself after export"

@@ -4,7 +4,10 @@
 //! predictions in ONNX Runtime (through `scripts/ort_run.py` with the Python in
 //! `LITHE_PYTHON`; skipped with a note if unset).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{argmax_rows, repo};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,28 +22,8 @@ use lithe::train::{
     ActRangeMode, KmeansFakeQuant, OptimizerKind, TrainConfig, TrainSet, Trainer, WeightRangeMode,
 };
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn mnist_model() -> Model {
     lithe::onnx::load_model(&repo().join("assets/models/mnist_cnn.onnx")).expect("model")
-}
-
-fn argmax_rows(t: &Tensor) -> Vec<usize> {
-    let v = t.to_f32_vec();
-    let c = t.shape()[1];
-    v.chunks(c)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-                )
-                .0
-        })
-        .collect()
 }
 
 fn predict(model: &Model, x: &Tensor) -> Vec<usize> {
@@ -60,23 +43,7 @@ fn accuracy(pred: &[usize], labels: &[i64]) -> f64 {
 }
 
 fn run_ort(py: &str, model: &Path, x: &Tensor, tag: &str) -> Vec<usize> {
-    let dir = std::env::temp_dir().join(format!("lithe-qat-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let (inp, out) = (dir.join("in.npz"), dir.join("out.npz"));
-    lithe::data::npz::write_npz(&inp, &[("input".to_string(), x.clone())]).expect("inputs");
-    let status = Command::new(py)
-        .arg(repo().join("scripts/ort_run.py"))
-        .arg(model)
-        .arg(&inp)
-        .arg(&out)
-        .status()
-        .expect("python runs");
-    assert!(
-        status.success(),
-        "ONNX Runtime failed on {}",
-        model.display()
-    );
-    let outs = lithe::data::npz::read_npz(&out).expect("ORT outputs");
+    let outs = common::run_ort(py, model, &[("input".to_string(), x.clone())], tag);
     argmax_rows(&outs[0].1)
 }
 

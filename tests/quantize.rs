@@ -3,9 +3,9 @@
 //! same QOperator file, every scheme running in ORT, and bad input.
 //! ORT runs through `scripts/ort_run.py` with the Python in `LITHE_PYTHON` (skipped if unset).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use common::{argmax_rows, python, repo, run_ort, run_ort_with, tmp_dir};
 use lithe::data::dataset::{open_dataset, BatchSource, Split};
 use lithe::data::Preprocess;
 use lithe::eval::evaluate;
@@ -15,77 +15,13 @@ use lithe::passes::quantize::{
 };
 use lithe::runtime::{Session, SessionOptions};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn mnist_model() -> Model {
     lithe::onnx::load_model(&repo().join("assets/models/mnist_cnn.onnx")).expect("model")
-}
-
-fn python() -> Option<String> {
-    std::env::var("LITHE_PYTHON").ok()
-}
-
-fn tmp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lithe-quantize-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
 }
 
 fn session(model: &Model) -> Session {
     let (simple, _) = lithe::passes::simplify(model).expect("simplify");
     Session::new(&simple, &SessionOptions::default()).expect("session")
-}
-
-fn run_ort(py: &str, model: &Path, feeds: &[(String, Tensor)], tag: &str) -> Vec<(String, Tensor)> {
-    run_ort_with(py, model, feeds, tag, false)
-}
-
-/// `no_opt` turns ORT's graph optimizations off, so a QDQ model runs op by op in f32 (the
-/// arithmetic lithe uses) instead of being fused into integer kernels.
-fn run_ort_with(
-    py: &str,
-    model: &Path,
-    feeds: &[(String, Tensor)],
-    tag: &str,
-    no_opt: bool,
-) -> Vec<(String, Tensor)> {
-    let dir = tmp_dir(tag);
-    let inp = dir.join("in.npz");
-    let out = dir.join("out.npz");
-    lithe::data::npz::write_npz(&inp, feeds).expect("write inputs");
-    let mut cmd = Command::new(py);
-    cmd.arg(repo().join("scripts/ort_run.py"))
-        .arg(model)
-        .arg(&inp)
-        .arg(&out);
-    if no_opt {
-        cmd.arg("--no-opt");
-    }
-    let status = cmd.status().expect("python runs");
-    assert!(
-        status.success(),
-        "ONNX Runtime failed on {}",
-        model.display()
-    );
-    lithe::data::npz::read_npz(&out).expect("ORT outputs")
-}
-
-fn argmax_rows(t: &Tensor) -> Vec<usize> {
-    let v = t.to_f32_vec();
-    let c = t.shape()[1];
-    v.chunks(c)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-                )
-                .0
-        })
-        .collect()
 }
 
 fn quantize_mnist(config: &QuantizeConfig) -> (Model, QuantizeReport) {

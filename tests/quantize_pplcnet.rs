@@ -3,8 +3,10 @@
 //! rotations, and bit-exact integer execution against ONNX Runtime on the same file.
 //! Needs ../shared (or LITHE_SHARED); ORT needs LITHE_PYTHON. Skips with a note otherwise.
 
+mod common;
+
+use common::{argmax_rows, python, run_ort, shared};
 use std::path::PathBuf;
-use std::process::Command;
 
 use lithe::data::dataset::BatchSource;
 use lithe::data::image::{read_image, Image};
@@ -12,19 +14,6 @@ use lithe::data::Preprocess;
 use lithe::ir::{DType, Model, Tensor, TypeInfo, ValueInfo};
 use lithe::passes::quantize::{quantize, ActivationCalib, QuantFormat, QuantizeConfig};
 use lithe::runtime::{Session, SessionOptions};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn shared() -> Option<PathBuf> {
-    std::env::var("LITHE_SHARED")
-        .ok()
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([repo().join("../shared")])
-        .find(|p| p.join("models").is_dir())
-}
 
 /// `img` turned clockwise by `quarter` right angles.
 fn rotate(img: &Image, quarter: usize) -> Image {
@@ -70,22 +59,6 @@ impl BatchSource for Batch {
         let v = self.0.as_f32()?[start * per..end * per].to_vec();
         Ok((Tensor::from_f32(shape, v)?, vec![0; end - start]))
     }
-}
-
-fn top1(t: &Tensor) -> Vec<usize> {
-    let c = t.shape()[1];
-    t.to_f32_vec()
-        .chunks(c)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-                )
-                .0
-        })
-        .collect()
 }
 
 fn session(model: &Model) -> Session {
@@ -134,9 +107,9 @@ fn pplcnet_int8_agrees_with_f32_on_rotated_photos() {
     let (q, report) = quantize(&model, Some(&source), &config, &mut |_| {}).expect("quantize");
     print!("{}", report.table());
     let f32_out = session(&model).run(&[("x", x.clone())]).expect("f32");
-    let f32_pred = top1(&f32_out[0].1);
+    let f32_pred = argmax_rows(&f32_out[0].1);
     let ours = session(&q).run(&[("x", x.clone())]).expect("int8");
-    let int8_pred = top1(&ours[0].1);
+    let int8_pred = argmax_rows(&ours[0].1);
     let agree = f32_pred
         .iter()
         .zip(&int8_pred)
@@ -175,8 +148,7 @@ fn pplcnet_int8_agrees_with_f32_on_rotated_photos() {
     println!("f32 predicts the rotation of {right}/{n}");
 
     assert!(agree * 100 >= n * 90, "agreement {agree}/{n}");
-    let Ok(py) = std::env::var("LITHE_PYTHON") else {
-        eprintln!("ORT check skipped: LITHE_PYTHON is not set");
+    let Some(py) = python() else {
         return;
     };
     let dir = std::env::var("LITHE_TEST_KEEP")
@@ -193,7 +165,7 @@ fn pplcnet_int8_agrees_with_f32_on_rotated_photos() {
         ..config
     };
     let (mut q, _) = quantize(&model, Some(&source), &all_int8, &mut |_| {}).expect("quantize");
-    let all_pred = top1(&session(&q).run(&[("x", x.clone())]).expect("int8")[0].1);
+    let all_pred = argmax_rows(&session(&q).run(&[("x", x.clone())]).expect("int8")[0].1);
     let agree_all = f32_pred
         .iter()
         .zip(&all_pred)
@@ -215,16 +187,7 @@ fn pplcnet_int8_agrees_with_f32_on_rotated_photos() {
     let ours = session(&q).run(&[("x", x.clone())]).expect("int8");
     let path = dir.join("pplcnet_qop.onnx");
     lithe::onnx::save_model(&q, &path, &Default::default()).expect("save");
-    lithe::data::npz::write_npz(dir.join("in.npz"), &[("x".to_string(), x)]).expect("npz");
-    let status = Command::new(py)
-        .arg(repo().join("scripts/ort_run.py"))
-        .arg(&path)
-        .arg(dir.join("in.npz"))
-        .arg(dir.join("out.npz"))
-        .status()
-        .expect("python");
-    assert!(status.success(), "ORT failed on the QOperator model");
-    let theirs = lithe::data::npz::read_npz(dir.join("out.npz")).expect("ORT outputs");
+    let theirs = run_ort(&py, &path, &[("x".to_string(), x)], "qop");
     let (a, b) = (ours[0].1.to_f32_vec(), theirs[0].1.to_f32_vec());
     let max_diff = a
         .iter()
@@ -250,7 +213,7 @@ fn pplcnet_int8_agrees_with_f32_on_rotated_photos() {
         "last integer tensor '{last_int}': {differ}/{} codes differ",
         ours_int.numel()
     );
-    let ort_pred = top1(&theirs[0].1);
+    let ort_pred = argmax_rows(&theirs[0].1);
     assert_eq!(ort_pred, all_pred);
     assert_eq!(differ, 0, "integer execution differs from ONNX Runtime");
 }

@@ -3,8 +3,10 @@
 //! (whose running statistics and ratios must export as inference-mode ONNX). ORT runs through
 //! `scripts/ort_run.py` with the Python in `LITHE_PYTHON`; without it the tests skip.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use common::{python, repo, tmp_dir};
+use std::path::Path;
 use std::sync::Arc;
 
 use lithe::data::Split;
@@ -13,43 +15,9 @@ use lithe::runtime::{Session, SessionOptions};
 use lithe::train::{TrainConfig, TrainSet, Trainer};
 use lithe::zoo::{self, ZooConfig};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> Option<String> {
-    let py = std::env::var("LITHE_PYTHON").ok();
-    if py.is_none() {
-        eprintln!("LITHE_PYTHON not set; skipping the ONNX Runtime comparison");
-    }
-    py
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lithe-train-ort-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
 /// ORT's logits for `x` on the model file at `path`.
 fn ort_logits(py: &str, path: &Path, x: &Tensor, tag: &str) -> Tensor {
-    let dir = tmp(tag);
-    let (inp, out) = (dir.join("in.npz"), dir.join("out.npz"));
-    lithe::data::write_npz(&inp, &[("input".to_string(), x.clone())]).expect("write inputs");
-    let status = Command::new(py)
-        .arg(repo().join("scripts/ort_run.py"))
-        .arg(path)
-        .arg(&inp)
-        .arg(&out)
-        .status()
-        .expect("python runs");
-    assert!(
-        status.success(),
-        "ONNX Runtime failed on {}",
-        path.display()
-    );
-    let mut outs = lithe::data::read_npz(&out).expect("ORT outputs");
-    let _ = std::fs::remove_dir_all(&dir);
+    let mut outs = common::run_ort(py, path, &[("input".to_string(), x.clone())], tag);
     outs.remove(0).1
 }
 
@@ -116,7 +84,7 @@ fn trained_zoo_models_with_batchnorm_and_dropout_agree_with_onnx_runtime() {
     };
     train.truncate(128);
     let train = Arc::new(train);
-    let dir = tmp("zoo");
+    let dir = tmp_dir("zoo");
     for arch in ["resnet-small", "mobilenet-small", "vgg-small", "mlp-1200"] {
         let model = zoo::build(arch, &ZooConfig::mnist(5)).unwrap();
         let config = TrainConfig {
