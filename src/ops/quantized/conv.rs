@@ -4,11 +4,12 @@
 
 use super::engine::{shift_i8_to_u8, shift_u8_to_i8, IntConv, OutputStage};
 use super::params::{dtype_range, present, read_qparams, QTensorParams};
+use super::prepared;
 use super::window::ConvAttrs;
 use crate::error::Result;
 use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
 use crate::kernels::qgemm::float_scales;
-use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
+use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef};
 
 pub const QLINEAR_CONV: OpDef = OpDef {
     op_type: "QLinearConv",
@@ -306,108 +307,37 @@ impl Prepared {
     }
 }
 
-struct QLinearConvKernel {
-    node: Node,
-    prepared: Option<Prepared>,
-}
-
 fn compile_qlinear(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    let node = ctx.node;
-    let consts: Vec<Option<&Tensor>> = (0..9).map(|i| ctx.constant(i)).collect();
-    let need = [1usize, 3, 4, 6];
-    let optional_ok = |i: usize| node.input(i).is_none() || consts[i].is_some();
-    let prepared = if need.iter().all(|&i| consts[i].is_some())
-        && [2usize, 5, 7, 8].iter().all(|&i| optional_ok(i))
-    {
-        let c = |i: usize| consts[i].ok_or_else(|| node_error(node, "missing input"));
-        Some(prepare_qlinear(
+    prepared::compile(ctx, |node, _, inputs| {
+        prepare_qlinear(
             node,
-            c(1)?,
-            consts[2],
-            c(3)?,
-            c(4)?,
-            consts[5],
-            c(6)?,
-            consts[7],
-            consts[8],
-        )?)
-    } else {
-        None
-    };
-    Ok(Box::new(QLinearConvKernel {
-        node: node.clone(),
-        prepared,
-    }))
-}
-
-impl Kernel for QLinearConvKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
-        let x = required(inputs, 0)?;
-        let built;
-        let p = match &self.prepared {
-            Some(p) => p,
-            None => {
-                built = prepare_qlinear(
-                    &self.node,
-                    required(inputs, 1)?,
-                    present(inputs, 2),
-                    required(inputs, 3)?,
-                    required(inputs, 4)?,
-                    present(inputs, 5),
-                    required(inputs, 6)?,
-                    present(inputs, 7),
-                    present(inputs, 8),
-                )?;
-                &built
-            }
-        };
-        Ok(vec![p.run(&self.node, x)?])
-    }
-}
-
-struct ConvIntegerKernel {
-    node: Node,
-    prepared: Option<Prepared>,
+            required(inputs, 1)?,
+            present(inputs, 2),
+            required(inputs, 3)?,
+            required(inputs, 4)?,
+            present(inputs, 5),
+            required(inputs, 6)?,
+            present(inputs, 7),
+            present(inputs, 8),
+        )
+    })
 }
 
 fn compile_integer(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    let node = ctx.node;
-    let x_dtype = ctx.input_type(0).map(|t| t.dtype);
-    let zp_ok = |i: usize| node.input(i).is_none() || ctx.constant(i).is_some();
-    let prepared = match (ctx.constant(1), x_dtype) {
-        (Some(w), Some(dt)) if zp_ok(2) && zp_ok(3) => Some(prepare_integer(
+    prepared::compile(ctx, |node, dtype, inputs| {
+        prepare_integer(
             node,
-            dt,
-            w,
-            ctx.constant(2),
-            ctx.constant(3),
-        )?),
-        _ => None,
-    };
-    Ok(Box::new(ConvIntegerKernel {
-        node: node.clone(),
-        prepared,
-    }))
+            dtype,
+            required(inputs, 1)?,
+            present(inputs, 2),
+            present(inputs, 3),
+        )
+    })
 }
 
-impl Kernel for ConvIntegerKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
-        let x = required(inputs, 0)?;
-        let built;
-        let p = match &self.prepared {
-            Some(p) => p,
-            None => {
-                built = prepare_integer(
-                    &self.node,
-                    x.dtype(),
-                    required(inputs, 1)?,
-                    present(inputs, 2),
-                    present(inputs, 3),
-                )?;
-                &built
-            }
-        };
-        Ok(vec![p.run(&self.node, x)?])
+impl prepared::Apply for Prepared {
+    fn apply(&self, node: &Node, x: &Tensor) -> Result<Tensor> {
+        self.run(node, x)
     }
 }
 

@@ -4,10 +4,11 @@
 
 use super::engine::{matmul_rows, shift_i8_to_u8, shift_u8_to_i8, OutputStage};
 use super::params::{dtype_range, present, read_qparams};
+use super::prepared;
 use crate::error::Result;
 use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
 use crate::kernels::qgemm::{float_scales, PackedB};
-use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
+use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef};
 
 pub const QLINEAR_MATMUL: OpDef = OpDef {
     op_type: "QLinearMatMul",
@@ -239,95 +240,36 @@ impl Prepared {
     }
 }
 
-struct QLinearMatMulKernel {
-    node: Node,
-    prepared: Option<Prepared>,
-}
-
 fn compile_qlinear(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    let node = ctx.node;
-    let c = |i: usize| ctx.constant(i);
-    let optional_ok = |i: usize| node.input(i).is_none() || c(i).is_some();
-    let prepared = match (c(1), c(3), c(4), c(6)) {
-        (Some(a_s), Some(b), Some(b_s), Some(y_s))
-            if optional_ok(2) && optional_ok(5) && optional_ok(7) =>
-        {
-            Some(prepare_qlinear(node, a_s, c(2), b, b_s, c(5), y_s, c(7))?)
-        }
-        _ => None,
-    };
-    Ok(Box::new(QLinearMatMulKernel {
-        node: node.clone(),
-        prepared,
-    }))
-}
-
-impl Kernel for QLinearMatMulKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
-        let a = required(inputs, 0)?;
-        let built;
-        let p = match &self.prepared {
-            Some(p) => p,
-            None => {
-                built = prepare_qlinear(
-                    &self.node,
-                    required(inputs, 1)?,
-                    present(inputs, 2),
-                    required(inputs, 3)?,
-                    required(inputs, 4)?,
-                    present(inputs, 5),
-                    required(inputs, 6)?,
-                    present(inputs, 7),
-                )?;
-                &built
-            }
-        };
-        Ok(vec![p.run(&self.node, a)?])
-    }
-}
-
-struct MatMulIntegerKernel {
-    node: Node,
-    prepared: Option<Prepared>,
+    prepared::compile(ctx, |node, _, inputs| {
+        prepare_qlinear(
+            node,
+            required(inputs, 1)?,
+            present(inputs, 2),
+            required(inputs, 3)?,
+            required(inputs, 4)?,
+            present(inputs, 5),
+            required(inputs, 6)?,
+            present(inputs, 7),
+        )
+    })
 }
 
 fn compile_integer(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    let node = ctx.node;
-    let zp_ok = |i: usize| node.input(i).is_none() || ctx.constant(i).is_some();
-    let prepared = match (ctx.constant(1), ctx.input_type(0).map(|t| t.dtype)) {
-        (Some(b), Some(dt)) if zp_ok(2) && zp_ok(3) => Some(prepare_integer(
+    prepared::compile(ctx, |node, dtype, inputs| {
+        prepare_integer(
             node,
-            dt,
-            b,
-            ctx.constant(2),
-            ctx.constant(3),
-        )?),
-        _ => None,
-    };
-    Ok(Box::new(MatMulIntegerKernel {
-        node: node.clone(),
-        prepared,
-    }))
+            dtype,
+            required(inputs, 1)?,
+            present(inputs, 2),
+            present(inputs, 3),
+        )
+    })
 }
 
-impl Kernel for MatMulIntegerKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
-        let a = required(inputs, 0)?;
-        let built;
-        let p = match &self.prepared {
-            Some(p) => p,
-            None => {
-                built = prepare_integer(
-                    &self.node,
-                    a.dtype(),
-                    required(inputs, 1)?,
-                    present(inputs, 2),
-                    present(inputs, 3),
-                )?;
-                &built
-            }
-        };
-        Ok(vec![p.run(&self.node, a)?])
+impl prepared::Apply for Prepared {
+    fn apply(&self, node: &Node, a: &Tensor) -> Result<Tensor> {
+        self.run(node, a)
     }
 }
 

@@ -8,6 +8,7 @@ mod conv;
 mod engine;
 mod matmul;
 mod params;
+mod prepared;
 mod qdq;
 mod window;
 

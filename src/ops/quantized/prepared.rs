@@ -1,0 +1,62 @@
+//! The kernel shape shared by the quantized product ops (QLinearConv, ConvInteger,
+//! QLinearMatMul, MatMulInteger): weights, scales and zero points are nearly always
+//! initializers, so they are converted once when the plan is compiled (packed weights,
+//! requantization multipliers); when any of them is computed at run time, every run converts
+//! them afresh.
+
+use crate::error::Result;
+use crate::ir::{DType, Node, Tensor};
+use crate::ops::{required, CompileCtx, Kernel, RunCtx};
+
+/// Builds the prepared form of a node from its inputs (entry 0, the data, is not read) and
+/// the data's element type.
+pub(super) type PrepareFn<P> = fn(&Node, DType, &[Option<&Tensor>]) -> Result<P>;
+
+/// A prepared node applied to its data input.
+pub(super) trait Apply: Send + Sync + 'static {
+    fn apply(&self, node: &Node, x: &Tensor) -> Result<Tensor>;
+}
+
+struct PreparedKernel<P> {
+    node: Node,
+    prepare: PrepareFn<P>,
+    prepared: Option<P>,
+}
+
+/// Prepares the node now when every input after the data is constant (or absent) and the
+/// data's type is known, else leaves it to each run.
+pub(super) fn compile<P: Apply>(
+    ctx: &CompileCtx,
+    prepare: PrepareFn<P>,
+) -> Result<Box<dyn Kernel>> {
+    let node = ctx.node;
+    let inputs: Vec<Option<&Tensor>> = (0..node.inputs.len())
+        .map(|i| if i == 0 { None } else { ctx.constant(i) })
+        .collect();
+    let all_constant =
+        (1..node.inputs.len()).all(|i| node.input(i).is_none() || inputs[i].is_some());
+    let prepared = match ctx.input_type(0).map(|t| t.dtype) {
+        Some(dtype) if all_constant => Some(prepare(node, dtype, &inputs)?),
+        _ => None,
+    };
+    Ok(Box::new(PreparedKernel {
+        node: node.clone(),
+        prepare,
+        prepared,
+    }))
+}
+
+impl<P: Apply> Kernel for PreparedKernel<P> {
+    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let x = required(inputs, 0)?;
+        let built;
+        let p = match &self.prepared {
+            Some(p) => p,
+            None => {
+                built = (self.prepare)(&self.node, x.dtype(), inputs)?;
+                &built
+            }
+        };
+        Ok(vec![p.apply(&self.node, x)?])
+    }
+}
