@@ -308,7 +308,7 @@ impl Prepared {
 }
 
 fn compile_qlinear(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    prepared::compile(ctx, |node, _, inputs| {
+    prepared::compile(ctx, false, |node, _, inputs| {
         prepare_qlinear(
             node,
             required(inputs, 1)?,
@@ -324,7 +324,7 @@ fn compile_qlinear(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
 }
 
 fn compile_integer(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    prepared::compile(ctx, |node, dtype, inputs| {
+    prepared::compile(ctx, true, |node, dtype, inputs| {
         prepare_integer(
             node,
             dtype,

@@ -23,10 +23,13 @@ struct PreparedKernel<P> {
     prepared: Option<P>,
 }
 
-/// Prepares the node now when every input after the data is constant (or absent) and the
-/// data's type is known, else leaves it to each run.
+/// Prepares the node now when every input after the data is constant (or absent) and, if
+/// `needs_dtype`, the data's type is known; else leaves it to each run. (The QLinear ops take
+/// the data type from their zero points, and shape inference may not know it: preparing on
+/// every run would repack the weights each time.)
 pub(super) fn compile<P: Apply>(
     ctx: &CompileCtx,
+    needs_dtype: bool,
     prepare: PrepareFn<P>,
 ) -> Result<Box<dyn Kernel>> {
     let node = ctx.node;
@@ -35,7 +38,12 @@ pub(super) fn compile<P: Apply>(
         .collect();
     let all_constant =
         (1..node.inputs.len()).all(|i| node.input(i).is_none() || inputs[i].is_some());
-    let prepared = match ctx.input_type(0).map(|t| t.dtype) {
+    let dtype = match ctx.input_type(0).map(|t| t.dtype) {
+        Some(d) => Some(d),
+        None if !needs_dtype => Some(DType::U8),
+        None => None,
+    };
+    let prepared = match dtype {
         Some(dtype) if all_constant => Some(prepare(node, dtype, &inputs)?),
         _ => None,
     };
