@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use super::activation::Activation;
 use super::gemm::{MatRef, PackedA};
+use super::pool::{pool2d, Pool2dGeom, PoolKind};
 use super::scratch;
 use super::simd::has_avx2_fma;
 use crate::error::{Error, Result};
@@ -119,6 +120,13 @@ impl Conv2dGeom {
     fn k(&self) -> usize {
         self.c_in / self.groups * self.kernel[0] * self.kernel[1]
     }
+}
+
+/// Pooling applied to a convolution's output before it is stored ([`Conv2d::run_pooled`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolStage {
+    pub geom: Pool2dGeom,
+    pub kind: PoolKind,
 }
 
 /// A convolution with its weights prepared for repeated calls.
@@ -231,6 +239,55 @@ impl Conv2d {
             lowered::run(self, x, [n, h, w], pads, (oh, ow), out, threads)?;
         }
         Ok(())
+    }
+
+    /// As [`Conv2d::run_with_pads`], then `pool` over the result: `out` is
+    /// `[n, C_out, ph, pw]`. Each image's convolution output stays in a cache-sized scratch
+    /// buffer instead of making a round trip through memory (and a second pass) at full
+    /// resolution.
+    pub fn run_pooled(
+        &self,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+        pads: [usize; 4],
+        pool: &PoolStage,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let g = &self.geom;
+        let (oh, ow) = g.out_hw_with(h, w, pads)?;
+        pool.geom.validate()?;
+        let (ph, pw) = pool.geom.out_hw(oh, ow)?;
+        let img_in = g.c_in * h * w;
+        let img_out = g.c_out * ph * pw;
+        if x.len() != n * img_in || out.len() != n * img_out {
+            return Err(Error::Shape(format!(
+                "conv+pool: input has {} values for [{n}, {}, {h}, {w}] and output {} for [{n}, {}, {ph}, {pw}]",
+                x.len(),
+                g.c_in,
+                out.len(),
+                g.c_out
+            )));
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        let conv_len = checked_numel(&[g.c_out, oh, ow], 4)?;
+        let one = |(xi, oi): (&[f32], &mut [f32])| {
+            scratch::with_f32(conv_len, |t| {
+                self.run_with_pads(xi, [1, h, w], pads, t)?;
+                pool2d(&pool.geom, pool.kind, t, [g.c_out, oh, ow], oi)
+            })
+        };
+        if crate::kernels::par::threads() > 1 && n > 1 {
+            // One image per task, each on one thread.
+            x.par_chunks(img_in)
+                .zip(out.par_chunks_mut(img_out))
+                .try_for_each(|p| crate::kernels::par::sequential(|| one(p)))
+        } else {
+            x.chunks(img_in)
+                .zip(out.chunks_mut(img_out))
+                .try_for_each(one)
+        }
     }
 
     fn run_depthwise(
