@@ -75,6 +75,27 @@ fn main() -> lithe::Result<()> {
             acc.2.push(t.elapsed);
         }
     }
+    // One thread runs the steps on this thread: the observer sees each value as soon as
+    // its step ends, so thread CPU time between observations is the step's CPU time, which
+    // (unlike wall time) other processes on a busy machine do not inflate.
+    let mut step_cpu: Vec<(String, Vec<Duration>)> = Vec::new();
+    if threads == 1 {
+        for _ in 0..rounds {
+            let mut seen = Vec::new();
+            let mut last = thread_cpu();
+            session.run_observed(&refs, &mut |name, _| {
+                let now = thread_cpu();
+                seen.push((name.to_string(), now.saturating_sub(last)));
+                last = thread_cpu();
+            })?;
+            if step_cpu.is_empty() {
+                step_cpu = seen.iter().map(|(n, _)| (n.clone(), Vec::new())).collect();
+            }
+            for (acc, (_, d)) in step_cpu.iter_mut().zip(seen) {
+                acc.1.push(d);
+            }
+        }
+    }
     let median = |v: &mut Vec<Duration>| {
         v.sort();
         v[v.len() / 2].as_secs_f64() * 1e3
@@ -91,6 +112,22 @@ fn main() -> lithe::Result<()> {
         );
     }
     println!("{:<63} {:>9.4}", "total (p50 of sums)", median(&mut totals));
+    if !step_cpu.is_empty() {
+        println!(
+            "\n{:<40} {:>9} {:>9}",
+            "value (thread CPU)", "p50 ms", "min ms"
+        );
+        let mut sum = 0.0;
+        for (name, times) in &mut step_cpu {
+            let p50 = median(times);
+            sum += p50;
+            println!(
+                "{name:<40} {p50:>9.4} {:>9.4}",
+                times[0].as_secs_f64() * 1e3
+            );
+        }
+        println!("{:<40} {sum:>9.4}", "sum of p50");
+    }
     let min_wall = wall.iter().min().map_or(0.0, |d| d.as_secs_f64() * 1e3);
     println!(
         "run: wall p50 {:.4} ms, wall min {min_wall:.4} ms, process CPU p50 {:.4} ms",
@@ -104,6 +141,16 @@ fn main() -> lithe::Result<()> {
 /// processes take the cores, which makes single-thread runs comparable on a busy machine.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn process_cpu() -> Duration {
+    clock(2)
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    clock(3)
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn clock(id: i64) -> Duration {
     let mut ts = [0i64; 2];
     let ret: i64;
     // SAFETY: clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) writes two i64s into `ts`.
@@ -111,7 +158,7 @@ fn process_cpu() -> Duration {
         std::arch::asm!(
             "syscall",
             inlateout("rax") 228i64 => ret,
-            in("rdi") 2i64,
+            in("rdi") id,
             in("rsi") ts.as_mut_ptr(),
             lateout("rcx") _,
             lateout("r11") _,
@@ -125,6 +172,6 @@ fn process_cpu() -> Duration {
 }
 
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-fn process_cpu() -> Duration {
+fn clock(_: i64) -> Duration {
     Duration::ZERO
 }

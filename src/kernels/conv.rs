@@ -3,21 +3,22 @@
 //!
 //! Strategies, picked per call from the geometry:
 //! - depthwise (`groups == C_in == C_out`): a direct, vectorised kernel;
-//! - 1x1, stride 1, no padding: a plain GEMM of the weights with the image;
-//! - anything else: GEMM of the packed weights with the image's im2col matrix. That matrix
-//!   is never materialised: it is an implicit [`GatherRef`] over a zero-padded copy of one
-//!   image, packed panel by panel inside the GEMM, so each thread only touches its columns.
+//! - everything else is lowered to GEMM ([`lowered`]): the packed weights times the image
+//!   (1x1, stride 1, no padding) or its im2col matrix, an implicit gathered view of a
+//!   zero-padded copy that is never materialised.
 //!
 //! Weights are packed once ([`Conv2d::new`]); a call then allocates nothing (scratch comes from
 //! per-thread pools).
 
 mod depthwise;
 mod layout;
+mod lowered;
 
 use rayon::prelude::*;
 
 use super::activation::Activation;
-use super::gemm::{self, Bias, Epilogue, GatherRef, Lhs, MatMut, MatRef, PackedA, Rhs};
+use super::gemm::{MatRef, PackedA};
+use super::pool::{pool2d, Pool2dGeom, PoolKind};
 use super::scratch;
 use super::simd::has_avx2_fma;
 use crate::error::{Error, Result};
@@ -25,8 +26,6 @@ use crate::ir::checked_numel;
 
 /// Work (multiply-adds) below which splitting over threads costs more than it saves.
 const PAR_MIN_MACS: usize = 1 << 17;
-/// Zeroed floats after a padded image: gathered packing copies whole 16-float runs.
-const GATHER_SLACK: usize = gemm::GATHER_SLACK;
 
 /// Shape parameters of a 2-D convolution that do not depend on the input size.
 #[derive(Clone, Debug, PartialEq)]
@@ -121,6 +120,13 @@ impl Conv2dGeom {
     fn k(&self) -> usize {
         self.c_in / self.groups * self.kernel[0] * self.kernel[1]
     }
+}
+
+/// Pooling applied to a convolution's output before it is stored ([`Conv2d::run_pooled`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolStage {
+    pub geom: Pool2dGeom,
+    pub kind: PoolKind,
 }
 
 /// A convolution with its weights prepared for repeated calls.
@@ -230,9 +236,58 @@ impl Conv2d {
         if g.is_depthwise() {
             self.run_depthwise(x, [n, h, w], pads, out, threads);
         } else {
-            self.run_gemm(x, [n, h, w], pads, (oh, ow), out, threads)?;
+            lowered::run(self, x, [n, h, w], pads, (oh, ow), out, threads)?;
         }
         Ok(())
+    }
+
+    /// As [`Conv2d::run_with_pads`], then `pool` over the result: `out` is
+    /// `[n, C_out, ph, pw]`. Each image's convolution output stays in a cache-sized scratch
+    /// buffer instead of making a round trip through memory (and a second pass) at full
+    /// resolution.
+    pub fn run_pooled(
+        &self,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+        pads: [usize; 4],
+        pool: &PoolStage,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let g = &self.geom;
+        let (oh, ow) = g.out_hw_with(h, w, pads)?;
+        pool.geom.validate()?;
+        let (ph, pw) = pool.geom.out_hw(oh, ow)?;
+        let img_in = g.c_in * h * w;
+        let img_out = g.c_out * ph * pw;
+        if x.len() != n * img_in || out.len() != n * img_out {
+            return Err(Error::Shape(format!(
+                "conv+pool: input has {} values for [{n}, {}, {h}, {w}] and output {} for [{n}, {}, {ph}, {pw}]",
+                x.len(),
+                g.c_in,
+                out.len(),
+                g.c_out
+            )));
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        let conv_len = checked_numel(&[g.c_out, oh, ow], 4)?;
+        let one = |(xi, oi): (&[f32], &mut [f32])| {
+            scratch::with_f32(conv_len, |t| {
+                self.run_with_pads(xi, [1, h, w], pads, t)?;
+                pool2d(&pool.geom, pool.kind, t, [g.c_out, oh, ow], oi)
+            })
+        };
+        if crate::kernels::par::threads() > 1 && n > 1 {
+            // One image per task, each on one thread.
+            x.par_chunks(img_in)
+                .zip(out.par_chunks_mut(img_out))
+                .try_for_each(|p| crate::kernels::par::sequential(|| one(p)))
+        } else {
+            x.chunks(img_in)
+                .zip(out.chunks_mut(img_out))
+                .try_for_each(one)
+        }
     }
 
     fn run_depthwise(
@@ -280,113 +335,6 @@ impl Conv2d {
                 depthwise::planes(&setup, x, 0, &filters, taps, out, avx);
             }
         });
-    }
-
-    fn run_gemm(
-        &self,
-        x: &[f32],
-        [n, h, w]: [usize; 3],
-        pads: [usize; 4],
-        (oh, ow): (usize, usize),
-        out: &mut [f32],
-        threads: usize,
-    ) -> Result<()> {
-        let g = &self.geom;
-        let cin_g = g.c_in / g.groups;
-        let cout_g = g.c_out / g.groups;
-        let ohw = oh * ow;
-        let k = g.k();
-        let direct = g.kernel == [1, 1] && g.stride == [1, 1] && pads == [0; 4];
-        let layout = layout::Phased::new(h, w, pads, g.stride[1]);
-        let image_macs = g.c_out * ohw * k;
-        // Parallel over images when each image alone is too small to split well.
-        let per_image = threads > 1 && n > 1 && image_macs < PAR_MIN_MACS * 8;
-        let gemm_threads = if per_image { 1 } else { threads };
-
-        let image = |x_img: &[f32], out_img: &mut [f32], offs: (&[usize], &[usize])| {
-            let run_groups = |src: &[f32], plane: usize, out_img: &mut [f32]| -> Result<()> {
-                for (gi, dst) in out_img.chunks_exact_mut(cout_g * ohw).enumerate() {
-                    let rhs = if direct {
-                        let base = &src[gi * cin_g * plane..(gi + 1) * cin_g * plane];
-                        Rhs::Mat(MatRef::row_major(base, cin_g, h * w)?)
-                    } else {
-                        // Keep the slack after the group's planes that gathered packing needs.
-                        let base = &src[gi * cin_g * plane..];
-                        Rhs::Gather(GatherRef::new(base, offs.0, offs.1)?)
-                    };
-                    let bias = match &self.bias {
-                        Some(b) => Bias::PerRow(&b[gi * cout_g..(gi + 1) * cout_g]),
-                        None => Bias::None,
-                    };
-                    gemm::gemm_threads(
-                        gemm_threads,
-                        1.0,
-                        Lhs::Packed(&self.packed[gi]),
-                        rhs,
-                        0.0,
-                        MatMut::row_major(dst, cout_g, ohw)?,
-                        Epilogue {
-                            bias,
-                            act: self.act,
-                        },
-                    )?;
-                }
-                Ok(())
-            };
-            if direct {
-                return run_groups(x_img, h * w, out_img);
-            }
-            let len = g.c_in * layout.plane;
-            scratch::with_f32(len + GATHER_SLACK, |buf| {
-                for (src, dst) in x_img
-                    .chunks_exact(h * w)
-                    .zip(buf.chunks_exact_mut(layout.plane))
-                {
-                    layout.fill(dst, src, (h, w), pads);
-                }
-                buf[len..].fill(0.0);
-                run_groups(buf, layout.plane, out_img)
-            })
-        };
-
-        scratch::with_usize(k + ohw, |offs| {
-            let (row_off, col_off) = offs.split_at_mut(k);
-            if !direct {
-                im2col_offsets(g, (oh, ow), &layout, row_off, col_off);
-            }
-            let offs = (&*row_off, &*col_off);
-            let in_len = g.c_in * h * w;
-            let out_len = g.c_out * ohw;
-            if per_image {
-                out.par_chunks_mut(out_len)
-                    .zip(x.par_chunks(in_len))
-                    .try_for_each(|(o, xi)| image(xi, o, offs))
-            } else {
-                out.chunks_mut(out_len)
-                    .zip(x.chunks(in_len))
-                    .try_for_each(|(o, xi)| image(xi, o, offs))
-            }
-        })
-    }
-}
-
-/// Offsets of the implicit im2col matrix over a padded, phase-split image (`layout` per
-/// channel): row `(c, ky, kx)` is where tap `(ky, kx)` of channel `c` reads for output
-/// `(0, 0)`; column `(oy, ox)` adds `oy * sh` rows and `ox` (phases make columns contiguous).
-fn im2col_offsets(
-    g: &Conv2dGeom,
-    (oh, ow): (usize, usize),
-    l: &layout::Phased,
-    row_off: &mut [usize],
-    col_off: &mut [usize],
-) {
-    let [kh, kw] = g.kernel;
-    for (p, r) in row_off.iter_mut().enumerate() {
-        let (c, ky, kx) = (p / (kh * kw), p / kw % kh, p % kw);
-        *r = c * l.plane + l.at(ky * g.dilation[0], kx * g.dilation[1]);
-    }
-    for (j, col) in col_off.iter_mut().enumerate().take(oh * ow) {
-        *col = (j / ow) * g.stride[0] * l.row + j % ow;
     }
 }
 
@@ -543,6 +491,32 @@ mod tests {
             let act = [None, Some(Activation::Relu), Some(Activation::HardSwish)][i % 3];
             for threads in [1, 2] {
                 check(g, *shape, act, threads, &mut rng);
+            }
+        }
+    }
+
+    #[test]
+    fn batched_and_pixel_products_match_reference() {
+        let mut rng = Rng::new(4);
+        let cases = [
+            // 7x7 outputs: several images per product, a partial last unit, groups.
+            (
+                geom(6, 8, 2, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+                [5, 7, 7],
+            ),
+            (geom(8, 12, 1, [1, 1], [1, 1], [1, 1], [0; 4]), [7, 7, 7]),
+            // Strided 3x3 down to 3x3 outputs.
+            (
+                geom(4, 5, 1, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+                [9, 6, 6],
+            ),
+            // Single-pixel outputs: one product over the whole batch.
+            (geom(8, 12, 1, [1, 1], [1, 1], [1, 1], [0; 4]), [5, 1, 1]),
+            (geom(8, 12, 4, [1, 1], [1, 1], [1, 1], [0; 4]), [3, 1, 1]),
+        ];
+        for (g, shape) in &cases {
+            for threads in [1, 2] {
+                check(g, *shape, Some(Activation::HardSwish), threads, &mut rng);
             }
         }
     }

@@ -75,18 +75,28 @@ pub struct RunCtx {
 }
 
 impl RunCtx {
-    /// A zero-filled buffer of `len` floats, reusing a released buffer when one is big enough.
-    pub fn alloc_f32(&mut self, len: usize) -> Vec<f32> {
+    /// Most buffers kept for reuse.
+    const POOL_LEN: usize = 32;
+
+    /// The released buffer that best fits `len` floats, if one fits well: a much larger one
+    /// is left for a later large request (else that request would allocate and fault in
+    /// fresh pages while a small value sits in the big buffer).
+    fn take(&mut self, len: usize) -> Option<Vec<f32>> {
+        let most = len.saturating_mul(2).saturating_add(1 << 14);
         let pos = self
             .free_f32
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.capacity() >= len)
+            .filter(|(_, b)| b.capacity() >= len && b.capacity() <= most)
             .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
-        match pos {
-            Some(i) => {
-                let mut buf = self.free_f32.swap_remove(i);
+            .map(|(i, _)| i)?;
+        Some(self.free_f32.swap_remove(pos))
+    }
+
+    /// A zero-filled buffer of `len` floats, reusing a released buffer when one fits.
+    pub fn alloc_f32(&mut self, len: usize) -> Vec<f32> {
+        match self.take(len) {
+            Some(mut buf) => {
                 buf.clear();
                 buf.resize(len, 0.0);
                 buf
@@ -99,16 +109,8 @@ impl RunCtx {
     /// unspecified (stale values of a released buffer, or zeros). Unlike [`RunCtx::alloc_f32`]
     /// it skips the zero fill, a full extra pass over memory for large outputs.
     pub fn alloc_f32_overwrite(&mut self, len: usize) -> Vec<f32> {
-        let pos = self
-            .free_f32
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.capacity() >= len)
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
-        match pos {
-            Some(i) => {
-                let mut buf = self.free_f32.swap_remove(i);
+        match self.take(len) {
+            Some(mut buf) => {
                 // Only a grown tail is written here; the kept prefix holds stale values.
                 buf.truncate(len);
                 buf.resize(len, 0.0);
@@ -120,10 +122,19 @@ impl RunCtx {
 
     /// Returns a dead tensor's storage to the pool.
     pub fn release(&mut self, t: Tensor) {
-        if let crate::ir::TensorData::F32(v) = t.into_data() {
-            // Bound the pool so a long graph of odd sizes cannot hoard memory.
-            if self.free_f32.len() < 32 && v.capacity() > 0 {
-                self.free_f32.push(v);
+        let crate::ir::TensorData::F32(v) = t.into_data() else {
+            return;
+        };
+        if v.capacity() == 0 {
+            return;
+        }
+        // Bound the pool so a long graph of odd sizes cannot hoard memory. When full, keep
+        // the larger buffers: re-allocating those costs page faults on every run.
+        if self.free_f32.len() < Self::POOL_LEN {
+            self.free_f32.push(v);
+        } else if let Some(smallest) = self.free_f32.iter_mut().min_by_key(|b| b.capacity()) {
+            if smallest.capacity() < v.capacity() {
+                *smallest = v;
             }
         }
     }

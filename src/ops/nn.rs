@@ -8,6 +8,8 @@ mod gemm;
 mod matmul;
 mod pool;
 
+pub use conv::compile_conv_pool;
+
 use super::{node_error, OpDef, RunCtx};
 use crate::error::Result;
 use crate::ir::{checked_numel, DType, Dim, Node, Tensor, TypeInfo};

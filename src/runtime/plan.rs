@@ -37,7 +37,9 @@ pub struct Plan {
 
 #[derive(Clone, Debug)]
 pub struct PlanOptions {
-    /// Fold a lone following activation into Conv/Gemm/MatMul epilogues.
+    /// Fold a lone following activation into Conv/Gemm/MatMul epilogues, and a pooling node
+    /// that alone reads a Conv's (activated) output into the Conv's step. Either way the
+    /// intermediate value is never materialised (nor shown to observers).
     pub fuse_activations: bool,
 }
 
@@ -120,9 +122,25 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             constants: consts,
             fused_activation: fused.map(|(_, a)| a),
         };
-        let kernel = (def.compile)(&ctx).map_err(|e| e.at_node(node))?;
+        // A pooling node reading the (activated) output can join the step too.
+        let pooled = match options.fuse_activations && node.op_type == "Conv" {
+            true => {
+                let tail = fused.map_or(node, |(j, _)| &graph.nodes[j]);
+                match sole_pool_reader(model, tail, &readers, &graph_outputs) {
+                    Some(p) => ops::nn::compile_conv_pool(&ctx, &graph.nodes[p])
+                        .map_err(|e| e.at_node(node))?
+                        .map(|k| (p, k)),
+                    None => None,
+                }
+            }
+            false => None,
+        };
+        let (kernel, pool) = match pooled {
+            Some((p, k)) => (k, Some(p)),
+            None => ((def.compile)(&ctx).map_err(|e| e.at_node(node))?, None),
+        };
         let mut label = node.op_type.clone();
-        let outputs: Vec<Slot> = match fused {
+        let mut outputs: Vec<Slot> = match fused {
             Some((j, _)) => {
                 absorbed[j] = true;
                 let act = &graph.nodes[j];
@@ -131,6 +149,12 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             }
             None => node.outputs.iter().map(|o| slots.get_or_add(o)).collect(),
         };
+        if let Some(p) = pool {
+            absorbed[p] = true;
+            let pool = &graph.nodes[p];
+            label = format!("{label}+{}", pool.op_type);
+            outputs = vec![slots.get_or_add(&pool.outputs[0])];
+        }
         let step_inputs = node
             .inputs
             .iter()
@@ -203,6 +227,34 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
         inputs,
         outputs,
     })
+}
+
+/// The MaxPool / AveragePool node that is the only reader of `node`'s only output (which is
+/// not a graph output), reading it as its data input and producing just one output.
+fn sole_pool_reader(
+    model: &Model,
+    node: &Node,
+    readers: &HashMap<&str, usize>,
+    graph_outputs: &std::collections::HashSet<&str>,
+) -> Option<usize> {
+    let [out] = node.outputs.as_slice() else {
+        return None;
+    };
+    if graph_outputs.contains(out.as_str()) || readers.get(out.as_str()) != Some(&1) {
+        return None;
+    }
+    let (p, pool) = model
+        .graph
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.inputs.iter().any(|i| i == out))?;
+    let single_output = pool.outputs.iter().filter(|o| !o.is_empty()).count() == 1;
+    (matches!(pool.op_type.as_str(), "MaxPool" | "AveragePool")
+        && pool.inputs.first() == Some(out)
+        && pool.outputs.first().is_some_and(|o| !o.is_empty())
+        && single_output)
+        .then_some(p)
 }
 
 /// The activation node that can be folded into `node`: the sole reader of its only output,

@@ -4,6 +4,7 @@
 //! buffer pool or straight into a step that reuses their storage (Reshape and friends), and
 //! an optional profile times each step.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,17 @@ pub struct Session {
     plan: Plan,
     pool: rayon::ThreadPool,
     scratch: Mutex<Vec<RunCtx>>,
+    /// With several threads: whether the next run stays on the caller's thread, decided
+    /// from the last run's duration (see [`Session::run_inner`]).
+    inline_next: AtomicBool,
 }
+
+/// A run shorter than this on one thread would not gain from more: the hand-off to the pool
+/// and the wake-ups of its workers cost about as much as they save.
+const INLINE_UP_TO: Duration = Duration::from_micros(300);
+/// A pooled run this short goes back to the caller's thread (half the bound above, so a run
+/// that two threads speed up does not flip back and forth).
+const POOLED_BELOW: Duration = Duration::from_micros(150);
 
 impl Session {
     pub fn new(model: &Model, options: &SessionOptions) -> Result<Session> {
@@ -55,6 +66,7 @@ impl Session {
             plan,
             pool,
             scratch: Mutex::new(Vec::new()),
+            inline_next: AtomicBool::new(false),
         })
     }
 
@@ -222,13 +234,25 @@ impl Session {
                 }
                 Ok(())
             };
-        // One thread: run right here. Handing the run to a pool worker and waiting for it
-        // costs two thread wake-ups, as much as a small model's whole run.
-        let result = if self.threads() == 1 {
+        // One thread, or a run too short to share: run right here. Handing the run to a pool
+        // worker and waiting for it costs two thread wake-ups, as much as a small model's
+        // whole run. Several threads: the last run's duration decides for the next one.
+        let inline = self.threads() == 1 || self.inline_next.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let result = if inline {
             crate::kernels::par::sequential(body)
         } else {
             self.pool.install(body)
         };
+        if self.threads() > 1 && result.is_ok() {
+            let took = started.elapsed();
+            let next = if inline {
+                took <= INLINE_UP_TO
+            } else {
+                took < POOLED_BELOW
+            };
+            self.inline_next.store(next, Ordering::Relaxed);
+        }
         if let Ok(mut s) = self.scratch.lock() {
             s.push(ctx);
         }
@@ -415,6 +439,86 @@ mod tests {
             assert_eq!(get("x").as_f32().unwrap(), &xv[..]);
             let z = get("z").as_f32().unwrap();
             assert!((z[3] - crate::kernels::activation::sigmoid(2.0)).abs() < 1e-7);
+        }
+    }
+    #[test]
+    fn conv_pool_fusion_matches_separate_steps() {
+        use crate::ir::Attr;
+        use crate::kernels::testutil::Rng;
+        let mut rng = Rng::new(7);
+        let ints = |v: &[i64]| Attr::Ints(v.to_vec());
+        let mut graph = Graph {
+            inputs: vec![ValueInfo::new(
+                "x",
+                TypeInfo::new(
+                    DType::F32,
+                    vec![
+                        Dim::Sym("N".into()),
+                        Dim::Known(3),
+                        Dim::Known(9),
+                        Dim::Known(9),
+                    ],
+                ),
+            )],
+            outputs: vec![ValueInfo::new("y", TypeInfo::unknown_shape(DType::F32))],
+            nodes: vec![
+                Node::new(
+                    "c1",
+                    "Conv",
+                    vec!["x".into(), "w1".into(), "b1".into()],
+                    vec!["c1o".into()],
+                )
+                .with_attr("pads", ints(&[1, 1, 1, 1])),
+                Node::new("r1", "Relu", vec!["c1o".into()], vec!["r1o".into()]),
+                Node::new("p1", "MaxPool", vec!["r1o".into()], vec!["p1o".into()])
+                    .with_attr("kernel_shape", ints(&[2, 2]))
+                    .with_attr("strides", ints(&[2, 2])),
+                Node::new(
+                    "c2",
+                    "Conv",
+                    vec!["p1o".into(), "w2".into()],
+                    vec!["c2o".into()],
+                ),
+                Node::new("p2", "AveragePool", vec!["c2o".into()], vec!["y".into()])
+                    .with_attr("kernel_shape", ints(&[3, 3]))
+                    .with_attr("strides", ints(&[2, 2]))
+                    .with_attr("pads", ints(&[1, 1, 1, 1]))
+                    .with_attr("ceil_mode", Attr::Int(1))
+                    .with_attr("count_include_pad", Attr::Int(1)),
+            ],
+            ..Graph::default()
+        };
+        for (name, shape) in [
+            ("w1", vec![4, 3, 3, 3]),
+            ("b1", vec![4]),
+            ("w2", vec![5, 4, 1, 1]),
+        ] {
+            let n = shape.iter().product();
+            graph
+                .initializers
+                .insert(name.into(), Tensor::from_f32(shape, rng.vec(n)).unwrap());
+        }
+        let model = Model::new(graph, 18);
+        let x = Tensor::from_f32(vec![3, 3, 9, 9], rng.vec(3 * 3 * 81)).unwrap();
+        for threads in [1, 2] {
+            let session = |fuse: bool| {
+                let options = SessionOptions {
+                    threads,
+                    plan: PlanOptions {
+                        fuse_activations: fuse,
+                    },
+                };
+                Session::new(&model, &options).unwrap()
+            };
+            let (fused, plain) = (session(true), session(false));
+            let labels: Vec<&str> = fused.plan.steps.iter().map(|s| s.label.as_str()).collect();
+            assert_eq!(labels, ["Conv+Relu+MaxPool", "Conv+AveragePool"]);
+            assert_eq!(plain.plan.steps.len(), 5);
+            let want = plain.run(&[("x", x.clone())]).unwrap();
+            let got = fused.run(&[("x", x.clone())]).unwrap();
+            assert_eq!(got[0].1.shape(), &[3, 5, 3, 3]);
+            assert_eq!(got[0].1.shape(), want[0].1.shape());
+            assert_eq!(got[0].1.as_f32().unwrap(), want[0].1.as_f32().unwrap());
         }
     }
 }

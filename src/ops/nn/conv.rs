@@ -1,12 +1,17 @@
 //! ONNX `Conv` (opsets 1-21), 1-D and 2-D: `group`, `strides`, `pads`, `dilations`,
 //! `kernel_shape`, `auto_pad`, optional bias, and a fused activation. Constant weights are
-//! packed once at compile time.
+//! packed once at compile time. The planner can also fuse a following `MaxPool` /
+//! `AveragePool` ([`compile_conv_pool`]).
 
+use std::borrow::Cow;
+
+use super::pool::{pool_attrs, PoolAttrs};
 use super::{alloc_output, data, f32_input, nchw, optional_input, require_f32, Window};
 use crate::error::Result;
 use crate::ir::{Dim, Node, Tensor, TypeInfo};
 use crate::kernels::activation::Activation;
-use crate::kernels::conv::{Conv2d, Conv2dGeom};
+use crate::kernels::conv::{Conv2d, Conv2dGeom, PoolStage};
+use crate::kernels::pool::Pool2dGeom;
 use crate::ops::{node_error, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
 
 pub const CONV: OpDef = OpDef {
@@ -78,6 +83,10 @@ struct ConvKernel {
 }
 
 fn compile(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
+    Ok(Box::new(compile_conv(ctx)?))
+}
+
+fn compile_conv(ctx: &CompileCtx) -> Result<ConvKernel> {
     let node = ctx.node;
     for i in 0..3 {
         require_f32(node, ctx.input_type(i), i)?;
@@ -117,7 +126,7 @@ fn compile(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
             );
         kernel.prepared = Some(kernel.prepare(c_in, w, b)?);
     }
-    Ok(Box::new(kernel))
+    Ok(kernel)
 }
 
 impl ConvKernel {
@@ -178,22 +187,30 @@ impl ConvKernel {
     }
 }
 
-impl Kernel for ConvKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+/// What one run of a convolution needs: the prepared kernel (built now when the weights are
+/// not constant), the input size and the pads for it.
+struct Call<'a> {
+    conv: Cow<'a, Conv2d>,
+    nhw: [usize; 3],
+    pads: [usize; 4],
+    /// 1 for a 1-D convolution (`[n, c, l]`), else 2.
+    rank: usize,
+}
+
+impl ConvKernel {
+    fn call<'a>(&'a self, inputs: &[Option<&'a Tensor>]) -> Result<Call<'a>> {
         let node = &self.node;
         let x = f32_input(node, inputs, 0)?;
         let [n, c, h, w] = nchw(node, x.shape())?;
-        let built;
         let conv = match &self.prepared {
-            Some(p) => p,
+            Some(p) => Cow::Borrowed(p),
             None => {
                 let wt = f32_input(node, inputs, 1)?;
                 let b = match optional_input(inputs, 2) {
                     Some(_) => Some(f32_input(node, inputs, 2)?),
                     None => None,
                 };
-                built = self.prepare(c, wt, b)?;
-                &built
+                Cow::Owned(self.prepare(c, wt, b)?)
             }
         };
         let g = conv.geom();
@@ -206,12 +223,12 @@ impl Kernel for ConvKernel {
                 ),
             ));
         }
-        let win_rank = if x.rank() == 3 { 1 } else { 2 };
+        let rank = if x.rank() == 3 { 1 } else { 2 };
         let parsed;
         let win = match &self.window {
             Some(win) => win,
             None => {
-                let kernel = if win_rank == 1 {
+                let kernel = if rank == 1 {
                     vec![g.kernel[1]]
                 } else {
                     g.kernel.to_vec()
@@ -220,7 +237,7 @@ impl Kernel for ConvKernel {
                 &parsed
             }
         };
-        if win.rank() != win_rank {
+        if win.rank() != rank {
             return Err(node_error(
                 node,
                 format!(
@@ -231,16 +248,101 @@ impl Kernel for ConvKernel {
             ));
         }
         let (_, _, _, pads) = win.as_2d([h, w]);
-        let (oh, ow) = g.out_hw_with(h, w, pads).map_err(|e| e.at_node(node))?;
-        let mut out = alloc_output(node, ctx, &[n, g.c_out, oh, ow])?;
-        conv.run_with_pads(data(x), [n, h, w], pads, &mut out)
+        Ok(Call {
+            conv,
+            nhw: [n, h, w],
+            pads,
+            rank,
+        })
+    }
+}
+
+impl Kernel for ConvKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let node = &self.node;
+        let call = self.call(inputs)?;
+        let g = call.conv.geom();
+        let [n, h, w] = call.nhw;
+        let (oh, ow) = g
+            .out_hw_with(h, w, call.pads)
             .map_err(|e| e.at_node(node))?;
-        let shape = if win_rank == 1 {
+        let mut out = alloc_output(node, ctx, &[n, g.c_out, oh, ow])?;
+        let x = f32_input(node, inputs, 0)?;
+        call.conv
+            .run_with_pads(data(x), call.nhw, call.pads, &mut out)
+            .map_err(|e| e.at_node(node))?;
+        let shape = if call.rank == 1 {
             vec![n, g.c_out, ow]
         } else {
             vec![n, g.c_out, oh, ow]
         };
         Ok(vec![Tensor::from_f32(shape, out)?])
+    }
+}
+
+/// A 2-D convolution (with its fused activation) followed by the MaxPool or AveragePool that
+/// is the sole reader of its output: one step, and the full-resolution convolution output
+/// never leaves cache ([`Conv2d::run_pooled`]).
+struct ConvPoolKernel {
+    conv: ConvKernel,
+    pool_node: Node,
+    pool: PoolAttrs,
+}
+
+/// Compiles `ctx.node` (a Conv, with `ctx.fused_activation`) fused with the pooling node
+/// `pool` that reads its output. `None` when the pair is not a supported fusion (not 2-D,
+/// or weights that are not constant); the nodes then run as separate steps.
+pub fn compile_conv_pool(ctx: &CompileCtx, pool: &Node) -> Result<Option<Box<dyn Kernel>>> {
+    if ctx.node.op_type != "Conv" || !matches!(pool.op_type.as_str(), "MaxPool" | "AveragePool") {
+        return Ok(None);
+    }
+    let at = pool_attrs(pool)?;
+    let conv = compile_conv(ctx)?;
+    let two_d = conv.window.as_ref().is_some_and(|w| w.rank() == 2);
+    if conv.prepared.is_none() || !two_d || at.window.rank() != 2 {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(ConvPoolKernel {
+        conv,
+        pool_node: pool.clone(),
+        pool: at,
+    })))
+}
+
+impl Kernel for ConvPoolKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let node = &self.conv.node;
+        let call = self.conv.call(inputs)?;
+        let g = call.conv.geom();
+        let [n, h, w] = call.nhw;
+        if call.rank != 2 {
+            return Err(node_error(node, "fused pooling needs a 2-D convolution"));
+        }
+        let (oh, ow) = g
+            .out_hw_with(h, w, call.pads)
+            .map_err(|e| e.at_node(node))?;
+        let (kernel, stride, dilation, pads) = self.pool.window.as_2d([oh, ow]);
+        let stage = PoolStage {
+            geom: Pool2dGeom {
+                kernel,
+                stride,
+                dilation,
+                pads,
+                ceil_mode: self.pool.ceil_mode,
+            },
+            kind: self.pool.kind,
+        };
+        let pool_node = &self.pool_node;
+        let (ph, pw) = stage
+            .geom
+            .out_hw(oh, ow)
+            .map_err(|e| e.at_node(pool_node))?;
+        let mut out = alloc_output(pool_node, ctx, &[n, g.c_out, ph, pw])?;
+        let x = f32_input(node, inputs, 0)?;
+        call.conv
+            .run_pooled(data(x), call.nhw, call.pads, &stage, &mut out)
+            .map_err(|e| e.at_node(node))?;
+        Ok(vec![Tensor::from_f32(vec![n, g.c_out, ph, pw], out)?])
     }
 }
 

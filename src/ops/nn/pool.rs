@@ -29,13 +29,13 @@ pub const GLOBAL_AVERAGE_POOL: OpDef = def("GlobalAveragePool", infer_global, co
 pub const GLOBAL_MAX_POOL: OpDef = def("GlobalMaxPool", infer_global, compile_global);
 
 /// Parsed attributes of a windowed pool.
-struct PoolAttrs {
-    window: Window,
-    kind: PoolKind,
-    ceil_mode: bool,
+pub(super) struct PoolAttrs {
+    pub window: Window,
+    pub kind: PoolKind,
+    pub ceil_mode: bool,
 }
 
-fn pool_attrs(node: &Node) -> Result<PoolAttrs> {
+pub(super) fn pool_attrs(node: &Node) -> Result<PoolAttrs> {
     let kernel = match node.attr_ints("kernel_shape")? {
         Some(k) if !k.is_empty() && k.iter().all(|&x| x > 0) => {
             k.iter().map(|&x| x as usize).collect()
