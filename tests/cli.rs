@@ -1,24 +1,11 @@
 //! The real `lithe` binary on real models: each subcommand's output, and one-line errors with
 //! a non-zero exit for bad files.
 
+mod common;
+
+use common::{lithe, stderr, stdout};
 use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn lithe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lithe"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("lithe runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
+use std::process::Output;
 
 const MODEL: &str = "assets/models/mnist_cnn.onnx";
 

@@ -2,24 +2,15 @@
 //! error naming what is wrong (tensor, sample, option) with a non-zero exit, or documented safe
 //! behaviour (all-zero and constant calibration data give positive scales).
 
+mod common;
+
+use common::{lithe, stderr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use lithe::ir::{Model, Tensor};
 
 const MODEL: &str = "assets/models/mnist_cnn.onnx";
-
-fn lithe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lithe"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("lithe runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lithe-quantize-cli-{}", std::process::id()));

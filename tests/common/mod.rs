@@ -103,3 +103,20 @@ pub fn argmax_rows(t: &Tensor) -> Vec<usize> {
         })
         .collect()
 }
+
+/// The real `lithe` binary run with `args` from the repository root.
+pub fn lithe(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lithe"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("lithe runs")
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
