@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{argmax_rows, repo};
+use common::{argmax_rows, python, repo};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -125,10 +125,7 @@ fn ptq_vs_qat(
 
 /// `min_agree` of 1000 predictions must match; accuracies within `tol`.
 fn check_ort(model: &Model, d: &Data, tag: &str, min_agree: usize, tol: f64) {
-    let Some(py) = std::env::var("LITHE_PYTHON").ok() else {
-        eprintln!("skipped the ONNX Runtime check: LITHE_PYTHON is not set (.ci/run sets it)");
-        return;
-    };
+    let Some(py) = python() else { return };
     let path = std::env::temp_dir().join(format!("lithe-qat-{}-{tag}.onnx", std::process::id()));
     lithe::onnx::save_model(model, &path, &Default::default()).expect("save");
     let theirs = run_ort(&py, &path, &d.x, tag);

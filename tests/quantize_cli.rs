@@ -115,23 +115,29 @@ fn with_first_conv_weight(f: impl Fn(&mut [f32])) -> (Model, String) {
     (m, name)
 }
 
+/// Saves `m` and quantizes that file with `calib`: the output and the quantized file's path.
+fn quantize_edited(m: &Model, tag: &str, calib: &Path) -> (Output, PathBuf) {
+    let model = tmp(&format!("weights_{tag}.onnx"));
+    lithe::onnx::save_model(m, &model, &Default::default()).expect("save");
+    let out = tmp(&format!("weights_{tag}_q.onnx"));
+    let o = lithe(&[
+        "quantize",
+        s(&model),
+        "-o",
+        s(&out),
+        "-q",
+        "--calib",
+        s(calib),
+    ]);
+    (o, out)
+}
+
 #[test]
 fn all_zero_and_constant_weights_give_positive_scales() {
     let calib = calib_npz("calib.npz", 4, |i| (i % 5) as f32 * 0.2);
     for (tag, value) in [("zero", 0.0f32), ("const", 0.25)] {
         let (m, _) = with_first_conv_weight(|w| w.fill(value));
-        let model = tmp(&format!("weights_{tag}.onnx"));
-        lithe::onnx::save_model(&m, &model, &Default::default()).expect("save");
-        let out = tmp(&format!("weights_{tag}_q.onnx"));
-        let o = lithe(&[
-            "quantize",
-            s(&model),
-            "-o",
-            s(&out),
-            "-q",
-            "--calib",
-            s(&calib),
-        ]);
+        let (o, out) = quantize_edited(&m, tag, &calib);
         assert!(o.status.success(), "{tag}: {}", stderr(&o));
         scales_are_positive(&out);
     }
@@ -142,18 +148,7 @@ fn non_finite_weights_name_the_tensor() {
     let calib = calib_npz("ok.npz", 4, |i| (i % 7) as f32 * 0.3);
     for (tag, bad) in [("nan", f32::NAN), ("inf", f32::INFINITY)] {
         let (m, name) = with_first_conv_weight(|w| w[5] = bad);
-        let model = tmp(&format!("weights_{tag}.onnx"));
-        lithe::onnx::save_model(&m, &model, &Default::default()).expect("save");
-        let out = tmp(&format!("weights_{tag}_q.onnx"));
-        let o = lithe(&[
-            "quantize",
-            s(&model),
-            "-o",
-            s(&out),
-            "-q",
-            "--calib",
-            s(&calib),
-        ]);
+        let (o, out) = quantize_edited(&m, tag, &calib);
         assert_one_line_failure(&o, &[&name]);
         let err = stderr(&o);
         assert!(

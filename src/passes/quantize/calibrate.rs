@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::config::ActivationCalib;
+use super::config::{ActivationCalib, QuantizeConfig};
 use crate::data::dataset::BatchSource;
 use crate::error::{Error, Result};
 use crate::ir::{Model, Tensor};
@@ -190,6 +190,31 @@ pub fn observing_session(model: &Model, threads: usize) -> Result<Session> {
                 fuse_activations: false,
             },
         },
+    )
+}
+
+/// [`calibrate`] with the method, bit width, sample limit and batch size of `config`, on the
+/// activation grid those imply; an error when there is no calibration data.
+pub fn calibrate_with_config(
+    session: &Session,
+    source: Option<&dyn BatchSource>,
+    names: &[String],
+    config: &QuantizeConfig,
+    progress: &mut dyn FnMut(CalibProgress),
+) -> Result<(BTreeMap<String, Range>, usize)> {
+    let source = source
+        .ok_or_else(|| Error::Data("activation quantization needs calibration data".into()))?;
+    let act_scheme = QScheme::new(config.activation_bits, false, false)?;
+    calibrate(
+        session,
+        source,
+        names,
+        config.activations,
+        config.activation_bits,
+        &act_scheme,
+        config.calib_limit,
+        config.batch_size,
+        progress,
     )
 }
 

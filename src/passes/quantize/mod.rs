@@ -182,23 +182,13 @@ fn quantize_impl(
                 }
                 (ranges, 0)
             }
-            None => {
-                let source = calib.ok_or_else(|| {
-                    Error::Data("activation quantization needs calibration data".into())
-                })?;
-                let act_scheme = QScheme::new(config.activation_bits, false, false)?;
-                calibrate::calibrate(
-                    &session,
-                    source,
-                    &plan.calibrated(),
-                    config.activations,
-                    config.activation_bits,
-                    &act_scheme,
-                    config.calib_limit,
-                    config.batch_size,
-                    progress,
-                )?
-            }
+            None => calibrate::calibrate_with_config(
+                &session,
+                calib,
+                &plan.calibrated(),
+                config,
+                progress,
+            )?,
         };
         samples = n;
         calib_seconds = calib_started.elapsed().as_secs_f64();

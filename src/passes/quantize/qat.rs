@@ -26,7 +26,6 @@ use crate::data::dataset::BatchSource;
 use crate::error::{Error, Result};
 use crate::ir::Model;
 use crate::quant::calibrate::Range;
-use crate::quant::QScheme;
 use crate::train::{
     ActRangeMode, ActivationFakeQuant, EpochStats, EvalStats, Event, FakeQuant, KmeansFakeQuant,
     TrainConfig, TrainSet, Trainer, WeightFakeQuant, WeightRangeMode,
@@ -114,21 +113,10 @@ pub fn quantize_aware_training(
     let quantize_acts = config.activations != ActivationCalib::None;
     let calib_started = std::time::Instant::now();
     let (calibrated, samples) = if quantize_acts {
-        let source = calib
-            .ok_or_else(|| Error::Data("activation quantization needs calibration data".into()))?;
         let session = calibrate::observing_session(&simple, config.threads)?;
-        let act_scheme = QScheme::new(config.activation_bits, false, false)?;
-        calibrate::calibrate(
-            &session,
-            source,
-            &plan.calibrated(),
-            config.activations,
-            config.activation_bits,
-            &act_scheme,
-            config.calib_limit,
-            config.batch_size,
-            &mut |p| progress(QatEvent::Calibrate(p)),
-        )?
+        calibrate::calibrate_with_config(&session, calib, &plan.calibrated(), config, &mut |p| {
+            progress(QatEvent::Calibrate(p))
+        })?
     } else {
         (BTreeMap::new(), 0)
     };
