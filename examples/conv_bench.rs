@@ -5,7 +5,11 @@
 //! CPU time (with one thread) or wall time, and the multiply-add rate. CPU time is what other
 //! processes on a busy machine do not inflate. FILTER keeps the cases whose name contains it.
 
-use std::time::{Duration, Instant};
+#[path = "support/cpu_clock.rs"]
+mod cpu_clock;
+
+use cpu_clock::thread_cpu;
+use std::time::Instant;
 
 use lithe::kernels::activation::Activation;
 use lithe::kernels::conv::{Conv2d, Conv2dGeom};
@@ -132,32 +136,4 @@ fn main() -> lithe::Result<()> {
         }
     }
     Ok(())
-}
-
-/// CPU time of the calling thread (Linux x86-64; zero elsewhere).
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-fn thread_cpu() -> Duration {
-    let mut ts = [0i64; 2];
-    let ret: i64;
-    // SAFETY: clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) writes two i64s into `ts`.
-    unsafe {
-        std::arch::asm!(
-            "syscall",
-            inlateout("rax") 228i64 => ret,
-            in("rdi") 3i64,
-            in("rsi") ts.as_mut_ptr(),
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack)
-        );
-    }
-    if ret != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts[0] as u64, ts[1] as u32)
-}
-
-#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-fn thread_cpu() -> Duration {
-    Duration::ZERO
 }

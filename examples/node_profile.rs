@@ -6,6 +6,10 @@
 //! step over the rounds, with the input shapes it saw, so a step can be compared to the same
 //! layer in ONNX Runtime's profile.
 
+#[path = "support/cpu_clock.rs"]
+mod cpu_clock;
+
+use cpu_clock::{process_cpu, thread_cpu};
 use std::time::Duration;
 
 use lithe::ir::{Dim, Tensor};
@@ -135,43 +139,4 @@ fn main() -> lithe::Result<()> {
         median(&mut cpu)
     );
     Ok(())
-}
-
-/// CPU time of the whole process (all threads): unlike wall time it does not grow when other
-/// processes take the cores, which makes single-thread runs comparable on a busy machine.
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-fn process_cpu() -> Duration {
-    clock(2)
-}
-
-/// CPU time of the calling thread.
-fn thread_cpu() -> Duration {
-    clock(3)
-}
-
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-fn clock(id: i64) -> Duration {
-    let mut ts = [0i64; 2];
-    let ret: i64;
-    // SAFETY: clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) writes two i64s into `ts`.
-    unsafe {
-        std::arch::asm!(
-            "syscall",
-            inlateout("rax") 228i64 => ret,
-            in("rdi") id,
-            in("rsi") ts.as_mut_ptr(),
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack)
-        );
-    }
-    if ret != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts[0] as u64, ts[1] as u32)
-}
-
-#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-fn clock(_: i64) -> Duration {
-    Duration::ZERO
 }
