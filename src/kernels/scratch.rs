@@ -14,6 +14,7 @@ const POOL_DEPTH: usize = 4;
 thread_local! {
     static F32_POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
     static USIZE_POOL: RefCell<Vec<Vec<usize>>> = const { RefCell::new(Vec::new()) };
+    static U8_POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Floats per 64-byte cache line: the alignment handed out by [`with_f32`].
@@ -47,6 +48,22 @@ pub fn with_usize<R>(len: usize, f: impl FnOnce(&mut [usize]) -> R) -> R {
     }
     let result = f(&mut buf[..len]);
     USIZE_POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_DEPTH {
+            p.push(buf);
+        }
+    });
+    result
+}
+
+/// Runs `f` on a scratch slice of exactly `len` bytes (stale contents, as [`with_f32`]).
+pub fn with_u8<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    let mut buf = U8_POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let result = f(&mut buf[..len]);
+    U8_POOL.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() < POOL_DEPTH {
             p.push(buf);

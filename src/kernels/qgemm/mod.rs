@@ -19,12 +19,14 @@
 mod micro;
 mod pack;
 mod requant;
+mod wx;
 
 pub use pack::PackedB;
 pub use requant::{
     fixed_multipliers, float_scales, rounding_divide_by_pot, saturating_rounding_doubling_high_mul,
     QuantizedMultiplier, Requant,
 };
+pub use wx::{qgemm_wx, row_offsets, vnni_available, PackedW, WxElem, WxStage, WX_MR};
 
 use crate::error::{Error, Result};
 use crate::quant::QStore;

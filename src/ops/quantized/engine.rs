@@ -9,9 +9,10 @@
 
 use rayon::prelude::*;
 
+use super::conv_nchw::{DepthwiseF32, WxConv};
 use crate::error::{Error, Result};
 use crate::kernels::conv::Conv2dGeom;
-use crate::kernels::qgemm::{self, PackedB, Requant};
+use crate::kernels::qgemm::{self, PackedB, Requant, WxElem};
 use crate::quant::linear::{code_bounds, round_to_code};
 use crate::quant::QStore;
 
@@ -75,9 +76,16 @@ pub fn shift_u8_to_i8(w: &[u8]) -> Vec<i8> {
     w.iter().map(|&v| (v ^ 0x80) as i8).collect()
 }
 
+/// The NCHW-direct engines, when this CPU and convolution have one.
+enum Fast {
+    Gemm(WxConv),
+    Depthwise(DepthwiseF32),
+}
+
 /// A convolution with weights prepared once.
 pub struct IntConv {
     pub geom: Conv2dGeom,
+    fast: Option<Fast>,
     /// One packed `[K, C_out / groups]` matrix per group (not used for depthwise).
     packed: Vec<PackedB>,
     /// Depthwise: `w - zw` per channel and tap, `[C, kh * kw]`.
@@ -89,6 +97,19 @@ impl IntConv {
     /// `w` is `[C_out, C_in / groups, kh, kw]` row-major i8 with zero points `w_zp` (one or
     /// `C_out`).
     pub fn new(geom: Conv2dGeom, w: &[i8], w_zp: &[i32], stage: OutputStage) -> Result<IntConv> {
+        IntConv::with_fast_paths(geom, w, w_zp, stage, true)
+    }
+
+    /// As [`IntConv::new`]; `fast` false keeps to the HWC im2col engine and the direct
+    /// depthwise kernel (the reference the fast paths are tested against, and the route on
+    /// CPUs without AVX-512 VNNI).
+    pub fn with_fast_paths(
+        geom: Conv2dGeom,
+        w: &[i8],
+        w_zp: &[i32],
+        stage: OutputStage,
+        fast: bool,
+    ) -> Result<IntConv> {
         geom.validate()?;
         let cout_g = geom.c_out / geom.groups;
         let k = geom.c_in / geom.groups * geom.kernel[0] * geom.kernel[1];
@@ -108,8 +129,22 @@ impl IntConv {
         }
         let zp_of = |c: usize| w_zp[if w_zp.len() == 1 { 0 } else { c }];
         let is_dw = geom.groups == geom.c_in && geom.c_out == geom.c_in;
+        let fast = match (fast, is_dw) {
+            (false, _) => None,
+            (true, true) => DepthwiseF32::new(&geom, w, w_zp, &stage)?.map(Fast::Depthwise),
+            (true, false) if qgemm::vnni_available() => Some(Fast::Gemm(WxConv::new(
+                &geom,
+                w,
+                w_zp,
+                &stage,
+                qgemm::Backend::Auto,
+            )?)),
+            (true, false) => None,
+        };
         // Depthwise convolution runs directly: its GEMM would have a single column.
-        let (packed, depthwise) = if is_dw {
+        let (packed, depthwise) = if fast.is_some() {
+            (Vec::new(), None)
+        } else if is_dw {
             let d = (0..geom.c_out)
                 .flat_map(|c| {
                     let z = zp_of(c);
@@ -163,6 +198,7 @@ impl IntConv {
         }
         Ok(IntConv {
             geom,
+            fast,
             packed,
             depthwise,
             stage,
@@ -171,7 +207,7 @@ impl IntConv {
 
     /// Runs on `x` (`[n, C_in, h, w]` u8, zero point `x_zp`) into `out` (`[n, C_out, oh, ow]`)
     /// with padding `pads` (`[top, left, bottom, right]`, resolved per input size).
-    pub fn run<T: QStore + Default + Send + Sync>(
+    pub fn run<T: QStore + WxElem>(
         &self,
         x: &[u8],
         x_zp: u8,
@@ -190,6 +226,11 @@ impl IntConv {
                 out.len(),
                 g.c_in
             )));
+        }
+        match &self.fast {
+            Some(Fast::Gemm(c)) => return c.run(g, &self.stage, x, x_zp, [n, h, w], [oh, ow], out),
+            Some(Fast::Depthwise(d)) => return d.run(x, x_zp, [n, h, w], pads, [oh, ow], out),
+            None => {}
         }
         if self.depthwise.is_some() {
             return self.run_direct(g, x, x_zp, [h, w], [oh, ow], out);

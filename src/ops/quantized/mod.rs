@@ -5,6 +5,7 @@
 //! requantization, so outputs are bit-identical to ORT's on the same file.
 
 mod conv;
+mod conv_nchw;
 mod engine;
 mod matmul;
 mod params;

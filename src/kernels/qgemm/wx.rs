@@ -1,0 +1,643 @@
+//! Output-channel-major integer GEMM for convolutions stored NCHW:
+//! `Y[m][j] = out(sum_k (W[m][k] - zw[m]) (X[k][j] - zx) + bias[m])` with the i8 weights `W`
+//! (`M x K`) packed once as the left operand ([`PackedW`]) and the u8 activations `X`
+//! (`K x N`: the input planes themselves for a 1x1 convolution, else their im2col) packed per
+//! call. Rows are output channels and columns pixels, so results land in NCHW with no
+//! transpose, and each row's requantization parameters are scalars.
+//!
+//! The fast micro-kernel is AVX-512 VNNI `vpdpbusd` on 256-bit registers: u8 x s8 with four
+//! products summed straight into i32, so unlike `vpmaddubsw` nothing saturates at i16, and the
+//! result is exact whenever the true sum fits in i32. The requantization (or i32 store) is done
+//! on the registers before they leave the kernel. The portable kernel computes the same
+//! integers and the same rounding, so both are bit-identical.
+//!
+//! The zero points are folded in afterwards: `raw - zx rowsum(W)[m] + K zx zw[m] + bias[m]` is
+//! one constant per row ([`row_offsets`]); `- zw[m] colsum(X)[j]` is only needed with weight
+//! zero points, which symmetric weights (the usual int8 choice) do not have.
+
+use super::Backend;
+use crate::error::{Error, Result};
+use crate::kernels::scratch;
+use crate::quant::linear::round_to_code;
+
+/// Rows (output channels) of a micro-tile.
+pub const WX_MR: usize = 8;
+/// Columns (pixels) of a micro-tile: two 256-bit registers of i32.
+pub const WX_NR: usize = 16;
+/// Columns packed at a time: `K x 256` bytes of `X` stay in L2 while every row panel of `W`
+/// passes over them.
+const NC: usize = 256;
+
+/// i8 weights `[M, K]` packed in panels of [`WX_MR`] rows; within a panel, for each group of
+/// four `k`, the `MR` rows' four bytes as one i32 (the broadcast operand of `vpdpbusd`).
+/// Missing rows and the `k` past `K` are zero.
+#[derive(Clone, Debug)]
+pub struct PackedW {
+    m: usize,
+    k: usize,
+    quads: usize,
+    data: Vec<i32>,
+    row_sums: Vec<i32>,
+    zero_points: Vec<i32>,
+}
+
+impl PackedW {
+    /// Packs row-major `w` (`[m, k]`, one row per output channel) with one zero point per
+    /// tensor or per row, each in `[-128, 127]`.
+    pub fn new(w: &[i8], m: usize, k: usize, zero_points: &[i32]) -> Result<PackedW> {
+        if m == 0 || k == 0 || m.checked_mul(k) != Some(w.len()) {
+            return Err(Error::Shape(format!(
+                "qgemm: weight has {} values, expected {m} x {k}",
+                w.len()
+            )));
+        }
+        let zero_points = match zero_points.len() {
+            1 => vec![zero_points[0]; m],
+            l if l == m => zero_points.to_vec(),
+            l => {
+                return Err(Error::Shape(format!(
+                    "qgemm: {l} weight zero points for {m} rows"
+                )))
+            }
+        };
+        if let Some(z) = zero_points.iter().find(|z| !(-128..=127).contains(*z)) {
+            return Err(Error::Data(format!(
+                "qgemm: weight zero point {z} is outside the i8 range"
+            )));
+        }
+        let quads = k.div_ceil(4);
+        let panels = m.div_ceil(WX_MR);
+        let mut data = vec![0i32; panels * quads * WX_MR];
+        for (r, row) in w.chunks_exact(k).enumerate() {
+            let panel = &mut data[(r / WX_MR) * quads * WX_MR..][..quads * WX_MR];
+            for (q, four) in row.chunks(4).enumerate() {
+                let mut bytes = [0u8; 4];
+                for (b, &v) in bytes.iter_mut().zip(four) {
+                    *b = v as u8;
+                }
+                panel[q * WX_MR + r % WX_MR] = i32::from_le_bytes(bytes);
+            }
+        }
+        let row_sums = w
+            .chunks_exact(k)
+            .map(|row| row.iter().map(|&v| i32::from(v)).sum())
+            .collect();
+        Ok(PackedW {
+            m,
+            k,
+            quads,
+            data,
+            row_sums,
+            zero_points,
+        })
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    fn has_zero_points(&self) -> bool {
+        self.zero_points.iter().any(|&z| z != 0)
+    }
+
+    fn panel(&self, p: usize) -> &[i32] {
+        &self.data[p * self.quads * WX_MR..(p + 1) * self.quads * WX_MR]
+    }
+}
+
+/// The per-row constant `bias[m] + K zx zw[m] - zx rowsum(W)[m]` (wrapping, like the hardware).
+pub fn row_offsets(w: &PackedW, zx: u8, bias: Option<&[i32]>) -> Vec<i32> {
+    let (za, kk) = (i32::from(zx), w.k as i32);
+    (0..w.m)
+        .map(|r| {
+            let b = bias.map_or(0, |b| b[r]);
+            b.wrapping_add(kk.wrapping_mul(za).wrapping_mul(w.zero_points[r]))
+                .wrapping_sub(za.wrapping_mul(w.row_sums[r]))
+        })
+        .collect()
+}
+
+/// What happens to a row's accumulator after [`row_offsets`].
+#[derive(Clone, Copy, Debug)]
+pub enum WxStage<'a> {
+    /// Stored as i32 (`ConvInteger`).
+    Int32,
+    /// `round_half_even(clamp(f32(acc) * scales[m], lo, hi)) + zero_point`, ONNX Runtime's
+    /// float requantization; `lo`, `hi` from `code_bounds(qmin, qmax, zero_point)`.
+    Requant {
+        scales: &'a [f32],
+        zero_point: i32,
+        lo: f32,
+        hi: f32,
+    },
+}
+
+/// An element type the kernel can store.
+pub trait WxElem: Copy + Default + Send + Sync {
+    const KIND: ElemKind;
+    fn from_i32(v: i32) -> Self;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ElemKind {
+    U8,
+    I8,
+    I32,
+}
+
+impl WxElem for u8 {
+    const KIND: ElemKind = ElemKind::U8;
+    fn from_i32(v: i32) -> u8 {
+        v as u8
+    }
+}
+
+impl WxElem for i8 {
+    const KIND: ElemKind = ElemKind::I8;
+    fn from_i32(v: i32) -> i8 {
+        v as i8
+    }
+}
+
+impl WxElem for i32 {
+    const KIND: ElemKind = ElemKind::I32;
+    fn from_i32(v: i32) -> i32 {
+        v
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Micro {
+    Scalar,
+    Vnni,
+}
+
+/// Whether this CPU has the VNNI kernel (AVX-512 VNNI with 256-bit forms and byte stores).
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn micro_for(backend: Backend) -> Result<Micro> {
+    match backend {
+        Backend::Scalar => Ok(Micro::Scalar),
+        Backend::Auto if vnni_available() => Ok(Micro::Vnni),
+        Backend::Auto => Ok(Micro::Scalar),
+        Backend::Avx2 if vnni_available() => Ok(Micro::Vnni),
+        Backend::Avx2 => Err(Error::Data("qgemm: this CPU has no AVX-512 VNNI".into())),
+    }
+}
+
+/// Rows `[row0, row0 + out.len() / n)` of `Y`, `out` row-major with `n` columns. `x` is `X`
+/// row-major `[K, n]` and `offsets` comes from [`row_offsets`] (all `M` rows); `row0` must be a
+/// multiple of [`WX_MR`].
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm_wx<T: WxElem>(
+    backend: Backend,
+    w: &PackedW,
+    x: &[u8],
+    n: usize,
+    offsets: &[i32],
+    stage: WxStage,
+    row0: usize,
+    out: &mut [T],
+) -> Result<()> {
+    let micro = micro_for(backend)?;
+    if n == 0 || out.is_empty() {
+        return Ok(());
+    }
+    let rows = out.len() / n;
+    if x.len() != w.k * n || out.len() % n != 0 || row0 % WX_MR != 0 || row0 + rows > w.m {
+        return Err(Error::Shape(format!(
+            "qgemm: X of {} values for {} x {n}, or rows {row0}+{rows} of {}",
+            x.len(),
+            w.k,
+            w.m
+        )));
+    }
+    let stage_ok = match (stage, T::KIND) {
+        (WxStage::Int32, ElemKind::I32) => true,
+        (WxStage::Requant { scales, .. }, ElemKind::U8 | ElemKind::I8) => scales.len() == w.m,
+        _ => false,
+    };
+    if !stage_ok || offsets.len() != w.m {
+        return Err(Error::Shape(
+            "qgemm: output stage does not match the output type or the rows".into(),
+        ));
+    }
+    let quads = w.quads;
+    let with_colsums = w.has_zero_points();
+    let nc = NC.min(n.div_ceil(WX_NR) * WX_NR);
+    scratch::with_u8(quads * 4 * nc, |packed| {
+        let mut colsums = [0i32; NC];
+        for c0 in (0..n).step_by(NC) {
+            let cols = NC.min(n - c0);
+            pack_x(x, n, w.k, c0, cols, packed);
+            if with_colsums {
+                for (j, s) in colsums[..cols].iter_mut().enumerate() {
+                    *s = (0..w.k).map(|k| i32::from(x[k * n + c0 + j])).sum();
+                }
+            }
+            for r in (0..rows).step_by(WX_MR) {
+                let tile_rows = WX_MR.min(rows - r);
+                let m0 = row0 + r;
+                let a = w.panel(m0 / WX_MR);
+                for jp in (0..cols).step_by(WX_NR) {
+                    let tile = Tile {
+                        quads,
+                        rows: tile_rows,
+                        cols: WX_NR.min(cols - jp),
+                        m0,
+                        offsets,
+                        zero_points: &w.zero_points,
+                        colsums: with_colsums.then_some(&colsums[jp..jp + WX_NR]),
+                        stage,
+                    };
+                    let b = &packed[jp * quads * 4..(jp + WX_NR) * quads * 4];
+                    let dst = &mut out[r * n + c0 + jp..];
+                    match micro {
+                        Micro::Scalar => tile.run_scalar(a, b, dst, n),
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `Micro::Vnni` is only chosen after `vnni_available`; `a` holds
+                        // `quads * MR` words and `b` `quads * NR * 4` bytes; the tile writes
+                        // `rows` rows of `cols` values at stride `n` starting at `dst`, all
+                        // inside `out` (`r + rows <= out rows`, `c0 + jp + cols <= n`).
+                        Micro::Vnni => unsafe { tile.run_vnni(a, b, dst, n) },
+                        #[cfg(not(target_arch = "x86_64"))]
+                        Micro::Vnni => tile.run_scalar(a, b, dst, n),
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Packs columns `[c0, c0 + cols)` of row-major `x` (`[k, n]`) into panels of [`WX_NR`]
+/// columns: for each group of four rows, each column's four bytes together.
+fn pack_x(x: &[u8], n: usize, k: usize, c0: usize, cols: usize, out: &mut [u8]) {
+    let quads = k.div_ceil(4);
+    let panel_len = quads * 4 * WX_NR;
+    for (p, panel) in out
+        .chunks_exact_mut(panel_len)
+        .take(cols.div_ceil(WX_NR))
+        .enumerate()
+    {
+        let j0 = c0 + p * WX_NR;
+        let width = WX_NR.min(c0 + cols - j0);
+        if width < WX_NR || k % 4 != 0 {
+            panel.fill(0);
+        }
+        let full_quads = if width == WX_NR { k / 4 } else { 0 };
+        #[cfg(target_arch = "x86_64")]
+        for q in 0..full_quads {
+            let rows: [&[u8]; 4] =
+                std::array::from_fn(|i| &x[(4 * q + i) * n + j0..(4 * q + i) * n + j0 + WX_NR]);
+            transpose_quad_sse2(rows, &mut panel[q * 4 * WX_NR..(q + 1) * 4 * WX_NR]);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let full_quads = 0;
+        for kk in 4 * full_quads..k {
+            let src = &x[kk * n + j0..kk * n + j0 + width];
+            let base = (kk / 4) * 4 * WX_NR + kk % 4;
+            for (j, &v) in src.iter().enumerate() {
+                panel[base + 4 * j] = v;
+            }
+        }
+    }
+}
+
+/// Four rows of 16 bytes into 16 columns of four bytes (SSE2, part of every x86-64 CPU).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn transpose_quad_sse2(rows: [&[u8]; 4], out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    assert!(rows.iter().all(|r| r.len() >= 16) && out.len() >= 64);
+    // SAFETY: SSE2 is always present on x86-64; the loads read 16 bytes of each row and the
+    // stores write 64 bytes of `out`, as asserted above.
+    unsafe {
+        let [a0, a1, a2, a3] = rows.map(|r| _mm_loadu_si128(r.as_ptr() as *const __m128i));
+        let (t0, t1) = (_mm_unpacklo_epi8(a0, a1), _mm_unpackhi_epi8(a0, a1));
+        let (t2, t3) = (_mm_unpacklo_epi8(a2, a3), _mm_unpackhi_epi8(a2, a3));
+        let o = out.as_mut_ptr() as *mut __m128i;
+        _mm_storeu_si128(o, _mm_unpacklo_epi16(t0, t2));
+        _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(t0, t2));
+        _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(t1, t3));
+        _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(t1, t3));
+    }
+}
+
+/// One micro-tile: `rows x cols` outputs starting at row `m0`.
+struct Tile<'a> {
+    quads: usize,
+    rows: usize,
+    cols: usize,
+    m0: usize,
+    offsets: &'a [i32],
+    zero_points: &'a [i32],
+    colsums: Option<&'a [i32]>,
+    stage: WxStage<'a>,
+}
+
+impl Tile<'_> {
+    fn finish(&self, r: usize, j: usize, raw: i32) -> i32 {
+        let m = self.m0 + r;
+        let mut v = raw.wrapping_add(self.offsets[m]);
+        if let Some(cs) = self.colsums {
+            v = v.wrapping_sub(self.zero_points[m].wrapping_mul(cs[j]));
+        }
+        match self.stage {
+            WxStage::Int32 => v,
+            WxStage::Requant {
+                scales,
+                zero_point,
+                lo,
+                hi,
+            } => round_to_code(v as f32 * scales[m], lo, hi).wrapping_add(zero_point),
+        }
+    }
+
+    fn run_scalar<T: WxElem>(&self, a: &[i32], b: &[u8], dst: &mut [T], ld: usize) {
+        let mut acc = [[0i32; WX_NR]; WX_MR];
+        for q in 0..self.quads {
+            let bq = &b[q * 4 * WX_NR..(q + 1) * 4 * WX_NR];
+            for (r, row) in acc.iter_mut().enumerate() {
+                let wb = a[q * WX_MR + r].to_le_bytes();
+                for (j, v) in row.iter_mut().enumerate() {
+                    let xs = &bq[4 * j..4 * j + 4];
+                    let s: i32 = (0..4)
+                        .map(|t| i32::from(xs[t]) * i32::from(wb[t] as i8))
+                        .sum();
+                    *v = v.wrapping_add(s);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(self.rows) {
+            for (j, &raw) in row.iter().enumerate().take(self.cols) {
+                dst[r * ld + j] = T::from_i32(self.finish(r, j, raw));
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512 F, VL, BW and VNNI; `a` must hold `quads * MR` words, `b`
+    /// `quads * NR * 4` bytes, and `dst` must be valid for `rows` rows of `cols` values at
+    /// stride `ld`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni")]
+    unsafe fn run_vnni<T: WxElem>(&self, a: &[i32], b: &[u8], dst: &mut [T], ld: usize) {
+        use std::arch::x86_64::*;
+        debug_assert!(a.len() >= self.quads * WX_MR && b.len() >= self.quads * 4 * WX_NR);
+        debug_assert!(self.rows == 0 || dst.len() >= (self.rows - 1) * ld + self.cols);
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [[_mm256_setzero_si256(); 2]; WX_MR];
+        for q in 0..self.quads {
+            // SAFETY: q < quads, so the reads stay inside `a` and `b` (the contract above).
+            unsafe {
+                let b0 = _mm256_loadu_si256(bp.add(q * 64) as *const __m256i);
+                let b1 = _mm256_loadu_si256(bp.add(q * 64 + 32) as *const __m256i);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_set1_epi32(*ap.add(q * WX_MR + r));
+                    row[0] = _mm256_dpbusd_epi32(row[0], b0, wv);
+                    row[1] = _mm256_dpbusd_epi32(row[1], b1, wv);
+                }
+            }
+        }
+        let masks = [
+            (((1u32 << self.cols.min(8)) - 1) & 0xff) as __mmask8,
+            (((1u32 << self.cols.saturating_sub(8)) - 1) & 0xff) as __mmask8,
+        ];
+        let colsums = self.colsums.map(|cs| {
+            // SAFETY: `colsums` holds WX_NR values (the caller passes a full panel).
+            unsafe {
+                [
+                    _mm256_loadu_si256(cs.as_ptr() as *const __m256i),
+                    _mm256_loadu_si256(cs.as_ptr().add(8) as *const __m256i),
+                ]
+            }
+        });
+        let dp = dst.as_mut_ptr();
+        for (r, row) in acc.iter().enumerate().take(self.rows) {
+            let m = self.m0 + r;
+            let off = _mm256_set1_epi32(self.offsets[m]);
+            for (h, &v) in row.iter().enumerate() {
+                let mut v = _mm256_add_epi32(v, off);
+                if let Some(cs) = &colsums {
+                    let zw = _mm256_set1_epi32(self.zero_points[m]);
+                    v = _mm256_sub_epi32(v, _mm256_mullo_epi32(zw, cs[h]));
+                }
+                // SAFETY: the masked stores write only columns `< cols` of row `r`, inside
+                // `dst` by the contract.
+                unsafe {
+                    let p = dp.add(r * ld + 8 * h);
+                    match (self.stage, T::KIND) {
+                        (WxStage::Int32, _) => {
+                            _mm256_mask_storeu_epi32(p as *mut i32, masks[h], v);
+                        }
+                        (
+                            WxStage::Requant {
+                                scales,
+                                zero_point,
+                                lo,
+                                hi,
+                            },
+                            _,
+                        ) => {
+                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scales[m]));
+                            let f = _mm256_min_ps(
+                                _mm256_max_ps(f, _mm256_set1_ps(lo)),
+                                _mm256_set1_ps(hi),
+                            );
+                            // Round half to even: the default MXCSR mode, as `round_to_code`.
+                            let q = _mm256_add_epi32(
+                                _mm256_cvtps_epi32(f),
+                                _mm256_set1_epi32(zero_point),
+                            );
+                            _mm256_mask_cvtepi32_storeu_epi8(p as *mut i8, masks[h], q);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::linear::code_bounds;
+    use crate::quant::test_rng::Rng;
+
+    fn backends() -> Vec<Backend> {
+        let mut v = vec![Backend::Scalar];
+        if vnni_available() {
+            v.push(Backend::Avx2);
+        }
+        v
+    }
+
+    fn naive(w: &[i8], zw: &[i32], x: &[u8], zx: u8, m: usize, k: usize, n: usize) -> Vec<i64> {
+        let mut y = vec![0i64; m * n];
+        for r in 0..m {
+            let z = i64::from(zw[if zw.len() == 1 { 0 } else { r }]);
+            for j in 0..n {
+                y[r * n + j] = (0..k)
+                    .map(|t| {
+                        (i64::from(w[r * k + t]) - z) * (i64::from(x[t * n + j]) - i64::from(zx))
+                    })
+                    .sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn int32_matches_definition() {
+        let mut rng = Rng::new(5);
+        for (case, &(m, k, n)) in [
+            (1, 1, 1),
+            (8, 4, 16),
+            (9, 5, 17),
+            (20, 27, 300),
+            (33, 260, 70),
+            (3, 1000, 5),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let w: Vec<i8> = (0..m * k).map(|_| rng.range_i32(-128, 127) as i8).collect();
+            let x: Vec<u8> = (0..k * n).map(|_| rng.range_i32(0, 255) as u8).collect();
+            let zw: Vec<i32> = match case % 3 {
+                0 => vec![0],
+                1 => vec![-5],
+                _ => (0..m).map(|_| rng.range_i32(-128, 127)).collect(),
+            };
+            let zx = [0u8, 128, 255, 7][case % 4];
+            let bias: Vec<i32> = (0..m).map(|_| rng.range_i32(-9999, 9999)).collect();
+            let pw = PackedW::new(&w, m, k, &zw).unwrap();
+            let offs = row_offsets(&pw, zx, Some(&bias));
+            let want: Vec<i32> = naive(&w, &zw, &x, zx, m, k, n)
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (v + i64::from(bias[i / n])) as i32)
+                .collect();
+            for be in backends() {
+                let mut y = vec![0i32; m * n];
+                qgemm_wx(be, &pw, &x, n, &offs, WxStage::Int32, 0, &mut y).unwrap();
+                assert_eq!(y, want, "{be:?} m={m} k={k} n={n}");
+                // A block of rows on its own.
+                if m > 8 {
+                    let mut part = vec![0i32; (m - 8) * n];
+                    qgemm_wx(be, &pw, &x, n, &offs, WxStage::Int32, 8, &mut part).unwrap();
+                    assert_eq!(part, want[8 * n..]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn requantized_outputs_agree_across_kernels_and_with_the_rule() {
+        let mut rng = Rng::new(11);
+        let (m, k, n) = (19, 75, 133);
+        let w: Vec<i8> = (0..m * k).map(|_| rng.range_i32(-127, 127) as i8).collect();
+        let x: Vec<u8> = (0..k * n).map(|_| rng.range_i32(0, 255) as u8).collect();
+        let scales: Vec<f32> = (0..m).map(|r| 1e-4 + r as f32 * 3e-5).collect();
+        let pw = PackedW::new(&w, m, k, &[0]).unwrap();
+        let offs = row_offsets(&pw, 121, None);
+        let acc = naive(&w, &[0], &x, 121, m, k, n);
+        for (zp, qmin, qmax) in [(100, 0, 255), (-3, -128, 127), (0, 0, 6)] {
+            let (lo, hi) = code_bounds(qmin, qmax, zp);
+            let stage = WxStage::Requant {
+                scales: &scales,
+                zero_point: zp,
+                lo,
+                hi,
+            };
+            let want: Vec<i32> = acc
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| round_to_code(v as i32 as f32 * scales[i / n], lo, hi) + zp)
+                .collect();
+            for be in backends() {
+                if qmin < 0 {
+                    let mut y = vec![0i8; m * n];
+                    qgemm_wx(be, &pw, &x, n, &offs, stage, 0, &mut y).unwrap();
+                    assert!(
+                        y.iter().zip(&want).all(|(&a, &b)| i32::from(a) == b),
+                        "{be:?}"
+                    );
+                } else {
+                    let mut y = vec![0u8; m * n];
+                    qgemm_wx(be, &pw, &x, n, &offs, stage, 0, &mut y).unwrap();
+                    assert!(
+                        y.iter().zip(&want).all(|(&a, &b)| i32::from(a) == b),
+                        "{be:?}"
+                    );
+                }
+            }
+        }
+        // Mismatched stage and type, bad shapes: errors.
+        let mut y = vec![0u8; m * n];
+        assert!(qgemm_wx(
+            Backend::Scalar,
+            &pw,
+            &x,
+            n,
+            &offs,
+            WxStage::Int32,
+            0,
+            &mut y
+        )
+        .is_err());
+        assert!(qgemm_wx(
+            Backend::Scalar,
+            &pw,
+            &x[1..],
+            n,
+            &offs,
+            WxStage::Int32,
+            0,
+            &mut [0i32; 5]
+        )
+        .is_err());
+        assert!(PackedW::new(&w, m, k + 1, &[0]).is_err());
+        assert!(PackedW::new(&w, m, k, &[0, 1]).is_err());
+    }
+
+    #[test]
+    fn extreme_values_at_large_k_are_exact() {
+        let (m, k, n) = (3, 4099, 18);
+        for (wv, xv, zw, zx) in [
+            (-128i8, 255u8, 127, 0u8),
+            (127, 0, -128, 255),
+            (-128, 0, 0, 255),
+        ] {
+            let w = vec![wv; m * k];
+            let x = vec![xv; k * n];
+            let pw = PackedW::new(&w, m, k, &[zw]).unwrap();
+            let offs = row_offsets(&pw, zx, None);
+            let want: Vec<i32> = naive(&w, &[zw], &x, zx, m, k, n)
+                .iter()
+                .map(|&v| v as i32)
+                .collect();
+            for be in backends() {
+                let mut y = vec![0i32; m * n];
+                qgemm_wx(be, &pw, &x, n, &offs, WxStage::Int32, 0, &mut y).unwrap();
+                assert_eq!(y, want, "{be:?} w={wv} x={xv}");
+            }
+        }
+    }
+}

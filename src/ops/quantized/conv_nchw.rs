@@ -1,0 +1,519 @@
+//! Integer convolutions that read and write NCHW directly, with no layout passes:
+//!
+//! * [`WxConv`]: weights as the left operand of [`qgemm_wx`] (AVX-512 VNNI), the input planes
+//!   as the right one: as they are for a 1x1 stride-1 unpadded convolution, else through a u8
+//!   im2col padded with the input zero point (padded taps then add nothing).
+//! * [`DepthwiseF32`]: depthwise convolution through the f32 depthwise kernel on `x - zx` and
+//!   `w - zw`. Every product is an integer of magnitude at most 255 * 255 and every partial
+//!   sum at most `taps * 255 * 255`, below 2^24 for up to 258 taps, so f32 represents each of
+//!   them exactly and the sums are the integers in any order (FMA included). The accumulators
+//!   are then requantized exactly as the integer path does.
+
+use rayon::prelude::*;
+
+use super::engine::OutputStage;
+use crate::error::{Error, Result};
+use crate::kernels::conv::{Conv2d, Conv2dGeom};
+use crate::kernels::qgemm::{self, Backend, PackedW, WxElem, WxStage, WX_MR};
+use crate::kernels::{par, scratch};
+use crate::quant::linear::{code_bounds, round_to_code};
+
+/// Taps up to which f32 sums of u8 x i8 products (zero points subtracted) are exact.
+pub const MAX_EXACT_F32_TAPS: usize = (1 << 24) / (255 * 255);
+
+/// Per output channel: the scale, and the stage's zero point and code bounds.
+struct RowRequant {
+    scales: Vec<f32>,
+    zero_point: i32,
+    lo: f32,
+    hi: f32,
+}
+
+fn row_requant(stage: &OutputStage, c_out: usize) -> Option<RowRequant> {
+    match stage {
+        OutputStage::Requant {
+            scales,
+            zero_point,
+            qmin,
+            qmax,
+            ..
+        } => {
+            let (lo, hi) = code_bounds(*qmin, *qmax, *zero_point);
+            Some(RowRequant {
+                scales: (0..c_out)
+                    .map(|c| scales[if scales.len() == 1 { 0 } else { c }])
+                    .collect(),
+                zero_point: *zero_point,
+                lo,
+                hi,
+            })
+        }
+        OutputStage::Int32 => None,
+    }
+}
+
+fn stage_bias(stage: &OutputStage) -> Option<&[i32]> {
+    match stage {
+        OutputStage::Requant { bias, .. } => bias.as_deref(),
+        OutputStage::Int32 => None,
+    }
+}
+
+/// A grouped (not depthwise) convolution on the VNNI GEMM.
+pub struct WxConv {
+    /// One `[C_out / groups, K]` weight matrix per group.
+    packed: Vec<PackedW>,
+    requant: Option<RowRequant>,
+    backend: Backend,
+}
+
+impl WxConv {
+    /// `w` is `[C_out, C_in / groups, kh, kw]` with zero points `w_zp` (one or `C_out`),
+    /// already validated by the caller.
+    pub fn new(
+        geom: &Conv2dGeom,
+        w: &[i8],
+        w_zp: &[i32],
+        stage: &OutputStage,
+        backend: Backend,
+    ) -> Result<WxConv> {
+        let cout_g = geom.c_out / geom.groups;
+        let k = geom.c_in / geom.groups * geom.kernel[0] * geom.kernel[1];
+        let packed = (0..geom.groups)
+            .map(|g| {
+                let zps = if w_zp.len() == 1 {
+                    w_zp
+                } else {
+                    &w_zp[g * cout_g..(g + 1) * cout_g]
+                };
+                PackedW::new(&w[g * cout_g * k..(g + 1) * cout_g * k], cout_g, k, zps)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WxConv {
+            packed,
+            requant: row_requant(stage, geom.c_out),
+            backend,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn run<T: WxElem>(
+        &self,
+        g: &Conv2dGeom,
+        stage: &OutputStage,
+        x: &[u8],
+        x_zp: u8,
+        [n, h, w]: [usize; 3],
+        [oh, ow]: [usize; 2],
+        out: &mut [T],
+    ) -> Result<()> {
+        let (cin_g, cout_g, ohw) = (g.c_in / g.groups, g.c_out / g.groups, oh * ow);
+        let k = cin_g * g.kernel[0] * g.kernel[1];
+        let direct = g.kernel == [1, 1] && g.stride == [1, 1] && g.pads == [0; 4];
+        let bias = stage_bias(stage);
+        let offsets: Vec<Vec<i32>> = self
+            .packed
+            .iter()
+            .enumerate()
+            .map(|(grp, p)| {
+                qgemm::row_offsets(p, x_zp, bias.map(|b| &b[grp * cout_g..(grp + 1) * cout_g]))
+            })
+            .collect();
+        let threads = par::threads();
+        // Whole images per thread when there are enough; else each image's rows are split.
+        let split_rows = if n >= threads { 1 } else { threads };
+        let image = |img: usize, out_img: &mut [T]| -> Result<()> {
+            for (grp, packed) in self.packed.iter().enumerate() {
+                let planes = &x[(img * g.c_in + grp * cin_g) * h * w..][..cin_g * h * w];
+                let dst = &mut out_img[grp * cout_g * ohw..(grp + 1) * cout_g * ohw];
+                let stage = match &self.requant {
+                    Some(r) => WxStage::Requant {
+                        scales: &r.scales[grp * cout_g..(grp + 1) * cout_g],
+                        zero_point: r.zero_point,
+                        lo: r.lo,
+                        hi: r.hi,
+                    },
+                    None => WxStage::Int32,
+                };
+                let mut gemm = |cols: &[u8]| {
+                    gemm_split(
+                        self.backend,
+                        packed,
+                        cols,
+                        ohw,
+                        &offsets[grp],
+                        stage,
+                        dst,
+                        split_rows,
+                    )
+                };
+                if direct {
+                    gemm(planes)?;
+                } else {
+                    scratch::with_u8(k * ohw, |cols| {
+                        im2col_u8(g, planes, [h, w], [oh, ow], x_zp, cols);
+                        gemm(cols)
+                    })?;
+                }
+            }
+            Ok(())
+        };
+        let per_image = g.c_out * ohw;
+        if threads > 1 && n > 1 {
+            out.par_chunks_mut(per_image)
+                .enumerate()
+                .try_for_each(|(img, o)| image(img, o))
+        } else {
+            out.chunks_mut(per_image)
+                .enumerate()
+                .try_for_each(|(img, o)| image(img, o))
+        }
+    }
+}
+
+/// One group's GEMM, its rows (output channels) split into up to `tasks` parallel blocks.
+#[allow(clippy::too_many_arguments)]
+fn gemm_split<T: WxElem>(
+    backend: Backend,
+    packed: &PackedW,
+    cols: &[u8],
+    n: usize,
+    offsets: &[i32],
+    stage: WxStage,
+    dst: &mut [T],
+    tasks: usize,
+) -> Result<()> {
+    let m = packed.m();
+    let rows_per = m.div_ceil(tasks.max(1)).div_ceil(WX_MR) * WX_MR;
+    if tasks <= 1 || rows_per >= m {
+        return qgemm::qgemm_wx(backend, packed, cols, n, offsets, stage, 0, dst);
+    }
+    dst.par_chunks_mut(rows_per * n)
+        .enumerate()
+        .try_for_each(|(t, block)| {
+            qgemm::qgemm_wx(
+                backend,
+                packed,
+                cols,
+                n,
+                offsets,
+                stage,
+                t * rows_per,
+                block,
+            )
+        })
+}
+
+/// `[C * kh * kw, oh * ow]` u8 im2col of `planes` (`[C, h, w]`), rows in weight order
+/// `(c, ky, kx)`, taps outside the image set to the zero point `zx`.
+fn im2col_u8(
+    g: &Conv2dGeom,
+    planes: &[u8],
+    [h, w]: [usize; 2],
+    [oh, ow]: [usize; 2],
+    zx: u8,
+    cols: &mut [u8],
+) {
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let [dh, dw] = g.dilation;
+    let (pt, pl) = (g.pads[0] as isize, g.pads[1] as isize);
+    let mut rows = cols.chunks_exact_mut(oh * ow);
+    for plane in planes.chunks_exact(h * w) {
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let Some(row) = rows.next() else { return };
+                let off = (kx * dw) as isize - pl;
+                // Output columns whose input column lies inside the image.
+                let lo = if off >= 0 {
+                    0
+                } else {
+                    ((-off) as usize).div_ceil(sw).min(ow)
+                };
+                let hi = if (w as isize) <= off {
+                    0
+                } else {
+                    ((w as isize - off) as usize).div_ceil(sw).min(ow)
+                }
+                .max(lo);
+                for (oy, dst) in row.chunks_exact_mut(ow).enumerate() {
+                    let iy = (oy * sh + ky * dh) as isize - pt;
+                    if iy < 0 || iy >= h as isize {
+                        dst.fill(zx);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    dst[..lo].fill(zx);
+                    dst[hi..].fill(zx);
+                    if sw == 1 {
+                        let s = (lo as isize + off) as usize;
+                        dst[lo..hi].copy_from_slice(&src[s..s + hi - lo]);
+                    } else {
+                        for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                            *d = src[(ox as isize * sw as isize + off) as usize];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Depthwise convolution through the f32 kernel (exact; see the module docs).
+pub struct DepthwiseF32 {
+    conv: Conv2d,
+    requant: Option<RowRequant>,
+    bias: Vec<i32>,
+}
+
+impl DepthwiseF32 {
+    /// `None` when the kernel has too many taps for exact f32 sums.
+    pub fn new(
+        geom: &Conv2dGeom,
+        w: &[i8],
+        w_zp: &[i32],
+        stage: &OutputStage,
+    ) -> Result<Option<DepthwiseF32>> {
+        let taps = geom.kernel[0] * geom.kernel[1];
+        if taps > MAX_EXACT_F32_TAPS {
+            return Ok(None);
+        }
+        let wf: Vec<f32> = w
+            .chunks_exact(taps)
+            .enumerate()
+            .flat_map(|(c, ws)| {
+                let z = w_zp[if w_zp.len() == 1 { 0 } else { c }];
+                ws.iter().map(move |&v| (i32::from(v) - z) as f32)
+            })
+            .collect();
+        let conv = Conv2d::new(geom.clone(), &wf, None, None)?;
+        Ok(Some(DepthwiseF32 {
+            conv,
+            requant: row_requant(stage, geom.c_out),
+            bias: stage_bias(stage).map_or_else(|| vec![0; geom.c_out], <[i32]>::to_vec),
+        }))
+    }
+
+    pub fn run<T: WxElem>(
+        &self,
+        x: &[u8],
+        x_zp: u8,
+        [n, h, w]: [usize; 3],
+        pads: [usize; 4],
+        [oh, ow]: [usize; 2],
+        out: &mut [T],
+    ) -> Result<()> {
+        let c = self.bias.len();
+        if out.len() != n * c * oh * ow {
+            return Err(Error::Shape(format!(
+                "depthwise conv: output of {} values for {n} x {c} x {oh} x {ow}",
+                out.len()
+            )));
+        }
+        let zx = f32::from(x_zp);
+        scratch::with_f32(x.len(), |xf| {
+            for (d, &v) in xf.iter_mut().zip(x) {
+                *d = f32::from(v) - zx;
+            }
+            scratch::with_f32(out.len(), |acc| {
+                self.conv.run_with_pads(xf, [n, h, w], pads, acc)?;
+                let plane = oh * ow;
+                let finish = |(i, (dst, src)): (usize, (&mut [T], &[f32]))| {
+                    let ch = i % c;
+                    match &self.requant {
+                        Some(r) => requant_exact_f32(
+                            src,
+                            self.bias[ch],
+                            r.scales[ch],
+                            r.zero_point,
+                            (r.lo, r.hi),
+                            dst,
+                        ),
+                        None => {
+                            for (d, &a) in dst.iter_mut().zip(src) {
+                                *d = T::from_i32((a as i32).wrapping_add(self.bias[ch]));
+                            }
+                        }
+                    }
+                };
+                if par::threads() > 1 {
+                    out.par_chunks_mut(plane)
+                        .zip(acc.par_chunks(plane))
+                        .enumerate()
+                        .for_each(finish);
+                } else {
+                    out.chunks_mut(plane)
+                        .zip(acc.chunks(plane))
+                        .enumerate()
+                        .for_each(finish);
+                }
+                Ok(())
+            })
+        })
+    }
+}
+
+/// `round_to_code(f32(acc + bias) * scale) + zp` for accumulators held exactly as f32.
+fn requant_exact_f32<T: WxElem>(
+    acc: &[f32],
+    bias: i32,
+    scale: f32,
+    zp: i32,
+    (lo, hi): (f32, f32),
+    out: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if qgemm::vnni_available() {
+            // SAFETY: the AVX-512 features the function needs were detected just above.
+            unsafe { requant_exact_f32_avx512(acc, bias, scale, zp, (lo, hi), out) };
+            return;
+        }
+    }
+    for (d, &a) in out.iter_mut().zip(acc) {
+        let v = (a as i32).wrapping_add(bias) as f32 * scale;
+        *d = T::from_i32(round_to_code(v, lo, hi).wrapping_add(zp));
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX-512 F, VL and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw")]
+unsafe fn requant_exact_f32_avx512<T: WxElem>(
+    acc: &[f32],
+    bias: i32,
+    scale: f32,
+    zp: i32,
+    (lo, hi): (f32, f32),
+    out: &mut [T],
+) {
+    use std::arch::x86_64::*;
+    let len = acc.len().min(out.len());
+    let (b, s) = (_mm256_set1_epi32(bias), _mm256_set1_ps(scale));
+    let (l, u, z) = (
+        _mm256_set1_ps(lo),
+        _mm256_set1_ps(hi),
+        _mm256_set1_epi32(zp),
+    );
+    let mut i = 0;
+    while i < len {
+        let lanes = (len - i).min(8);
+        let mask = ((1u32 << lanes) - 1) as __mmask8;
+        // SAFETY: the masked load and store touch only the `lanes` elements from `i`, all
+        // inside `acc` and `out`.
+        unsafe {
+            let a = _mm256_maskz_loadu_ps(mask, acc.as_ptr().add(i));
+            let v = _mm256_add_epi32(_mm256_cvttps_epi32(a), b);
+            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), s);
+            let f = _mm256_min_ps(_mm256_max_ps(f, l), u);
+            let q = _mm256_add_epi32(_mm256_cvtps_epi32(f), z);
+            _mm256_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(i) as *mut i8, mask, q);
+        }
+        i += lanes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::engine::IntConv;
+    use super::*;
+    use crate::quant::test_rng::Rng;
+
+    fn geom(
+        c_in: usize,
+        c_out: usize,
+        groups: usize,
+        k: [usize; 2],
+        s: [usize; 2],
+        d: [usize; 2],
+        p: [usize; 4],
+    ) -> Conv2dGeom {
+        Conv2dGeom {
+            c_in,
+            c_out,
+            groups,
+            kernel: k,
+            stride: s,
+            dilation: d,
+            pads: p,
+        }
+    }
+
+    /// The fast engines against the HWC im2col and direct depthwise ones, which the ORT
+    /// cross-checks pin down, on one and two threads.
+    #[test]
+    fn fast_paths_match_the_reference_engines() {
+        let mut rng = Rng::new(3);
+        let cases = [
+            geom(16, 24, 1, [1, 1], [1, 1], [1, 1], [0; 4]),
+            geom(3, 16, 1, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+            geom(8, 12, 2, [3, 3], [1, 1], [2, 2], [2, 1, 0, 2]),
+            geom(5, 9, 1, [5, 5], [1, 1], [1, 1], [0; 4]),
+            geom(7, 7, 1, [1, 1], [2, 1], [1, 1], [0, 0, 1, 1]),
+            geom(12, 12, 12, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            geom(10, 10, 10, [5, 5], [2, 2], [1, 1], [2, 2, 2, 2]),
+            geom(4, 4, 4, [3, 3], [1, 2], [2, 1], [0, 1, 2, 0]),
+        ];
+        for (case, g) in cases.iter().enumerate() {
+            let k = g.c_in / g.groups * g.kernel[0] * g.kernel[1];
+            let w: Vec<i8> = (0..g.c_out * k)
+                .map(|_| rng.range_i32(-128, 127) as i8)
+                .collect();
+            let w_zp: Vec<i32> = match case % 3 {
+                0 => vec![0],
+                1 => vec![3],
+                _ => (0..g.c_out).map(|_| rng.range_i32(-20, 20)).collect(),
+            };
+            let (n, h, wd) = (1 + case % 3, 9 + case, 11);
+            let x: Vec<u8> = (0..n * g.c_in * h * wd)
+                .map(|_| rng.range_i32(0, 255) as u8)
+                .collect();
+            let x_zp = [0u8, 131, 255][case % 3];
+            let (oh, ow) = g.out_hw(h, wd).unwrap();
+            let len = n * g.c_out * oh * ow;
+            let scales: Vec<f32> = (0..g.c_out).map(|c| 2e-4 + c as f32 * 1e-5).collect();
+            let bias = Some((0..g.c_out).map(|_| rng.range_i32(-3000, 3000)).collect());
+            let requant = OutputStage::Requant {
+                scales,
+                zero_point: 77,
+                qmin: 0,
+                qmax: 255,
+                bias,
+            };
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    for stage in [requant.clone(), OutputStage::Int32] {
+                        let fast =
+                            IntConv::with_fast_paths(g.clone(), &w, &w_zp, stage.clone(), true)
+                                .unwrap();
+                        let slow =
+                            IntConv::with_fast_paths(g.clone(), &w, &w_zp, stage.clone(), false)
+                                .unwrap();
+                        if matches!(stage, OutputStage::Int32) {
+                            let (mut a, mut b) = (vec![0i32; len], vec![0i32; len]);
+                            fast.run(&x, x_zp, [n, h, wd], g.pads, &mut a).unwrap();
+                            slow.run(&x, x_zp, [n, h, wd], g.pads, &mut b).unwrap();
+                            assert_eq!(a, b, "case {case} i32, {threads} threads");
+                        } else {
+                            let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+                            fast.run(&x, x_zp, [n, h, wd], g.pads, &mut a).unwrap();
+                            slow.run(&x, x_zp, [n, h, wd], g.pads, &mut b).unwrap();
+                            assert_eq!(a, b, "case {case} u8, {threads} threads");
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn exact_f32_tap_limit() {
+        assert!(MAX_EXACT_F32_TAPS * 255 * 255 <= 1 << 24);
+        assert!((MAX_EXACT_F32_TAPS + 1) * 255 * 255 > 1 << 24);
+    }
+}
