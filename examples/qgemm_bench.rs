@@ -86,6 +86,41 @@ fn gemm(rng: &mut Rng) -> lithe::Result<()> {
         "qgemm u8xi8->u8 (bias, float requant) Auto: {:.1} GOP/s best",
         ops / best * 1e-9
     );
+    // Output-channel-major (NCHW convolution) GEMM: the MNIST CNN's second convolution
+    // (64 x 800 weights, 196 pixels) and a 512^3 product.
+    for (m, k, n) in [(64, 800, 196), (512, 512, 512), (256, 256, 196)] {
+        let w: Vec<i8> = (0..m * k).map(|_| rng.next() as i8).collect();
+        let x: Vec<u8> = (0..k * n).map(|_| rng.next() as u8).collect();
+        let pw = qgemm::PackedW::new(&w, m, k, &[0])?;
+        let offsets = qgemm::row_offsets(&pw, 128, None);
+        let scales = vec![0.0007f32; m];
+        let stage = qgemm::WxStage::Requant {
+            scales: &scales,
+            zero_point: 128,
+            lo: -128.0,
+            hi: 127.0,
+        };
+        let mut y = vec![0u8; m * n];
+        let ops = 2.0 * (m * k * n) as f64;
+        let mut backends = vec![Backend::Scalar];
+        if qgemm::vnni_available() {
+            backends.insert(0, Backend::Avx2);
+        }
+        for backend in backends {
+            let (best, _) = time(20, || {
+                qgemm::qgemm_wx(backend, &pw, &x, n, &offsets, stage, 0, &mut y).expect("qgemm_wx");
+            });
+            let name = if backend == Backend::Avx2 {
+                "VNNI"
+            } else {
+                "portable"
+            };
+            println!(
+                "qgemm_wx (weights x activations, requant) {m}x{k}x{n} {name}: {:.1} GOP/s best",
+                ops / best * 1e-9
+            );
+        }
+    }
     Ok(())
 }
 

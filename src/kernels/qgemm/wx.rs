@@ -215,16 +215,55 @@ pub fn qgemm_wx<T: WxElem>(
     row0: usize,
     out: &mut [T],
 ) -> Result<()> {
+    if x.len() != w.k * n {
+        return Err(Error::Shape(format!(
+            "qgemm: X of {} values for {} x {n}",
+            x.len(),
+            w.k
+        )));
+    }
+    scratch::with_usize(w.k, |starts| {
+        for (i, s) in starts.iter_mut().enumerate() {
+            *s = i * n;
+        }
+        qgemm_wx_rows(backend, w, x, starts, n, offsets, stage, row0, out)
+    })
+}
+
+/// As [`qgemm_wx`] with row `k` of `X` being `x[starts[k]..starts[k] + n]`: rows may overlap
+/// or sit anywhere in `x`, so a stride-1 convolution can read shifted windows of its padded
+/// input planes in place of an im2col copy.
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm_wx_rows<T: WxElem>(
+    backend: Backend,
+    w: &PackedW,
+    x: &[u8],
+    starts: &[usize],
+    n: usize,
+    offsets: &[i32],
+    stage: WxStage,
+    row0: usize,
+    out: &mut [T],
+) -> Result<()> {
     let micro = micro_for(backend)?;
     if n == 0 || out.is_empty() {
         return Ok(());
     }
     let rows = out.len() / n;
-    if x.len() != w.k * n || out.len() % n != 0 || row0 % WX_MR != 0 || row0 + rows > w.m {
+    let in_bounds = starts
+        .iter()
+        .all(|&s| s.checked_add(n).is_some_and(|e| e <= x.len()));
+    if starts.len() != w.k
+        || !in_bounds
+        || out.len() % n != 0
+        || row0 % WX_MR != 0
+        || row0 + rows > w.m
+    {
         return Err(Error::Shape(format!(
-            "qgemm: X of {} values for {} x {n}, or rows {row0}+{rows} of {}",
-            x.len(),
+            "qgemm: {} rows of X for K = {}, a row past the {} values of X, or rows {row0}+{rows} of {}",
+            starts.len(),
             w.k,
+            x.len(),
             w.m
         )));
     }
@@ -245,10 +284,10 @@ pub fn qgemm_wx<T: WxElem>(
         let mut colsums = [0i32; NC];
         for c0 in (0..n).step_by(NC) {
             let cols = NC.min(n - c0);
-            pack_x(x, n, w.k, c0, cols, packed);
+            pack_x(x, starts, c0, cols, packed);
             if with_colsums {
                 for (j, s) in colsums[..cols].iter_mut().enumerate() {
-                    *s = (0..w.k).map(|k| i32::from(x[k * n + c0 + j])).sum();
+                    *s = starts.iter().map(|&r| i32::from(x[r + c0 + j])).sum();
                 }
             }
             for r in (0..rows).step_by(WX_MR) {
@@ -286,9 +325,10 @@ pub fn qgemm_wx<T: WxElem>(
     Ok(())
 }
 
-/// Packs columns `[c0, c0 + cols)` of row-major `x` (`[k, n]`) into panels of [`WX_NR`]
-/// columns: for each group of four rows, each column's four bytes together.
-fn pack_x(x: &[u8], n: usize, k: usize, c0: usize, cols: usize, out: &mut [u8]) {
+/// Packs columns `[c0, c0 + cols)` of `X` (row `k` at `x[starts[k]..]`) into panels of
+/// [`WX_NR`] columns: for each group of four rows, each column's four bytes together.
+fn pack_x(x: &[u8], starts: &[usize], c0: usize, cols: usize, out: &mut [u8]) {
+    let k = starts.len();
     let quads = k.div_ceil(4);
     let panel_len = quads * 4 * WX_NR;
     for (p, panel) in out
@@ -304,14 +344,16 @@ fn pack_x(x: &[u8], n: usize, k: usize, c0: usize, cols: usize, out: &mut [u8]) 
         let full_quads = if width == WX_NR { k / 4 } else { 0 };
         #[cfg(target_arch = "x86_64")]
         for q in 0..full_quads {
-            let rows: [&[u8]; 4] =
-                std::array::from_fn(|i| &x[(4 * q + i) * n + j0..(4 * q + i) * n + j0 + WX_NR]);
+            let rows: [&[u8]; 4] = std::array::from_fn(|i| {
+                let s = starts[4 * q + i] + j0;
+                &x[s..s + WX_NR]
+            });
             transpose_quad_sse2(rows, &mut panel[q * 4 * WX_NR..(q + 1) * 4 * WX_NR]);
         }
         #[cfg(not(target_arch = "x86_64"))]
         let full_quads = 0;
-        for kk in 4 * full_quads..k {
-            let src = &x[kk * n + j0..kk * n + j0 + width];
+        for (kk, &start) in starts.iter().enumerate().skip(4 * full_quads) {
+            let src = &x[start + j0..start + j0 + width];
             let base = (kk / 4) * 4 * WX_NR + kk % 4;
             for (j, &v) in src.iter().enumerate() {
                 panel[base + 4 * j] = v;

@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use super::conv_nchw::{DepthwiseF32, WxConv};
+use super::depthwise_vnni::DepthwiseVnni;
 use crate::error::{Error, Result};
 use crate::kernels::conv::Conv2dGeom;
 use crate::kernels::qgemm::{self, PackedB, Requant, WxElem};
@@ -79,7 +80,8 @@ pub fn shift_u8_to_i8(w: &[u8]) -> Vec<i8> {
 /// The NCHW-direct engines, when this CPU and convolution have one.
 enum Fast {
     Gemm(WxConv),
-    Depthwise(DepthwiseF32),
+    Depthwise(DepthwiseVnni),
+    DepthwiseF32(DepthwiseF32),
 }
 
 /// A convolution with weights prepared once.
@@ -131,7 +133,10 @@ impl IntConv {
         let is_dw = geom.groups == geom.c_in && geom.c_out == geom.c_in;
         let fast = match (fast, is_dw) {
             (false, _) => None,
-            (true, true) => DepthwiseF32::new(&geom, w, w_zp, &stage)?.map(Fast::Depthwise),
+            (true, true) => match DepthwiseVnni::new(&geom, w, w_zp, &stage) {
+                Some(d) => Some(Fast::Depthwise(d)),
+                None => DepthwiseF32::new(&geom, w, w_zp, &stage)?.map(Fast::DepthwiseF32),
+            },
             (true, false) if qgemm::vnni_available() => Some(Fast::Gemm(WxConv::new(
                 &geom,
                 w,
@@ -230,6 +235,7 @@ impl IntConv {
         match &self.fast {
             Some(Fast::Gemm(c)) => return c.run(g, &self.stage, x, x_zp, [n, h, w], [oh, ow], out),
             Some(Fast::Depthwise(d)) => return d.run(x, x_zp, [n, h, w], pads, [oh, ow], out),
+            Some(Fast::DepthwiseF32(d)) => return d.run(x, x_zp, [n, h, w], pads, [oh, ow], out),
             None => {}
         }
         if self.depthwise.is_some() {

@@ -6,6 +6,7 @@
 
 mod conv;
 mod conv_nchw;
+mod depthwise_vnni;
 mod engine;
 mod matmul;
 mod params;
