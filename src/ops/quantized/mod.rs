@@ -6,6 +6,7 @@
 
 mod conv;
 mod engine;
+pub mod lut;
 mod matmul;
 mod params;
 mod prepared;
