@@ -20,9 +20,7 @@ fn shared() -> Option<PathBuf> {
 fn run(model: &Model, feeds: &[(&str, Tensor)]) -> Vec<f32> {
     let options = SessionOptions {
         threads: 1,
-        plan: PlanOptions {
-            fuse_activations: false,
-        },
+        plan: PlanOptions::unfused(),
     };
     let session = Session::new(model, &options).expect("session");
     session.run(feeds).expect("run")[0].1.to_f32_vec()

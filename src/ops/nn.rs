@@ -9,6 +9,7 @@ mod matmul;
 mod pool;
 
 pub use conv::compile_conv_pool;
+pub use pool::{PoolShape, PoolWindow};
 
 use super::{node_error, OpDef, RunCtx};
 use crate::error::Result;

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use super::qfuse;
 use crate::error::{Error, Result};
 use crate::ir::{Model, Node, Tensor, TypeInfo};
 use crate::ops::{self, activation::activation_of, CompileCtx, Kernel};
@@ -41,12 +42,28 @@ pub struct PlanOptions {
     /// that alone reads a Conv's (activated) output into the Conv's step. Either way the
     /// intermediate value is never materialised (nor shown to observers).
     pub fuse_activations: bool,
+    /// Run a `DequantizeLinear -> f32 ops -> QuantizeLinear` chain on 8-bit codes in one step
+    /// (a code table, after max pooling of the codes when the chain starts with MaxPool), with
+    /// the same results bit for bit; see [`super::qfuse`]. The intermediate f32 values are
+    /// never materialised (nor shown to observers).
+    pub fuse_quantized: bool,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
         PlanOptions {
             fuse_activations: true,
+            fuse_quantized: true,
+        }
+    }
+}
+
+impl PlanOptions {
+    /// Every node its own step: each value computed and observable.
+    pub fn unfused() -> PlanOptions {
+        PlanOptions {
+            fuse_activations: false,
+            fuse_quantized: false,
         }
     }
 }
@@ -98,6 +115,29 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
     for (i, node) in graph.nodes.iter().enumerate() {
         if absorbed[i] {
             continue;
+        }
+        if options.fuse_quantized && node.op_type == "DequantizeLinear" {
+            let uses = qfuse::Uses {
+                readers: &readers,
+                graph_outputs: &graph_outputs,
+            };
+            if let Some(f) = qfuse::fuse_chain(model, i, &uses) {
+                let last = &graph.nodes[*f.nodes.last().unwrap_or(&i)];
+                for &j in &f.nodes {
+                    absorbed[j] = true;
+                }
+                steps.push(Step {
+                    node_name: node.display_name(),
+                    op_type: node.op_type.clone(),
+                    label: f.label,
+                    kernel: f.kernel,
+                    inputs: vec![Some(slots.get_or_add(&node.inputs[0]))],
+                    outputs: vec![slots.get_or_add(&last.outputs[0])],
+                    release_after: Vec::new(),
+                    owned_input: None,
+                });
+                continue;
+            }
         }
         let def = ops::lookup(node, opset)?;
         let input_types: Vec<Option<TypeInfo>> = node

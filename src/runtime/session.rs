@@ -506,6 +506,7 @@ mod tests {
                     threads,
                     plan: PlanOptions {
                         fuse_activations: fuse,
+                        fuse_quantized: fuse,
                     },
                 };
                 Session::new(&model, &options).unwrap()

@@ -90,41 +90,55 @@ fn infer_pool(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
     Ok(vec![TypeInfo::new(x.dtype, out)])
 }
 
-struct PoolKernel {
+/// A pooling node's windows resolved for one input shape, exactly as the f32 kernel runs
+/// them; integer max pooling on quantized codes uses the same resolution so that its windows
+/// (and the windows that cover only padding) match the f32 path's.
+#[derive(Clone, Debug)]
+pub struct PoolShape {
+    /// `n * c`.
+    pub planes: usize,
+    pub hw: [usize; 2],
+    pub geom: Pool2dGeom,
+    /// `[n, c, oh, ow]`, or `[n, c, ow]` for a 1-D pool.
+    pub out_shape: Vec<usize>,
+}
+
+/// The parsed attributes of a 1-D or 2-D `MaxPool` / `AveragePool` node (kernel, strides,
+/// pads, `auto_pad`, dilations, `ceil_mode`).
+pub struct PoolWindow {
     node: Node,
     at: PoolAttrs,
 }
 
-fn compile_pool(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    require_f32(ctx.node, ctx.input_type(0), 0)?;
-    let at = pool_attrs(ctx.node)?;
-    if at.window.rank() > 2 {
-        return Err(node_error(
-            ctx.node,
-            "only 1-D and 2-D pooling is supported",
-        ));
+impl PoolWindow {
+    pub fn parse(node: &Node) -> Result<PoolWindow> {
+        let at = pool_attrs(node)?;
+        if at.window.rank() > 2 {
+            return Err(node_error(node, "only 1-D and 2-D pooling is supported"));
+        }
+        Ok(PoolWindow {
+            node: node.clone(),
+            at,
+        })
     }
-    Ok(Box::new(PoolKernel {
-        node: ctx.node.clone(),
-        at,
-    }))
-}
 
-impl Kernel for PoolKernel {
-    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+    pub fn kind(&self) -> PoolKind {
+        self.at.kind
+    }
+
+    /// The geometry for an input of shape `shape`, with errors naming the node.
+    pub fn resolve(&self, shape: &[usize]) -> Result<PoolShape> {
         let node = &self.node;
-        let x = f32_input(node, inputs, 0)?;
-        if x.rank() != self.at.window.rank() + 2 {
+        if shape.len() != self.at.window.rank() + 2 {
             return Err(node_error(
                 node,
                 format!(
-                    "input of shape {:?} does not match the {}-D kernel_shape",
-                    x.shape(),
+                    "input of shape {shape:?} does not match the {}-D kernel_shape",
                     self.at.window.rank()
                 ),
             ));
         }
-        let [n, c, h, w] = nchw(node, x.shape())?;
+        let [n, c, h, w] = nchw(node, shape)?;
         let (kernel, stride, dilation, pads) = self.at.window.as_2d([h, w]);
         let geom = Pool2dGeom {
             kernel,
@@ -134,15 +148,37 @@ impl Kernel for PoolKernel {
             ceil_mode: self.at.ceil_mode,
         };
         let (oh, ow) = geom.out_hw(h, w).map_err(|e| e.at_node(node))?;
-        let mut out = alloc_output(node, ctx, &[n, c, oh, ow])?;
-        pool2d(&geom, self.at.kind, data(x), [n * c, h, w], &mut out)
-            .map_err(|e| e.at_node(node))?;
-        let shape = if x.rank() == 3 {
+        let out_shape = if shape.len() == 3 {
             vec![n, c, ow]
         } else {
             vec![n, c, oh, ow]
         };
-        Ok(vec![Tensor::from_f32(shape, out)?])
+        Ok(PoolShape {
+            planes: n * c,
+            hw: [h, w],
+            geom,
+            out_shape,
+        })
+    }
+}
+
+struct PoolKernel(PoolWindow);
+
+fn compile_pool(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
+    require_f32(ctx.node, ctx.input_type(0), 0)?;
+    Ok(Box::new(PoolKernel(PoolWindow::parse(ctx.node)?)))
+}
+
+impl Kernel for PoolKernel {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let node = &self.0.node;
+        let x = f32_input(node, inputs, 0)?;
+        let s = self.0.resolve(x.shape())?;
+        let [h, w] = s.hw;
+        let mut out = alloc_output(node, ctx, &s.out_shape)?;
+        pool2d(&s.geom, self.0.at.kind, data(x), [s.planes, h, w], &mut out)
+            .map_err(|e| e.at_node(node))?;
+        Ok(vec![Tensor::from_f32(s.out_shape, out)?])
     }
 }
 

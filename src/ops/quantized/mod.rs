@@ -8,6 +8,7 @@ mod conv;
 mod conv_nchw;
 mod depthwise_vnni;
 mod engine;
+pub mod lut;
 mod matmul;
 mod params;
 mod prepared;

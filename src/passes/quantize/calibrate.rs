@@ -186,9 +186,7 @@ pub fn observing_session(model: &Model, threads: usize) -> Result<Session> {
         model,
         &SessionOptions {
             threads,
-            plan: PlanOptions {
-                fuse_activations: false,
-            },
+            plan: PlanOptions::unfused(),
         },
     )
 }
