@@ -26,7 +26,9 @@ pub use requant::{
     fixed_multipliers, float_scales, rounding_divide_by_pot, saturating_rounding_doubling_high_mul,
     QuantizedMultiplier, Requant,
 };
-pub use wx::{qgemm_wx, row_offsets, vnni_available, ElemKind, PackedW, WxElem, WxStage, WX_MR};
+pub use wx::{
+    qgemm_wx, qgemm_wx_rows, row_offsets, vnni_available, ElemKind, PackedW, WxElem, WxStage, WX_MR,
+};
 
 use crate::error::{Error, Result};
 use crate::quant::QStore;

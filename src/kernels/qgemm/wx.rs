@@ -279,6 +279,10 @@ pub fn qgemm_wx_rows<T: WxElem>(
     }
     let quads = w.quads;
     let with_colsums = w.has_zero_points();
+    if n < NARROW {
+        narrow(micro, w, x, starts, n, offsets, stage, row0, out);
+        return Ok(());
+    }
     let nc = NC.min(n.div_ceil(WX_NR) * WX_NR);
     scratch::with_u8(quads * 4 * nc, |packed| {
         let mut colsums = [0i32; NC];
@@ -323,6 +327,102 @@ pub fn qgemm_wx_rows<T: WxElem>(
         }
     });
     Ok(())
+}
+
+/// Below this many columns a tile would be mostly empty: [`narrow`] takes one column at a time.
+const NARROW: usize = 4;
+
+/// Matrix-vector products, one column of `X` at a time: the packed weights' `MR` rows of one
+/// group of four `k` are exactly one 256-bit `vpdpbusd` operand, against the column's four
+/// bytes broadcast, so the rows land in the lanes.
+#[allow(clippy::too_many_arguments)]
+fn narrow<T: WxElem>(
+    micro: Micro,
+    w: &PackedW,
+    x: &[u8],
+    starts: &[usize],
+    n: usize,
+    offsets: &[i32],
+    stage: WxStage,
+    row0: usize,
+    out: &mut [T],
+) {
+    let rows = out.len() / n;
+    scratch::with_u8(w.quads * 4, |col| {
+        for j in 0..n {
+            col.fill(0);
+            for (d, &s) in col.iter_mut().zip(starts) {
+                *d = x[s + j];
+            }
+            let colsum: i32 = col.iter().map(|&v| i32::from(v)).sum();
+            let col_words: &[u8] = col;
+            for r in (0..rows).step_by(WX_MR) {
+                let m0 = row0 + r;
+                let a = w.panel(m0 / WX_MR);
+                let mut acc = [0i32; WX_MR];
+                match micro {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Micro::Vnni` is only chosen after `vnni_available`; `a` holds
+                    // `quads * MR` words and `col_words` `quads * 4` bytes.
+                    Micro::Vnni => unsafe { gemv_vnni(w.quads, a, col_words, &mut acc) },
+                    _ => {
+                        for (q, four) in col_words.chunks_exact(4).enumerate() {
+                            for (r, v) in acc.iter_mut().enumerate() {
+                                let wb = a[q * WX_MR + r].to_le_bytes();
+                                let s: i32 = (0..4)
+                                    .map(|t| i32::from(four[t]) * i32::from(wb[t] as i8))
+                                    .sum();
+                                *v = v.wrapping_add(s);
+                            }
+                        }
+                    }
+                }
+                let colsums = [colsum; WX_NR];
+                let tile = Tile {
+                    quads: w.quads,
+                    rows: WX_MR.min(rows - r),
+                    cols: 1,
+                    m0,
+                    offsets,
+                    zero_points: &w.zero_points,
+                    colsums: w.has_zero_points().then_some(&colsums[..]),
+                    stage,
+                };
+                for (i, &raw) in acc.iter().enumerate().take(tile.rows) {
+                    out[(r + i) * n + j] = T::from_i32(tile.finish(i, 0, raw));
+                }
+            }
+        }
+    });
+}
+
+/// # Safety
+/// AVX-512 F, VL and VNNI; `a` holds `quads * MR` words and `col` `quads * 4` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512vnni")]
+unsafe fn gemv_vnni(quads: usize, a: &[i32], col: &[u8], acc: &mut [i32; WX_MR]) {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= quads * WX_MR && col.len() >= quads * 4);
+    // SAFETY: reads stay inside `a` and `col` by the contract; the store writes 8 i32.
+    unsafe {
+        // Two accumulators hide the instruction's latency.
+        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let cp = col.as_ptr() as *const i32;
+        let ap = a.as_ptr() as *const __m256i;
+        let mut q = 0;
+        while q + 1 < quads {
+            let x0 = _mm256_set1_epi32(cp.add(q).read_unaligned());
+            let x1 = _mm256_set1_epi32(cp.add(q + 1).read_unaligned());
+            s0 = _mm256_dpbusd_epi32(s0, x0, _mm256_loadu_si256(ap.add(q)));
+            s1 = _mm256_dpbusd_epi32(s1, x1, _mm256_loadu_si256(ap.add(q + 1)));
+            q += 2;
+        }
+        if q < quads {
+            let x0 = _mm256_set1_epi32(cp.add(q).read_unaligned());
+            s0 = _mm256_dpbusd_epi32(s0, x0, _mm256_loadu_si256(ap.add(q)));
+        }
+        _mm256_storeu_si256(acc.as_mut_ptr() as *mut __m256i, _mm256_add_epi32(s0, s1));
+    }
 }
 
 /// Packs columns `[c0, c0 + cols)` of `X` (row `k` at `x[starts[k]..]`) into panels of
@@ -556,6 +656,9 @@ mod tests {
             (20, 27, 300),
             (33, 260, 70),
             (3, 1000, 5),
+            (17, 50, 2),
+            (9, 33, 3),
+            (24, 3137, 1),
         ]
         .iter()
         .enumerate()

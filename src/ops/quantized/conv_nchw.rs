@@ -96,6 +96,18 @@ impl WxConv {
         })
     }
 
+    fn stage_for(&self, grp: usize, cout_g: usize) -> WxStage<'_> {
+        match &self.requant {
+            Some(r) => WxStage::Requant {
+                scales: &r.scales[grp * cout_g..(grp + 1) * cout_g],
+                zero_point: r.zero_point,
+                lo: r.lo,
+                hi: r.hi,
+            },
+            None => WxStage::Int32,
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn run<T: WxElem>(
         &self,
@@ -108,8 +120,6 @@ impl WxConv {
         out: &mut [T],
     ) -> Result<()> {
         let (cin_g, cout_g, ohw) = (g.c_in / g.groups, g.c_out / g.groups, oh * ow);
-        let k = cin_g * g.kernel[0] * g.kernel[1];
-        let direct = g.kernel == [1, 1] && g.stride == [1, 1] && g.pads == [0; 4];
         let bias = stage_bias(stage);
         let offsets: Vec<Vec<i32>> = self
             .packed
@@ -120,40 +130,32 @@ impl WxConv {
             })
             .collect();
         let threads = par::threads();
+        if n > 1 && ohw < SMALL_IMAGE {
+            return self.run_batched(g, x, x_zp, [n, h, w], [oh, ow], &offsets, out, threads);
+        }
         // Whole images per thread when there are enough; else each image's rows are split.
         let split_rows = if n >= threads { 1 } else { threads };
         let image = |img: usize, out_img: &mut [T]| -> Result<()> {
             for (grp, packed) in self.packed.iter().enumerate() {
                 let planes = &x[(img * g.c_in + grp * cin_g) * h * w..][..cin_g * h * w];
                 let dst = &mut out_img[grp * cout_g * ohw..(grp + 1) * cout_g * ohw];
-                let stage = match &self.requant {
-                    Some(r) => WxStage::Requant {
-                        scales: &r.scales[grp * cout_g..(grp + 1) * cout_g],
-                        zero_point: r.zero_point,
-                        lo: r.lo,
-                        hi: r.hi,
-                    },
-                    None => WxStage::Int32,
+                let job = Gemm {
+                    backend: self.backend,
+                    packed,
+                    offsets: &offsets[grp],
+                    stage: self.stage_for(grp, cout_g),
+                    tasks: split_rows,
                 };
-                let mut gemm = |cols: &[u8]| {
-                    gemm_split(
-                        self.backend,
-                        packed,
-                        cols,
-                        ohw,
-                        &offsets[grp],
-                        stage,
-                        dst,
-                        split_rows,
-                    )
-                };
-                if direct {
-                    gemm(planes)?;
-                } else {
-                    scratch::with_u8(k * ohw, |cols| {
-                        im2col_u8(g, planes, [h, w], [oh, ow], x_zp, cols);
-                        gemm(cols)
-                    })?;
+                match Lowering::of(g) {
+                    Lowering::Direct => job.run(planes, &Strided(h * w), h * w, dst)?,
+                    Lowering::Shifted => job.run_shifted(g, planes, [h, w], [oh, ow], x_zp, dst)?,
+                    Lowering::Im2col => {
+                        let k = packed.k();
+                        scratch::with_u8(k * ohw, |cols| {
+                            im2col_u8(g, planes, [h, w], [oh, ow], x_zp, cols, ohw);
+                            job.run(cols, &Strided(ohw), ohw, dst)
+                        })?
+                    }
                 }
             }
             Ok(())
@@ -169,43 +171,211 @@ impl WxConv {
                 .try_for_each(|(img, o)| image(img, o))
         }
     }
+
+    /// Small outputs (a fully connected layer as a 1x1 convolution has one pixel): the pixels
+    /// of all images side by side as the columns of one GEMM per group, instead of a GEMM per
+    /// image with a mostly empty column panel.
+    #[allow(clippy::too_many_arguments)]
+    fn run_batched<T: WxElem>(
+        &self,
+        g: &Conv2dGeom,
+        x: &[u8],
+        x_zp: u8,
+        [n, h, w]: [usize; 3],
+        [oh, ow]: [usize; 2],
+        offsets: &[Vec<i32>],
+        out: &mut [T],
+        threads: usize,
+    ) -> Result<()> {
+        let (cin_g, cout_g, ohw) = (g.c_in / g.groups, g.c_out / g.groups, oh * ow);
+        let cols_n = n * ohw;
+        for (grp, packed) in self.packed.iter().enumerate() {
+            let k = packed.k();
+            let mut y = vec![T::default(); cout_g * cols_n];
+            scratch::with_u8(k * cols_n, |cols| -> Result<()> {
+                let planes =
+                    |img: usize| &x[(img * g.c_in + grp * cin_g) * h * w..][..cin_g * h * w];
+                match Lowering::of(g) {
+                    // A fully connected layer: the batch's `[n, K]` transposed.
+                    Lowering::Direct if ohw == 1 => {
+                        for (kk, row) in cols.chunks_exact_mut(cols_n).enumerate() {
+                            for (img, d) in row.iter_mut().enumerate() {
+                                *d = x[img * g.c_in + grp * cin_g + kk];
+                            }
+                        }
+                    }
+                    Lowering::Direct => {
+                        for img in 0..n {
+                            for (kk, src) in planes(img).chunks_exact(ohw).enumerate() {
+                                cols[kk * cols_n + img * ohw..][..ohw].copy_from_slice(src);
+                            }
+                        }
+                    }
+                    _ => {
+                        for img in 0..n {
+                            im2col_u8(
+                                g,
+                                planes(img),
+                                [h, w],
+                                [oh, ow],
+                                x_zp,
+                                &mut cols[img * ohw..],
+                                cols_n,
+                            );
+                        }
+                    }
+                }
+                let job = Gemm {
+                    backend: self.backend,
+                    packed,
+                    offsets: &offsets[grp],
+                    stage: self.stage_for(grp, cout_g),
+                    tasks: threads,
+                };
+                job.run(cols, &Strided(cols_n), cols_n, &mut y)
+            })?;
+            for (img, o) in out.chunks_exact_mut(g.c_out * ohw).enumerate() {
+                let o = &mut o[grp * cout_g * ohw..(grp + 1) * cout_g * ohw];
+                for (c, dst) in o.chunks_exact_mut(ohw).enumerate() {
+                    dst.copy_from_slice(&y[c * cols_n + img * ohw..][..ohw]);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
-/// One group's GEMM, its rows (output channels) split into up to `tasks` parallel blocks.
-#[allow(clippy::too_many_arguments)]
-fn gemm_split<T: WxElem>(
-    backend: Backend,
-    packed: &PackedW,
-    cols: &[u8],
-    n: usize,
-    offsets: &[i32],
-    stage: WxStage,
-    dst: &mut [T],
-    tasks: usize,
-) -> Result<()> {
-    let m = packed.m();
-    let rows_per = m.div_ceil(tasks.max(1)).div_ceil(WX_MR) * WX_MR;
-    if tasks <= 1 || rows_per >= m {
-        return qgemm::qgemm_wx(backend, packed, cols, n, offsets, stage, 0, dst);
+/// Below this many output pixels, [`WxConv::run_batched`] puts all images in one GEMM.
+const SMALL_IMAGE: usize = 64;
+
+/// How a convolution's input becomes the GEMM's right operand.
+enum Lowering {
+    /// 1x1, stride 1, no padding: the input planes are the operand.
+    Direct,
+    /// Stride 1: shifted windows of zero-point-padded planes, no im2col copy
+    /// ([`Gemm::run_shifted`]).
+    Shifted,
+    Im2col,
+}
+
+impl Lowering {
+    fn of(g: &Conv2dGeom) -> Lowering {
+        if g.kernel == [1, 1] && g.stride == [1, 1] && g.pads == [0; 4] {
+            Lowering::Direct
+        } else if g.stride == [1, 1] {
+            Lowering::Shifted
+        } else {
+            Lowering::Im2col
+        }
     }
-    dst.par_chunks_mut(rows_per * n)
-        .enumerate()
-        .try_for_each(|(t, block)| {
-            qgemm::qgemm_wx(
-                backend,
-                packed,
-                cols,
+}
+
+/// Row `k` of the GEMM's right operand starts at `k * stride`.
+struct Strided(usize);
+
+/// One group's GEMM with its output stage.
+struct Gemm<'a> {
+    backend: Backend,
+    packed: &'a PackedW,
+    offsets: &'a [i32],
+    stage: WxStage<'a>,
+    /// Parallel blocks of rows (output channels) to split into.
+    tasks: usize,
+}
+
+impl Gemm<'_> {
+    fn run<T: WxElem>(&self, x: &[u8], rows: &Strided, n: usize, dst: &mut [T]) -> Result<()> {
+        scratch::with_usize(self.packed.k(), |starts| {
+            for (i, s) in starts.iter_mut().enumerate() {
+                *s = i * rows.0;
+            }
+            self.run_rows(x, starts, n, dst)
+        })
+    }
+
+    fn run_rows<T: WxElem>(
+        &self,
+        x: &[u8],
+        starts: &[usize],
+        n: usize,
+        dst: &mut [T],
+    ) -> Result<()> {
+        let m = self.packed.m();
+        let rows_per = m.div_ceil(self.tasks.max(1)).div_ceil(WX_MR) * WX_MR;
+        let gemm = |row0: usize, block: &mut [T]| {
+            qgemm::qgemm_wx_rows(
+                self.backend,
+                self.packed,
+                x,
+                starts,
                 n,
-                offsets,
-                stage,
-                t * rows_per,
+                self.offsets,
+                self.stage,
+                row0,
                 block,
             )
+        };
+        if self.tasks <= 1 || rows_per >= m {
+            return gemm(0, dst);
+        }
+        dst.par_chunks_mut(rows_per * n)
+            .enumerate()
+            .try_for_each(|(t, block)| gemm(t * rows_per, block))
+    }
+
+    /// A stride-1 convolution computed over the full padded width `wp`: with the planes padded
+    /// by the zero point, tap `(c, ky, kx)`'s row of the operand is the padded plane `c` read
+    /// from offset `ky dh wp + kx dw`, so no im2col copy is made. The `wp - ow` extra columns
+    /// per output row are computed and dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn run_shifted<T: WxElem>(
+        &self,
+        g: &Conv2dGeom,
+        planes: &[u8],
+        [h, w]: [usize; 2],
+        [oh, ow]: [usize; 2],
+        zx: u8,
+        dst: &mut [T],
+    ) -> Result<()> {
+        let [kh, kw] = g.kernel;
+        let [dh, dw] = g.dilation;
+        let (hp, wp) = (oh + (kh - 1) * dh, ow + (kw - 1) * dw);
+        let plane_len = hp * wp;
+        let c = planes.len() / (h * w).max(1);
+        // The last tap's row reads `(kw - 1) dw` bytes past its plane.
+        let slack = (kw - 1) * dw;
+        let wide = oh * wp;
+        scratch::with_u8(c * plane_len + slack, |padded| {
+            for (src, p) in planes
+                .chunks_exact(h * w)
+                .zip(padded.chunks_exact_mut(plane_len))
+            {
+                pad_plane(src, [h, w], [g.pads[0], g.pads[1]], zx, [hp, wp], p);
+            }
+            padded[c * plane_len..].fill(zx);
+            scratch::with_usize(c * kh * kw, |starts| {
+                for (i, s) in starts.iter_mut().enumerate() {
+                    let (ci, ky, kx) = (i / (kh * kw), i / kw % kh, i % kw);
+                    *s = ci * plane_len + ky * dh * wp + kx * dw;
+                }
+                if wp == ow {
+                    return self.run_rows(padded, starts, wide, dst);
+                }
+                let mut y = vec![T::default(); self.packed.m() * wide];
+                self.run_rows(padded, starts, wide, &mut y)?;
+                for (d, s) in dst.chunks_exact_mut(oh * ow).zip(y.chunks_exact(wide)) {
+                    for (dr, sr) in d.chunks_exact_mut(ow).zip(s.chunks_exact(wp)) {
+                        dr.copy_from_slice(&sr[..ow]);
+                    }
+                }
+                Ok(())
+            })
         })
+    }
 }
 
 /// `[C * kh * kw, oh * ow]` u8 im2col of `planes` (`[C, h, w]`), rows in weight order
-/// `(c, ky, kx)`, taps outside the image set to the zero point `zx`.
+/// `(c, ky, kx)` starting `row_stride` apart, taps outside the image set to the zero point `zx`.
 fn im2col_u8(
     g: &Conv2dGeom,
     planes: &[u8],
@@ -213,16 +383,20 @@ fn im2col_u8(
     [oh, ow]: [usize; 2],
     zx: u8,
     cols: &mut [u8],
+    row_stride: usize,
 ) {
     let [kh, kw] = g.kernel;
     let [sh, sw] = g.stride;
     let [dh, dw] = g.dilation;
     let (pt, pl) = (g.pads[0] as isize, g.pads[1] as isize);
-    let mut rows = cols.chunks_exact_mut(oh * ow);
+    let mut r = 0;
     for plane in planes.chunks_exact(h * w) {
         for ky in 0..kh {
             for kx in 0..kw {
-                let Some(row) = rows.next() else { return };
+                let Some(row) = cols.get_mut(r * row_stride..r * row_stride + oh * ow) else {
+                    return;
+                };
+                r += 1;
                 let off = (kx * dw) as isize - pl;
                 // Output columns whose input column lies inside the image.
                 let lo = if off >= 0 {
@@ -414,6 +588,30 @@ unsafe fn requant_exact_f32_avx512<T: WxElem>(
     }
 }
 
+/// `src` (`[h, w]`) into `dst` (`[hp, wp]`) at row `top`, column `left`, the rest `zx`.
+pub(super) fn pad_plane(
+    src: &[u8],
+    [h, w]: [usize; 2],
+    [top, left]: [usize; 2],
+    zx: u8,
+    [hp, wp]: [usize; 2],
+    dst: &mut [u8],
+) {
+    for (r, row) in dst.chunks_exact_mut(wp).take(hp).enumerate() {
+        let y = r.wrapping_sub(top);
+        if y >= h {
+            row.fill(zx);
+            continue;
+        }
+        let end = (left + w).min(wp);
+        row[..left.min(wp)].fill(zx);
+        row[end..].fill(zx);
+        if left < wp {
+            row[left..end].copy_from_slice(&src[y * w..y * w + end - left]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::engine::IntConv;
@@ -460,8 +658,25 @@ mod tests {
             geom(3, 3, 3, [7, 7], [1, 1], [2, 2], [3, 6, 6, 3]),
             geom(9, 9, 9, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
             geom(4, 4, 4, [1, 5], [1, 2], [1, 1], [0, 2, 0, 2]),
+            geom(40, 10, 1, [1, 1], [1, 1], [1, 1], [0; 4]),
+            geom(6, 20, 1, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
         ];
-        for (case, g) in cases.iter().enumerate() {
+        // Each geometry on a large input (one GEMM per image) and on a small one, several
+        // images at once (one GEMM over all images' pixels).
+        let sizes = |case: usize| {
+            [
+                (1 + case % 3, 9 + case, 11 + 5 * (case % 4)),
+                (2 + case % 3, 1 + 7 * (case % 2), 5 - case % 3),
+            ]
+        };
+        for (case, g, (n, h, wd)) in cases
+            .iter()
+            .enumerate()
+            .flat_map(|(c, g)| sizes(c).map(|s| (c, g, s)))
+        {
+            if g.out_hw(h, wd).is_err() {
+                continue;
+            }
             let k = g.c_in / g.groups * g.kernel[0] * g.kernel[1];
             let w: Vec<i8> = (0..g.c_out * k)
                 .map(|_| rng.range_i32(-128, 127) as i8)
@@ -471,7 +686,6 @@ mod tests {
                 1 => vec![3],
                 _ => (0..g.c_out).map(|_| rng.range_i32(-20, 20)).collect(),
             };
-            let (n, h, wd) = (1 + case % 3, 9 + case, 11 + 5 * (case % 4));
             let x: Vec<u8> = (0..n * g.c_in * h * wd)
                 .map(|_| rng.range_i32(0, 255) as u8)
                 .collect();
@@ -504,12 +718,12 @@ mod tests {
                             let (mut a, mut b) = (vec![0i32; len], vec![0i32; len]);
                             fast.run(&x, x_zp, [n, h, wd], g.pads, &mut a).unwrap();
                             slow.run(&x, x_zp, [n, h, wd], g.pads, &mut b).unwrap();
-                            assert_eq!(a, b, "case {case} i32, {threads} threads");
+                            assert_eq!(a, b, "case {case} i32, {n}x{h}x{wd}, {threads} threads");
                         } else {
                             let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
                             fast.run(&x, x_zp, [n, h, wd], g.pads, &mut a).unwrap();
                             slow.run(&x, x_zp, [n, h, wd], g.pads, &mut b).unwrap();
-                            assert_eq!(a, b, "case {case} u8, {threads} threads");
+                            assert_eq!(a, b, "case {case} u8, {n}x{h}x{wd}, {threads} threads");
                         }
                     }
                 });

@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use super::conv_nchw::pad_plane;
 use super::engine::OutputStage;
 use crate::error::{Error, Result};
 use crate::kernels::conv::Conv2dGeom;
@@ -271,30 +272,6 @@ impl DepthwiseVnni {
                     }
                 }
             }
-        }
-    }
-}
-
-/// `src` (`[h, w]`) into `dst` (`[hp, wp]`) at row `top`, column `left`, the rest `zx`.
-fn pad_plane(
-    src: &[u8],
-    [h, w]: [usize; 2],
-    [top, left]: [usize; 2],
-    zx: u8,
-    [hp, wp]: [usize; 2],
-    dst: &mut [u8],
-) {
-    for (r, row) in dst.chunks_exact_mut(wp).take(hp).enumerate() {
-        let y = r.wrapping_sub(top);
-        if y >= h {
-            row.fill(zx);
-            continue;
-        }
-        let end = (left + w).min(wp);
-        row[..left.min(wp)].fill(zx);
-        row[end..].fill(zx);
-        if left < wp {
-            row[left..end].copy_from_slice(&src[y * w..y * w + end - left]);
         }
     }
 }
