@@ -67,7 +67,7 @@ pub fn evaluate(
 /// Per sample, class indices ordered by descending score.
 fn rank(scores: &Tensor, n: usize) -> Result<Vec<Vec<usize>>> {
     let values = scores.to_f32_vec();
-    if n == 0 || values.len() % n != 0 {
+    if n == 0 || !values.len().is_multiple_of(n) {
         return Err(Error::Shape(format!(
             "model output {:?} cannot be read as scores for {n} samples",
             scores.shape()

@@ -47,7 +47,10 @@ impl Conv2dGeom {
     /// Checks the invariants every kernel relies on.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Shape(format!("conv: {msg}")));
-        if self.groups == 0 || self.c_in % self.groups != 0 || self.c_out % self.groups != 0 {
+        if self.groups == 0
+            || !self.c_in.is_multiple_of(self.groups)
+            || !self.c_out.is_multiple_of(self.groups)
+        {
             return bad(format!(
                 "{} input and {} output channels do not divide into {} groups",
                 self.c_in, self.c_out, self.groups

@@ -240,8 +240,8 @@ fn is_2x2_stride_2(g: &Pool2dGeom, h: usize, w: usize) -> bool {
         && g.stride == [2, 2]
         && g.dilation == [1, 1]
         && g.pads == [0; 4]
-        && h % 2 == 0
-        && w % 2 == 0
+        && h.is_multiple_of(2)
+        && w.is_multiple_of(2)
 }
 
 /// 2x2 / stride 2 max pooling over whole planes: `src` holds `rows` input rows of `w`

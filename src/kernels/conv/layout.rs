@@ -207,14 +207,14 @@ mod avx2 {
     unsafe fn row2(d: &mut [f32], src: &[f32], left: usize, wq: usize) {
         let w = src.len();
         let k = left / 2;
-        let (even_at, odd_at) = if left % 2 == 0 {
+        let (even_at, odd_at) = if left.is_multiple_of(2) {
             (k, wq + k)
         } else {
             (wq + k, k + 1)
         };
         let steps = w.div_ceil(16) * 8;
         // Stores stay in their phase (so phase 0 never spills into phase 1) and in `d`.
-        assert!(d.len() >= 2 * wq && wq % 8 == 0);
+        assert!(d.len() >= 2 * wq && wq.is_multiple_of(8));
         assert!(even_at % wq + steps <= wq && odd_at % wq + steps <= wq);
         zero_tail(&mut d[..2 * wq], 0);
         let fix = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)));

@@ -255,8 +255,8 @@ pub fn qgemm_wx_rows<T: WxElem>(
         .all(|&s| s.checked_add(n).is_some_and(|e| e <= x.len()));
     if starts.len() != w.k
         || !in_bounds
-        || out.len() % n != 0
-        || row0 % WX_MR != 0
+        || !out.len().is_multiple_of(n)
+        || !row0.is_multiple_of(WX_MR)
         || row0 + rows > w.m
     {
         return Err(Error::Shape(format!(
@@ -438,7 +438,7 @@ fn pack_x(x: &[u8], starts: &[usize], c0: usize, cols: usize, out: &mut [u8]) {
     {
         let j0 = c0 + p * WX_NR;
         let width = WX_NR.min(c0 + cols - j0);
-        if width < WX_NR || k % 4 != 0 {
+        if width < WX_NR || !k.is_multiple_of(4) {
             panel.fill(0);
         }
         let full_quads = if width == WX_NR { k / 4 } else { 0 };

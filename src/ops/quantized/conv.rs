@@ -116,7 +116,7 @@ fn geom_for(
     let c_in = ws[1]
         .checked_mul(attrs.group)
         .ok_or_else(|| node_error(node, "channel count overflows"))?;
-    if ws[0] % attrs.group != 0 {
+    if !ws[0].is_multiple_of(attrs.group) {
         return Err(node_error(
             node,
             format!(

@@ -167,7 +167,7 @@ fn split_sizes(
     if parts == 0 {
         return Err(Error::Shape("Split needs at least one output".into()));
     }
-    if dim % parts == 0 {
+    if dim.is_multiple_of(parts) {
         return Ok(vec![dim / parts; parts]);
     }
     let chunk = dim.div_ceil(parts);

@@ -43,7 +43,7 @@ pub fn reshape_dims(input: &[usize], spec: &[i64], allowzero: bool) -> Result<Ve
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| Error::Shape(format!("shape {spec:?} overflows")))?;
     if let Some(k) = infer_at {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(Error::Shape(format!(
                 "cannot reshape {input:?} ({total} elements) to {spec:?}"
             )));
@@ -104,7 +104,7 @@ fn reshape_sym(input: Option<&[Dim]>, spec: &[i64], allowzero: bool) -> Vec<Dim>
             Dim::Unknown => return out,
         }
     }
-    if out_known == 0 || in_known % out_known != 0 {
+    if out_known == 0 || !in_known.is_multiple_of(out_known) {
         return out;
     }
     let ratio = in_known / out_known;
