@@ -147,11 +147,7 @@ impl CodeTable {
     }
 
     fn map_into<I: Code, O: Code>(&self, src: &[I], dst: &mut [O]) {
-        let each = |(d, s): (&mut [O], &[I])| {
-            for (o, &c) in d.iter_mut().zip(s) {
-                *o = self.get(c);
-            }
-        };
+        let each = |(d, s): (&mut [O], &[I])| lookup(&self.map, bytes(s), bytes_mut(d));
         if crate::kernels::par::threads() > 1 && src.len() >= PAR_MIN_LUT {
             dst.par_chunks_mut(PAR_MIN_LUT)
                 .zip(src.par_chunks(PAR_MIN_LUT))
@@ -193,11 +189,91 @@ impl CodeTable {
     }
 
     fn map_in_place<C: Code>(&self, v: &mut [C]) {
-        let each = |d: &mut [C]| d.iter_mut().for_each(|c| *c = self.get(*c));
+        let each = |d: &mut [C]| lookup_in_place(&self.map, bytes_mut(d));
         if crate::kernels::par::threads() > 1 && v.len() >= PAR_MIN_LUT {
             v.par_chunks_mut(PAR_MIN_LUT).for_each(each);
         } else {
             each(v);
+        }
+    }
+}
+
+/// The bit patterns of 8-bit codes.
+fn bytes<C: Code>(v: &[C]) -> &[u8] {
+    const { assert!(std::mem::size_of::<C>() == 1) };
+    // SAFETY: `C` is one byte (checked above) with every bit pattern valid (u8 or i8).
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len()) }
+}
+
+fn bytes_mut<C: Code>(v: &mut [C]) -> &mut [u8] {
+    const { assert!(std::mem::size_of::<C>() == 1) };
+    // SAFETY: as in `bytes`; every byte written is a valid `C`.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len()) }
+}
+
+/// Whether the 64-byte table lookup can run (AVX-512 VBMI's two-table byte permute).
+fn vbmi_lookup() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512vbmi") && std::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `dst[i] = map[src[i]]`.
+fn lookup(map: &[u8; 256], src: &[u8], dst: &mut [u8]) {
+    let len = src.len().min(dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if vbmi_lookup() {
+        // SAFETY: the features were detected just above; both pointers cover `len` bytes.
+        unsafe { lookup_vbmi(map, src.as_ptr(), dst.as_mut_ptr(), len) };
+        return;
+    }
+    for (d, &s) in dst[..len].iter_mut().zip(src) {
+        *d = map[s as usize];
+    }
+}
+
+fn lookup_in_place(map: &[u8; 256], v: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if vbmi_lookup() {
+        // SAFETY: as in `lookup`; each 64-byte block is read before it is overwritten.
+        unsafe { lookup_vbmi(map, v.as_ptr(), v.as_mut_ptr(), v.len()) };
+        return;
+    }
+    for c in v.iter_mut() {
+        *c = map[*c as usize];
+    }
+}
+
+/// 64 codes per step: `vpermt2b` looks each up in a 128-byte half of the table (the low seven
+/// bits index it), and the top bit picks the half.
+///
+/// # Safety
+/// AVX-512 F, BW and VBMI; `src` readable and `dst` writable for `len` bytes (they may be the
+/// same buffer).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn lookup_vbmi(map: &[u8; 256], src: *const u8, dst: *mut u8, len: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the table loads read the 256 bytes of `map`; the masked loads and stores touch
+    // only the `len` bytes the contract covers.
+    unsafe {
+        let t: [__m512i; 4] =
+            std::array::from_fn(|i| _mm512_loadu_si512(map.as_ptr().add(64 * i) as *const _));
+        let mut i = 0;
+        while i < len {
+            let lanes = (len - i).min(64);
+            let mask: __mmask64 = if lanes == 64 { !0 } else { (1u64 << lanes) - 1 };
+            let x = _mm512_maskz_loadu_epi8(mask, src.add(i) as *const i8);
+            let lo = _mm512_permutex2var_epi8(t[0], x, t[1]);
+            let hi = _mm512_permutex2var_epi8(t[2], x, t[3]);
+            let r = _mm512_mask_blend_epi8(_mm512_movepi8_mask(x), lo, hi);
+            _mm512_mask_storeu_epi8(dst.add(i) as *mut i8, mask, r);
+            i += lanes;
         }
     }
 }
@@ -557,5 +633,22 @@ mod tests {
         assert!(id.unwrap().is_identity());
         let wrong = Tensor::new(vec![1], TensorData::U8(vec![1])).unwrap();
         assert!(k.run(&[Some(&wrong)], &mut RunCtx::default()).is_err());
+    }
+
+    #[test]
+    fn vector_lookup_matches_the_table_at_every_length() {
+        let mut rng = Rng(0x1234_5678);
+        let mut map = [0u8; 256];
+        map.iter_mut().for_each(|m| *m = rng.next() as u8);
+        for len in (0..200).chain([4095, 65536 + 17]) {
+            let src: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let want: Vec<u8> = src.iter().map(|&c| map[c as usize]).collect();
+            let mut dst = vec![0u8; len];
+            lookup(&map, &src, &mut dst);
+            assert_eq!(dst, want, "len {len}");
+            let mut v = src.clone();
+            lookup_in_place(&map, &mut v);
+            assert_eq!(v, want, "in place, len {len}");
+        }
     }
 }
