@@ -88,7 +88,13 @@ fn gemm(rng: &mut Rng) -> lithe::Result<()> {
     );
     // Output-channel-major (NCHW convolution) GEMM: the MNIST CNN's second convolution
     // (64 x 800 weights, 196 pixels) and a 512^3 product.
-    for (m, k, n) in [(64, 800, 196), (512, 512, 512), (256, 256, 196)] {
+    for (m, k, n) in [
+        (64, 800, 196),
+        (512, 512, 512),
+        (256, 256, 196),
+        (32, 16, 12544),
+        (16, 27, 12544),
+    ] {
         let w: Vec<i8> = (0..m * k).map(|_| rng.next() as i8).collect();
         let x: Vec<u8> = (0..k * n).map(|_| rng.next() as u8).collect();
         let pw = qgemm::PackedW::new(&w, m, k, &[0])?;

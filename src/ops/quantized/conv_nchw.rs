@@ -147,7 +147,7 @@ impl WxConv {
                     stage: self.stage_for(grp, cout_g),
                     tasks: split_rows,
                 };
-                match Lowering::of(g) {
+                match Lowering::of(g, [oh, ow]) {
                     Lowering::Direct => job.run(planes, &Strided(h * w), h * w, dst)?,
                     Lowering::Shifted => job.run_shifted(g, planes, [h, w], [oh, ow], x_zp, dst)?,
                     Lowering::Im2col => {
@@ -196,7 +196,7 @@ impl WxConv {
             scratch::with_u8(k * cols_n, |cols| -> Result<()> {
                 let planes =
                     |img: usize| &x[(img * g.c_in + grp * cin_g) * h * w..][..cin_g * h * w];
-                match Lowering::of(g) {
+                match Lowering::of(g, [oh, ow]) {
                     // A fully connected layer: the batch's `[n, K]` transposed.
                     Lowering::Direct if ohw == 1 => {
                         for (kk, row) in cols.chunks_exact_mut(cols_n).enumerate() {
@@ -253,17 +253,21 @@ const SMALL_IMAGE: usize = 64;
 enum Lowering {
     /// 1x1, stride 1, no padding: the input planes are the operand.
     Direct,
-    /// Stride 1: shifted windows of zero-point-padded planes, no im2col copy
+    /// Shifted windows of zero-point-padded phase planes, no im2col copy
     /// ([`Gemm::run_shifted`]).
     Shifted,
     Im2col,
 }
 
 impl Lowering {
-    fn of(g: &Conv2dGeom) -> Lowering {
+    fn of(g: &Conv2dGeom, [oh, ow]: [usize; 2]) -> Lowering {
+        let [hq, wq] = shifted_extent(g, [oh, ow]);
         if g.kernel == [1, 1] && g.stride == [1, 1] && g.pads == [0; 4] {
             Lowering::Direct
-        } else if g.stride == [1, 1] {
+        } else if 2 * wq <= 3 * ow
+            && hq * wq * g.stride[0] * g.stride[1] <= oh * ow * g.kernel[0] * g.kernel[1]
+        {
+            // At most 1.5x the work of the GEMM on an im2col, and phase planes no larger.
             Lowering::Shifted
         } else {
             Lowering::Im2col
@@ -324,10 +328,12 @@ impl Gemm<'_> {
             .try_for_each(|(t, block)| gemm(t * rows_per, block))
     }
 
-    /// A stride-1 convolution computed over the full padded width `wp`: with the planes padded
-    /// by the zero point, tap `(c, ky, kx)`'s row of the operand is the padded plane `c` read
-    /// from offset `ky dh wp + kx dw`, so no im2col copy is made. The `wp - ow` extra columns
-    /// per output row are computed and dropped.
+    /// A convolution computed as a stride-1 one over phase planes, with no im2col copy. The
+    /// zero-point-padded input is split into `sh x sw` phases (`[a][b]` holds padded pixels
+    /// `(sh r + a, sw c + b)`), each `hq x wq`; tap `(ky, kx)` reads phase
+    /// `(ky dh % sh, kx dw % sw)` from offset `(ky dh / sh, kx dw / sw)` with unit stride, so
+    /// its row of the GEMM operand is that phase read from there, `oh` rows of `wq`. The
+    /// `wq - ow` extra columns per output row are computed and dropped.
     #[allow(clippy::too_many_arguments)]
     fn run_shifted<T: WxElem>(
         &self,
@@ -340,38 +346,104 @@ impl Gemm<'_> {
     ) -> Result<()> {
         let [kh, kw] = g.kernel;
         let [dh, dw] = g.dilation;
-        let (hp, wp) = (oh + (kh - 1) * dh, ow + (kw - 1) * dw);
-        let plane_len = hp * wp;
+        let [sh, sw] = g.stride;
+        let [hq, wq] = shifted_extent(g, [oh, ow]);
+        let phase_len = hq * wq;
         let c = planes.len() / (h * w).max(1);
-        // The last tap's row reads `(kw - 1) dw` bytes past its plane.
-        let slack = (kw - 1) * dw;
-        let wide = oh * wp;
-        scratch::with_u8(c * plane_len + slack, |padded| {
-            for (src, p) in planes
-                .chunks_exact(h * w)
-                .zip(padded.chunks_exact_mut(plane_len))
-            {
-                pad_plane(src, [h, w], [g.pads[0], g.pads[1]], zx, [hp, wp], p);
+        // The last tap's row reads `(kw - 1) dw / sw` bytes past its phase.
+        let slack = (kw - 1) * dw / sw;
+        let wide = oh * wq;
+        scratch::with_u8(c * sh * sw * phase_len + slack, |phases| {
+            let mut used = vec![false; sh * sw];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    used[(ky * dh % sh) * sw + kx * dw % sw] = true;
+                }
             }
-            padded[c * plane_len..].fill(zx);
+            for (src, ph) in planes
+                .chunks_exact(h * w)
+                .zip(phases.chunks_exact_mut(sh * sw * phase_len))
+            {
+                for (i, p) in ph.chunks_exact_mut(phase_len).enumerate() {
+                    if used[i] {
+                        let at = [i / sw, i % sw];
+                        phase_plane(
+                            src,
+                            [h, w],
+                            [g.pads[0], g.pads[1]],
+                            [sh, sw],
+                            at,
+                            zx,
+                            [hq, wq],
+                            p,
+                        );
+                    }
+                }
+            }
+            phases[c * sh * sw * phase_len..].fill(zx);
             scratch::with_usize(c * kh * kw, |starts| {
                 for (i, s) in starts.iter_mut().enumerate() {
                     let (ci, ky, kx) = (i / (kh * kw), i / kw % kh, i % kw);
-                    *s = ci * plane_len + ky * dh * wp + kx * dw;
+                    let phase = (ky * dh % sh) * sw + kx * dw % sw;
+                    *s = (ci * sh * sw + phase) * phase_len + (ky * dh / sh) * wq + kx * dw / sw;
                 }
-                if wp == ow {
-                    return self.run_rows(padded, starts, wide, dst);
+                if wq == ow {
+                    return self.run_rows(phases, starts, wide, dst);
                 }
                 let mut y = vec![T::default(); self.packed.m() * wide];
-                self.run_rows(padded, starts, wide, &mut y)?;
+                self.run_rows(phases, starts, wide, &mut y)?;
                 for (d, s) in dst.chunks_exact_mut(oh * ow).zip(y.chunks_exact(wide)) {
-                    for (dr, sr) in d.chunks_exact_mut(ow).zip(s.chunks_exact(wp)) {
+                    for (dr, sr) in d.chunks_exact_mut(ow).zip(s.chunks_exact(wq)) {
                         dr.copy_from_slice(&sr[..ow]);
                     }
                 }
                 Ok(())
             })
         })
+    }
+}
+
+/// Rows and columns of each phase plane in [`Gemm::run_shifted`].
+fn shifted_extent(g: &Conv2dGeom, [oh, ow]: [usize; 2]) -> [usize; 2] {
+    [
+        oh + (g.kernel[0] - 1) * g.dilation[0] / g.stride[0],
+        ow + (g.kernel[1] - 1) * g.dilation[1] / g.stride[1],
+    ]
+}
+
+/// Phase `[a, b]` of `src` (`[h, w]`) padded by `top`, `left` with `zx`: `dst[r][c]` is padded
+/// pixel `(sh r + a, sw c + b)`, `hq x wq` of them.
+#[allow(clippy::too_many_arguments)]
+fn phase_plane(
+    src: &[u8],
+    [h, w]: [usize; 2],
+    [top, left]: [usize; 2],
+    [sh, sw]: [usize; 2],
+    [a, b]: [usize; 2],
+    zx: u8,
+    [hq, wq]: [usize; 2],
+    dst: &mut [u8],
+) {
+    // Columns whose source lies inside the image: `0 <= sw c + b - left < w`.
+    let lo = left.saturating_sub(b).div_ceil(sw).min(wq);
+    let hi = (w + left).saturating_sub(b).div_ceil(sw).clamp(lo, wq);
+    for (r, row) in dst.chunks_exact_mut(wq).take(hq).enumerate() {
+        let y = (sh * r + a).wrapping_sub(top);
+        if y >= h {
+            row.fill(zx);
+            continue;
+        }
+        let line = &src[y * w..(y + 1) * w];
+        row[..lo].fill(zx);
+        row[hi..].fill(zx);
+        let first = sw * lo + b - left;
+        if sw == 1 {
+            row[lo..hi].copy_from_slice(&line[first..first + hi - lo]);
+        } else {
+            for (d, &v) in row[lo..hi].iter_mut().zip(line[first..].iter().step_by(sw)) {
+                *d = v;
+            }
+        }
     }
 }
 
@@ -661,6 +733,9 @@ mod tests {
             geom(4, 4, 4, [1, 5], [1, 2], [1, 1], [0, 2, 0, 2]),
             geom(40, 10, 1, [1, 1], [1, 1], [1, 1], [0; 4]),
             geom(6, 20, 1, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            geom(4, 8, 1, [3, 3], [2, 2], [2, 2], [1, 2, 0, 1]),
+            geom(2, 8, 1, [5, 5], [3, 2], [1, 1], [2, 2, 2, 2]),
+            geom(3, 16, 1, [3, 3], [2, 2], [1, 1], [0, 0, 1, 1]),
         ];
         // Each geometry on a large input (one GEMM per image) and on a small one, several
         // images at once (one GEMM over all images' pixels).
