@@ -68,3 +68,66 @@ impl<P: Apply> Kernel for PreparedKernel<P> {
         Ok(vec![p.apply(&self.node, x)?])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static PREPARED: AtomicUsize = AtomicUsize::new(0);
+
+    struct Identity;
+
+    impl Apply for Identity {
+        fn apply(&self, _: &Node, x: &Tensor) -> Result<Tensor> {
+            Ok(x.clone())
+        }
+    }
+
+    fn prepare(_: &Node, _: DType, _: &[Option<&Tensor>]) -> Result<Identity> {
+        PREPARED.fetch_add(1, Ordering::SeqCst);
+        Ok(Identity)
+    }
+
+    /// With constant weights, a QLinear-style kernel is prepared once when the plan is
+    /// compiled, even without a known data type (intermediate values often have none), and
+    /// never again per run: a regression once made every run repack the weights.
+    #[test]
+    fn constant_weights_are_prepared_once_at_compile_time() {
+        let node = Node {
+            name: "conv".into(),
+            op_type: "QLinearConv".into(),
+            domain: String::new(),
+            inputs: vec!["x".into(), "w".into()],
+            outputs: vec!["y".into()],
+            attrs: Default::default(),
+            doc_string: String::new(),
+        };
+        let w = Tensor::scalar_f32(1.0);
+        let ctx = CompileCtx {
+            node: &node,
+            opset: 13,
+            input_types: vec![None, None],
+            constants: vec![None, Some(&w)],
+            fused_activation: None,
+        };
+        let before = PREPARED.load(Ordering::SeqCst);
+        let kernel = compile(&ctx, false, prepare).unwrap();
+        assert_eq!(PREPARED.load(Ordering::SeqCst), before + 1);
+        let x = Tensor::scalar_f32(2.0);
+        let mut run = RunCtx::default();
+        for _ in 0..3 {
+            kernel.run(&[Some(&x), Some(&w)], &mut run).unwrap();
+        }
+        assert_eq!(PREPARED.load(Ordering::SeqCst), before + 1);
+        // A weight computed at run time is prepared on every run.
+        let ctx = CompileCtx {
+            constants: vec![None, None],
+            ..ctx
+        };
+        let kernel = compile(&ctx, false, prepare).unwrap();
+        kernel.run(&[Some(&x), Some(&w)], &mut run).unwrap();
+        kernel.run(&[Some(&x), Some(&w)], &mut run).unwrap();
+        assert_eq!(PREPARED.load(Ordering::SeqCst), before + 3);
+    }
+}
