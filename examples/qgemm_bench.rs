@@ -97,7 +97,7 @@ fn gemm(rng: &mut Rng) -> lithe::Result<()> {
     ] {
         let w: Vec<i8> = (0..m * k).map(|_| rng.next() as i8).collect();
         let x: Vec<u8> = (0..k * n).map(|_| rng.next() as u8).collect();
-        let pw = qgemm::PackedW::new(&w, m, k, &[0])?;
+        let pw = qgemm::PackedW::new(&w, m, k, &[0])?.with_avx2_layout();
         let offsets = qgemm::row_offsets(&pw, 128, None);
         let scales = vec![0.0007f32; m];
         let stage = qgemm::WxStage::Requant {
@@ -109,18 +109,17 @@ fn gemm(rng: &mut Rng) -> lithe::Result<()> {
         let mut y = vec![0u8; m * n];
         let ops = 2.0 * (m * k * n) as f64;
         let mut backends = vec![Backend::Scalar];
-        if qgemm::vnni_available() {
+        if Backend::avx2_available() {
             backends.insert(0, Backend::Avx2);
+        }
+        if qgemm::vnni_available() {
+            backends.insert(0, Backend::Vnni);
         }
         for backend in backends {
             let (best, _) = time(20, || {
                 qgemm::qgemm_wx(backend, &pw, &x, n, &offsets, stage, 0, &mut y).expect("qgemm_wx");
             });
-            let name = if backend == Backend::Avx2 {
-                "VNNI"
-            } else {
-                "portable"
-            };
+            let name = format!("{backend:?}");
             println!(
                 "qgemm_wx (weights x activations, requant) {m}x{k}x{n} {name}: {:.1} GOP/s best",
                 ops / best * 1e-9

@@ -45,11 +45,14 @@ const MC: usize = 96;
 /// Which micro-kernel to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// AVX2 when the CPU has it, else portable.
+    /// The fastest kernel this CPU has.
     Auto,
     Scalar,
     /// AVX2, or an error on a CPU without it.
     Avx2,
+    /// AVX-512 VNNI (the output-channel-major GEMM of [`qgemm_wx`]; the row-major one has no
+    /// VNNI kernel and takes AVX2), or an error on a CPU without it.
+    Vnni,
 }
 
 impl Backend {
@@ -70,8 +73,8 @@ impl Backend {
             Backend::Scalar => Ok(Kernel::Scalar),
             Backend::Auto if Backend::avx2_available() => Ok(Kernel::Avx2),
             Backend::Auto => Ok(Kernel::Scalar),
-            Backend::Avx2 if Backend::avx2_available() => Ok(Kernel::Avx2),
-            Backend::Avx2 => Err(Error::Data("qgemm: this CPU has no AVX2".into())),
+            Backend::Avx2 | Backend::Vnni if Backend::avx2_available() => Ok(Kernel::Avx2),
+            Backend::Avx2 | Backend::Vnni => Err(Error::Data("qgemm: this CPU has no AVX2".into())),
         }
     }
 }

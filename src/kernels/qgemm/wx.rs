@@ -37,8 +37,28 @@ pub struct PackedW {
     k: usize,
     quads: usize,
     data: Vec<i32>,
+    /// For the AVX2 kernel, which has no u8 x i8 four-way product: per group of four `k` and
+    /// row, the weights `(k0, k2)` and `(k1, k3)` as two i16 pairs (two i32 words); empty
+    /// when that kernel is not going to run.
+    pairs: Vec<i32>,
     row_sums: Vec<i32>,
     zero_points: Vec<i32>,
+}
+
+/// Whether [`PackedW`] needs the AVX2 kernel's layout: on AVX2 CPUs without VNNI, and in tests.
+fn wants_pairs() -> bool {
+    cfg!(test) || (avx2_available() && !vnni_available())
+}
+
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 impl PackedW {
@@ -82,14 +102,35 @@ impl PackedW {
             .chunks_exact(k)
             .map(|row| row.iter().map(|&v| i32::from(v)).sum())
             .collect();
-        Ok(PackedW {
+        let packed = PackedW {
             m,
             k,
             quads,
             data,
+            pairs: Vec::new(),
             row_sums,
             zero_points,
+        };
+        Ok(if wants_pairs() {
+            packed.with_avx2_layout()
+        } else {
+            packed
         })
+    }
+
+    /// Adds the AVX2 kernel's layout (made by [`PackedW::new`] only when that kernel is the
+    /// one this CPU will run).
+    pub fn with_avx2_layout(mut self) -> PackedW {
+        let pair = |a: i8, b: i8| i32::from(a as i16 as u16) | (i32::from(b) << 16);
+        self.pairs = self
+            .data
+            .iter()
+            .flat_map(|&word| {
+                let b = word.to_le_bytes().map(|v| v as i8);
+                [pair(b[0], b[2]), pair(b[1], b[3])]
+            })
+            .collect();
+        self
     }
 
     pub fn m(&self) -> usize {
@@ -106,6 +147,10 @@ impl PackedW {
 
     fn panel(&self, p: usize) -> &[i32] {
         &self.data[p * self.quads * WX_MR..(p + 1) * self.quads * WX_MR]
+    }
+
+    fn pair_panel(&self, p: usize) -> &[i32] {
+        &self.pairs[p * self.quads * WX_MR * 2..(p + 1) * self.quads * WX_MR * 2]
     }
 }
 
@@ -173,6 +218,7 @@ impl WxElem for i32 {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Micro {
     Scalar,
+    Avx2,
     Vnni,
 }
 
@@ -191,13 +237,19 @@ pub fn vnni_available() -> bool {
     }
 }
 
-fn micro_for(backend: Backend) -> Result<Micro> {
+fn micro_for(backend: Backend, w: &PackedW) -> Result<Micro> {
+    let avx2 = avx2_available() && !w.pairs.is_empty();
     match backend {
         Backend::Scalar => Ok(Micro::Scalar),
         Backend::Auto if vnni_available() => Ok(Micro::Vnni),
+        Backend::Auto if avx2 => Ok(Micro::Avx2),
         Backend::Auto => Ok(Micro::Scalar),
-        Backend::Avx2 if vnni_available() => Ok(Micro::Vnni),
-        Backend::Avx2 => Err(Error::Data("qgemm: this CPU has no AVX-512 VNNI".into())),
+        Backend::Vnni if vnni_available() => Ok(Micro::Vnni),
+        Backend::Vnni => Err(Error::Data("qgemm: this CPU has no AVX-512 VNNI".into())),
+        Backend::Avx2 if avx2 => Ok(Micro::Avx2),
+        Backend::Avx2 => Err(Error::Data(
+            "qgemm: this CPU has no AVX2, or the weights were not packed for it".into(),
+        )),
     }
 }
 
@@ -245,7 +297,7 @@ pub fn qgemm_wx_rows<T: WxElem>(
     row0: usize,
     out: &mut [T],
 ) -> Result<()> {
-    let micro = micro_for(backend)?;
+    let micro = micro_for(backend, w)?;
     if n == 0 || out.is_empty() {
         return Ok(());
     }
@@ -313,6 +365,15 @@ pub fn qgemm_wx_rows<T: WxElem>(
                     let dst = &mut out[r * n + c0 + jp..];
                     match micro {
                         Micro::Scalar => tile.run_scalar(a, b, dst, n),
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `Micro::Avx2` is only chosen after detecting AVX2 with the
+                        // pair layout packed; the panel holds `quads * MR * 2` words, the rest
+                        // as for the VNNI kernel below.
+                        Micro::Avx2 => unsafe {
+                            tile.run_avx2(w.pair_panel(m0 / WX_MR), b, dst, n)
+                        },
+                        #[cfg(not(target_arch = "x86_64"))]
+                        Micro::Avx2 => tile.run_scalar(a, b, dst, n),
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: `Micro::Vnni` is only chosen after `vnni_available`; `a` holds
                         // `quads * MR` words and `b` `quads * NR * 4` bytes; the tile writes
@@ -534,6 +595,136 @@ impl Tile<'_> {
         }
     }
 
+    /// AVX2 kernel: a `vpdpbusd` per row and half emulated with two `vpmaddwd`, the even and
+    /// odd bytes of the packed activations (zero-extended to i16) against the row's weight
+    /// pairs; u8 x i8 products summed in pairs cannot overflow i32. Rows in two passes of
+    /// four, so the accumulators, operands and weights fit AVX2's sixteen registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `pairs` must hold `quads * MR * 2` words, `b` `quads * NR * 4`
+    /// bytes, and `dst` must be valid for `rows` rows of `cols` values at stride `ld`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2<T: WxElem>(&self, pairs: &[i32], b: &[u8], dst: &mut [T], ld: usize) {
+        use std::arch::x86_64::*;
+        debug_assert!(pairs.len() >= self.quads * WX_MR * 2 && b.len() >= self.quads * 4 * WX_NR);
+        let (pp, bp) = (pairs.as_ptr(), b.as_ptr());
+        let low_bytes = _mm256_set1_epi16(0x00ff);
+        for r0 in (0..self.rows).step_by(4) {
+            let mut acc = [[_mm256_setzero_si256(); 2]; 4];
+            for q in 0..self.quads {
+                // SAFETY: q < quads and r0 + r < MR, so the reads stay inside `pairs` and `b`.
+                unsafe {
+                    let b0 = _mm256_loadu_si256(bp.add(q * 64) as *const __m256i);
+                    let b1 = _mm256_loadu_si256(bp.add(q * 64 + 32) as *const __m256i);
+                    let (e0, o0) = (_mm256_and_si256(b0, low_bytes), _mm256_srli_epi16(b0, 8));
+                    let (e1, o1) = (_mm256_and_si256(b1, low_bytes), _mm256_srli_epi16(b1, 8));
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let at = (q * WX_MR + r0 + r) * 2;
+                        let we = _mm256_set1_epi32(*pp.add(at));
+                        let wo = _mm256_set1_epi32(*pp.add(at + 1));
+                        let s0 =
+                            _mm256_add_epi32(_mm256_madd_epi16(e0, we), _mm256_madd_epi16(o0, wo));
+                        let s1 =
+                            _mm256_add_epi32(_mm256_madd_epi16(e1, we), _mm256_madd_epi16(o1, wo));
+                        row[0] = _mm256_add_epi32(row[0], s0);
+                        row[1] = _mm256_add_epi32(row[1], s1);
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate().take(self.rows - r0) {
+                // SAFETY: AVX2 is enabled here; row `r0 + r < rows` of `dst` holds `cols`
+                // values from `(r0 + r) * ld` by the contract.
+                unsafe { self.store_row_avx2(r0 + r, *row, &mut dst[(r0 + r) * ld..]) };
+            }
+        }
+    }
+
+    /// Finishes one row of a tile in registers, as [`Tile::finish`], and stores its `cols`
+    /// values.
+    ///
+    /// # Safety
+    /// AVX2; `dst` holds at least `cols` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_row_avx2<T: WxElem>(
+        &self,
+        r: usize,
+        acc: [std::arch::x86_64::__m256i; 2],
+        dst: &mut [T],
+    ) {
+        use std::arch::x86_64::*;
+        let m = self.m0 + r;
+        let off = _mm256_set1_epi32(self.offsets[m]);
+        let mut v = [_mm256_add_epi32(acc[0], off), _mm256_add_epi32(acc[1], off)];
+        if let Some(cs) = self.colsums {
+            let zw = _mm256_set1_epi32(self.zero_points[m]);
+            for (h, x) in v.iter_mut().enumerate() {
+                // SAFETY: `colsums` holds WX_NR values.
+                let c = unsafe { _mm256_loadu_si256(cs.as_ptr().add(8 * h) as *const __m256i) };
+                *x = _mm256_sub_epi32(*x, _mm256_mullo_epi32(zw, c));
+            }
+        }
+        let cols = self.cols.min(dst.len());
+        match (self.stage, T::KIND) {
+            (
+                WxStage::Requant {
+                    scales,
+                    zero_point,
+                    lo,
+                    hi,
+                },
+                kind,
+            ) => {
+                let (s, l, u) = (
+                    _mm256_set1_ps(scales[m]),
+                    _mm256_set1_ps(lo),
+                    _mm256_set1_ps(hi),
+                );
+                let z = _mm256_set1_epi32(zero_point);
+                let q = v.map(|x| {
+                    let f =
+                        _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(x), s), l), u);
+                    _mm256_add_epi32(_mm256_cvtps_epi32(f), z)
+                });
+                // Codes are already within the byte type's range, so the saturating packs
+                // only narrow; the permutes undo their lane interleaving.
+                let w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xd8);
+                let b8 = if kind == ElemKind::I8 {
+                    _mm256_packs_epi16(w16, w16)
+                } else {
+                    _mm256_packus_epi16(w16, w16)
+                };
+                let mut bytes = [0u8; 16];
+                // SAFETY: stores 16 bytes into the local array.
+                unsafe {
+                    _mm_storeu_si128(
+                        bytes.as_mut_ptr() as *mut __m128i,
+                        _mm256_castsi256_si128(_mm256_permute4x64_epi64(b8, 0xd8)),
+                    )
+                };
+                for (d, &b) in dst[..cols].iter_mut().zip(&bytes) {
+                    *d = T::from_i32(if kind == ElemKind::I8 {
+                        i32::from(b as i8)
+                    } else {
+                        i32::from(b)
+                    });
+                }
+            }
+            (WxStage::Int32, _) => {
+                let mut vals = [0i32; WX_NR];
+                // SAFETY: stores 16 i32 into the local array.
+                unsafe {
+                    _mm256_storeu_si256(vals.as_mut_ptr() as *mut __m256i, v[0]);
+                    _mm256_storeu_si256(vals.as_mut_ptr().add(8) as *mut __m256i, v[1]);
+                }
+                for (d, &x) in dst[..cols].iter_mut().zip(&vals) {
+                    *d = T::from_i32(x);
+                }
+            }
+        }
+    }
+
     /// # Safety
     /// The CPU must have AVX-512 F, VL, BW and VNNI; `a` must hold `quads * MR` words, `b`
     /// `quads * NR * 4` bytes, and `dst` must be valid for `rows` rows of `cols` values at
@@ -625,8 +816,11 @@ mod tests {
 
     fn backends() -> Vec<Backend> {
         let mut v = vec![Backend::Scalar];
-        if vnni_available() {
+        if avx2_available() {
             v.push(Backend::Avx2);
+        }
+        if vnni_available() {
+            v.push(Backend::Vnni);
         }
         v
     }
