@@ -210,7 +210,6 @@ struct Lane<S> {
 struct Flow<'a, S> {
     lanes: Vec<Lane<S>>,
     index: HashMap<&'a str, usize>,
-    next_batch: AtomicUsize,
     done: AtomicUsize,
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
@@ -311,25 +310,12 @@ fn stream<S: Send>(
             .enumerate()
             .map(|(i, n)| (n.as_str(), i))
             .collect(),
-        next_batch: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
     };
-    // One batch through the session; false when the stream failed.
-    let run_batch = |k: usize| -> bool {
-        let start = k * batch;
-        let count = batch.min(total - start);
-        let fed = source
-            .batch(start, count)
-            .and_then(|(x, _)| check_batch(&input, &x, start).map(|()| x));
-        let x = match fed {
-            Ok(x) => x,
-            Err(e) => {
-                flow.fail(e);
-                return false;
-            }
-        };
+    // Batch `k` through the session; false when the stream failed.
+    let run_batch = |k: usize, x: Tensor| -> bool {
         let mut seen = vec![false; flow.lanes.len()];
         if let (Some(&i), Ok(v)) = (flow.index.get(input.as_str()), x.as_f32()) {
             if !flow.take_turn(i, k, Some(v), visit) {
@@ -337,6 +323,7 @@ fn stream<S: Send>(
             }
             seen[i] = true;
         }
+        let count = x.shape().first().copied().unwrap_or(0);
         let mut ok = true;
         let ran = session.run_observed(&[(input.as_str(), x)], &mut |name, t| {
             if !ok {
@@ -360,15 +347,36 @@ fn stream<S: Send>(
         flow.done.fetch_add(count, Ordering::SeqCst);
         ok
     };
-    let work = |report: &mut dyn FnMut(usize)| loop {
-        if flow.failed.load(Ordering::SeqCst) {
-            return;
+    // Batches are claimed and read under one lock, so the source is read front to back
+    // (a streaming source such as gzipped MNIST never has to go back).
+    let next_batch = Mutex::new(0usize);
+    let claim = || -> Option<(usize, Tensor)> {
+        let mut next = next_batch.lock().ok()?;
+        let k = *next;
+        if k >= batches || flow.failed.load(Ordering::SeqCst) {
+            return None;
         }
-        let k = flow.next_batch.fetch_add(1, Ordering::SeqCst);
-        if k >= batches || !run_batch(k) {
-            return;
+        *next += 1;
+        let start = k * batch;
+        let count = batch.min(total - start);
+        let fed = source
+            .batch(start, count)
+            .and_then(|(x, _)| check_batch(&input, &x, start).map(|()| x));
+        match fed {
+            Ok(x) => Some((k, x)),
+            Err(e) => {
+                flow.fail(e);
+                None
+            }
         }
-        report(flow.done.load(Ordering::SeqCst));
+    };
+    let work = |report: &mut dyn FnMut(usize)| {
+        while let Some((k, x)) = claim() {
+            if !run_batch(k, x) {
+                return;
+            }
+            report(flow.done.load(Ordering::SeqCst));
+        }
     };
     let workers = obs.workers.clamp(1, batches);
     std::thread::scope(|scope| {
