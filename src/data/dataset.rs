@@ -897,7 +897,12 @@ mod tests {
         let first = |start: usize, count: usize| {
             let (x, y) = ds.batch(start, count).unwrap();
             let v = x.as_f32().unwrap();
-            (v.chunks(6).map(|c| c[0].round() as usize).collect::<Vec<_>>(), y)
+            (
+                v.chunks(6)
+                    .map(|c| c[0].round() as usize)
+                    .collect::<Vec<_>>(),
+                y,
+            )
         };
         // Forward, with a gap.
         assert_eq!(first(0, 3).0, vec![0, 1, 2]);
@@ -918,7 +923,10 @@ mod tests {
         let ds = IdxDataset::open(&pi, &pl, "small", Preprocess::parse("gray").unwrap()).unwrap();
         assert!(ds.batch(0, 19).is_ok());
         let err = ds.batch(19, 1).unwrap_err().to_string();
-        assert!(err.contains("img.idx.gz") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("img.idx.gz") && err.contains("truncated"),
+            "{err}"
+        );
         // Reading again from the top works (the reader restarts).
         assert!(ds.batch(0, 5).is_ok());
     }

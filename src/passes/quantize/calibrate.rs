@@ -383,13 +383,7 @@ fn stream<S: Send>(
         for _ in 1..workers {
             scope.spawn(|| work(&mut |_| {}));
         }
-        work(&mut |done| {
-            progress(CalibProgress {
-                phase,
-                done,
-                total,
-            })
-        });
+        work(&mut |done| progress(CalibProgress { phase, done, total }));
     });
     if let Some(e) = flow.error.into_inner().ok().flatten() {
         return Err(e);

@@ -487,7 +487,12 @@ mod tests {
     #[test]
     fn kl_candidates_match_the_reference_to_the_bit() {
         let mut rng = crate::quant::test_rng::Rng::new(7);
-        for (n, levels, density) in [(2048, 128, 0.9), (2048, 128, 0.1), (300, 8, 0.5), (512, 16, 0.02)] {
+        for (n, levels, density) in [
+            (2048, 128, 0.9),
+            (2048, 128, 0.1),
+            (300, 8, 0.5),
+            (512, 16, 0.02),
+        ] {
             let mut h: Vec<f64> = (0..n)
                 .map(|k| {
                     let u = f64::from(rng.gaussians(1)[0]).abs();
