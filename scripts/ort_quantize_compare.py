@@ -8,11 +8,12 @@ MNIST normalised with mean 0.1307, std 0.3081).
 
 Both quantizers get the same 1000 calibration images (the first 1000 of MNIST train, normalised
 as lithe does) and write QDQ models with per-channel weights; every model is then run in ONNX
-Runtime on the 10k test set. Reports accuracy at 8 bits and with 4-bit weights, the wall time
-of each quantizer (best of --repeat alternating runs; lithe's includes process start-up, model
-loading and writing), and the peak RSS of lithe's calibration with 100, 1000 and 10000 samples
-(observers are streaming; run at the default thread count and with --threads 1, since glibc's
-per-thread malloc arenas add a few MiB per decade of batches with 2 threads). For scale, the
+Runtime on the 10k test set. Reports accuracy at 8 bits and with 4-bit weights, the wall and
+CPU time of each quantizer (best of --repeat alternating runs; lithe's includes process
+start-up, model loading and writing; CPU time is user + system of all threads, which a busy
+machine distorts less than wall time), and the peak RSS of lithe's calibration with 100, 1000
+and 10000 samples (observers are streaming; run at the default thread count and with --threads 1: with N
+threads, N batches are in flight, so a set of a single batch uses one thread). For scale, the
 time ONNX Runtime itself needs for one f32 forward pass over the calibration images is printed
 too: MinMax calibration cannot be much faster than that pass. With --schemes, also every lithe
 scheme (linear, fixed, log, kmeans) at 8, 6 and 4 weight bits: accuracy in ORT and bytes.
@@ -21,6 +22,7 @@ import argparse
 import gzip
 import json
 import logging
+import resource
 import subprocess
 import sys
 import time
@@ -82,12 +84,16 @@ def lithe(args, model, out, extra, calib=None):
     cmd = [args.lithe, "quantize", str(model), "-o", str(out), "-q", "--no-activation-sqnr"]
     cmd += ["--report", str(report)]
     cmd += ["--calib", str(calib)] if calib else ["--calib", "mnist", "--calib-split", "train"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(cmd + extra, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         sys.exit(f"lithe failed: {' '.join(cmd + extra)}\n{p.stderr}")
-    return wall, json.loads(report.read_text())
+    rep = json.loads(report.read_text())
+    rep["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, rep
 
 
 def forward_seconds(model, x, name, batch=100):
@@ -137,7 +143,8 @@ def compare(args, model, out):
     results = {"f32": accuracy(args.model, xt, yt), "rows": [], "rss": [], "schemes": []}
     print(f"f32 in ORT: {results['f32'] * 100:.2f} %")
 
-    print(f"\n{'quantizer':<10} {'calibration':<12} {'weights':<8} {'top-1 (ORT)':>11} {'wall s':>8}")
+    print(f"\n{'quantizer':<10} {'calibration':<12} {'weights':<8} {'top-1 (ORT)':>11} {'wall s':>8}"
+          f" {'CPU s':>8}")
     ort_methods = {
         "minmax": CalibrationMethod.MinMax,
         "kl": CalibrationMethod.Entropy,
@@ -149,8 +156,9 @@ def compare(args, model, out):
             f = out / f"ort_{m}_w{wbits}.onnx"
             g = out / f"lithe_{m}_w{wbits}.onnx"
             # Best of --repeat runs each, alternating, so both see the same machine load.
-            ort_wall = lithe_wall = float("inf")
+            ort_wall = lithe_wall = ort_cpu = lithe_cpu = float("inf")
             for _ in range(args.repeat):
+                c = time.process_time()
                 t = time.perf_counter()
                 quantize_static(
                     args.model,
@@ -163,22 +171,28 @@ def compare(args, model, out):
                     calibrate_method=ort_methods[m],
                 )
                 ort_wall = min(ort_wall, time.perf_counter() - t)
-                wall, _ = lithe(
+                ort_cpu = min(ort_cpu, time.process_time() - c)
+                wall, rep = lithe(
                     args, args.model, g,
                     ["--activations", lithe_methods[m], "--weight-bits", str(wbits)],
                     calib=calib,
                 )
                 lithe_wall = min(lithe_wall, wall)
+                lithe_cpu = min(lithe_cpu, rep["cpu_seconds"])
             ort_acc = accuracy(f, xt, yt)
             lithe_acc = accuracy(g, xt, yt)
-            for who, acc, wall in (("ORT", ort_acc, ort_wall), ("lithe", lithe_acc, lithe_wall)):
-                print(f"{who:<10} {m:<12} {'s' + str(wbits):<8} {acc * 100:>10.2f}% {wall:>8.2f}")
+            for who, acc, wall, cpu in (("ORT", ort_acc, ort_wall, ort_cpu),
+                                        ("lithe", lithe_acc, lithe_wall, lithe_cpu)):
+                print(f"{who:<10} {m:<12} {'s' + str(wbits):<8} {acc * 100:>10.2f}% {wall:>8.3f}"
+                      f" {cpu:>8.3f}")
             results["rows"].append(
                 dict(method=m, weight_bits=wbits, ort_top1=ort_acc, ort_seconds=ort_wall,
                      lithe_top1=lithe_acc, lithe_seconds=lithe_wall,
-                     time_ratio=lithe_wall / ort_wall))
+                     time_ratio=lithe_wall / ort_wall, ort_cpu_seconds=ort_cpu,
+                     lithe_cpu_seconds=lithe_cpu, cpu_ratio=lithe_cpu / ort_cpu))
     for r in results["rows"]:
-        print(f"lithe / ORT wall time, {r['method']:<10} s{r['weight_bits']}: {r['time_ratio']:.3f}")
+        print(f"lithe / ORT, {r['method']:<10} s{r['weight_bits']}: wall {r['time_ratio']:.3f},"
+              f" CPU {r['cpu_ratio']:.3f}")
     fwd = forward_seconds(args.model, xc, name)
     results["ort_f32_forward_seconds"] = fwd
     print(f"ORT f32 forward pass over the 1000 calibration images: {fwd:.3f} s "

@@ -364,3 +364,88 @@ fn bad_input_is_a_clear_error_or_safe() {
     };
     assert!(quiet(&model, &zeros, &c).is_err());
 }
+
+/// MNIST train with one sample turned to NaN: a calibration error in a later batch.
+struct Poisoned {
+    inner: Box<dyn BatchSource>,
+    bad: usize,
+}
+
+impl BatchSource for Poisoned {
+    fn name(&self) -> &str {
+        "poisoned"
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn sample_shape(&self) -> Option<Vec<usize>> {
+        self.inner.sample_shape()
+    }
+    fn preprocess(&self) -> Option<&Preprocess> {
+        self.inner.preprocess()
+    }
+    fn batch(&self, start: usize, count: usize) -> lithe::Result<(Tensor, Vec<i64>)> {
+        let (x, y) = self.inner.batch(start, count)?;
+        if !(start..start + count).contains(&self.bad) {
+            return Ok((x, y));
+        }
+        let mut v = x.as_f32()?.to_vec();
+        v[(self.bad - start) * 784 + 5] = f32::NAN;
+        Ok((Tensor::from_f32(x.shape().to_vec(), v)?, y))
+    }
+}
+
+#[test]
+fn calibration_is_the_same_on_any_number_of_threads() {
+    // Batches run on several threads at once but reach each observer in order, so every
+    // method gives the same model bit for bit (4 batches, the last one short).
+    let dir = tmp_dir("threads");
+    let calib = open_dataset("mnist", Split::Train, None).expect("MNIST train");
+    for activations in [
+        ActivationCalib::MinMax,
+        ActivationCalib::Entropy,
+        ActivationCalib::Percentile(99.99),
+    ] {
+        let mut files: Vec<Vec<u8>> = Vec::new();
+        for threads in [1, 2, 3] {
+            let config = QuantizeConfig {
+                activations,
+                threads,
+                calib_limit: Some(350),
+                measure_activation_sqnr: threads == 2,
+                ..QuantizeConfig::default()
+            };
+            let (mut q, report) =
+                quantize(&mnist_model(), Some(calib.as_ref()), &config, &mut |_| {})
+                    .expect("quantize");
+            assert_eq!(report.calibration_samples, 350);
+            // The recorded settings name the thread count; everything else must match.
+            q.set_metadata(lithe::passes::quantize::METADATA_KEY, String::new());
+            let path = dir.join(format!("t{threads}.onnx"));
+            lithe::onnx::save_model(&q, &path, &Default::default()).expect("save");
+            files.push(std::fs::read(&path).expect("read"));
+        }
+        assert!(
+            files[1] == files[0] && files[2] == files[0],
+            "{activations:?}"
+        );
+    }
+    // An error in a later batch stops every thread and is reported.
+    let poisoned = Poisoned {
+        inner: open_dataset("mnist", Split::Train, None).expect("MNIST train"),
+        bad: 250,
+    };
+    let config = QuantizeConfig {
+        threads: 2,
+        calib_limit: Some(600),
+        measure_activation_sqnr: false,
+        ..QuantizeConfig::default()
+    };
+    let err = quantize(&mnist_model(), Some(&poisoned), &config, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sample 250") && err.contains("non-finite"),
+        "{err}"
+    );
+}

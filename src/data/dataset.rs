@@ -13,10 +13,11 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use crate::data::idx::{read_idx_images, read_idx_labels};
+use crate::data::idx::{read_idx_labels, IdxImageStream};
 use crate::data::image::{read_image, Image};
 use crate::data::npz::NpzArchive;
 use crate::data::preprocess::{Channels, Preprocess};
@@ -224,16 +225,34 @@ pub fn find_dataset_dir(set: &str, split: Split) -> Result<PathBuf> {
     )))
 }
 
-/// An IDX image set (MNIST layout) held as raw u8 and preprocessed per batch.
+/// An IDX image set (MNIST layout), decoded on demand and preprocessed per batch.
+///
+/// Pixels are read front to back as batches ask for them, so a pass over the first N images
+/// (a calibration set) decompresses only those and holds one batch at a time. A request
+/// behind the reader restarts it from the top; after a few restarts (shuffled access, as in
+/// training) the whole file is decoded once and kept.
 pub struct IdxDataset {
     name: String,
-    images: Vec<u8>,
     count: usize,
     rows: usize,
     cols: usize,
     labels: Vec<i64>,
     preprocess: Preprocess,
+    images_path: PathBuf,
+    pixels: Mutex<Pixels>,
 }
+
+/// Where [`IdxDataset`]'s pixels come from.
+struct Pixels {
+    /// Every image, once access stopped being a forward pass.
+    all: Option<Vec<u8>>,
+    stream: Option<IdxImageStream>,
+    restarts: usize,
+}
+
+/// Restarts of the forward reader before [`IdxDataset`] decodes the whole file instead (two
+/// sequential passes, such as accuracy before and after quantization, need one).
+const IDX_RESTARTS: usize = 2;
 
 impl IdxDataset {
     /// MNIST, normalised as (x/255 - 0.1307)/0.3081 unless `preprocess` says otherwise.
@@ -264,7 +283,8 @@ impl IdxDataset {
         Self::open(&images, &labels, &format!("{set} ({split})"), pre)
     }
 
-    /// Any pair of IDX image ([N, rows, cols] u8) and label files.
+    /// Any pair of IDX image ([N, rows, cols] u8) and label files. The labels are read now,
+    /// the images' header too; their pixels as batches ask for them.
     pub fn open(
         images: &Path,
         labels: &Path,
@@ -272,10 +292,10 @@ impl IdxDataset {
         preprocess: Preprocess,
     ) -> Result<IdxDataset> {
         preprocess.validate()?;
-        let imgs = read_idx_images(images)?;
+        let stream = IdxImageStream::open(images)?;
         let labels_v = read_idx_labels(labels)?;
-        let (shape, data) = imgs.into_parts();
-        let (count, rows, cols) = (shape[0], shape[1], shape[2]);
+        let count = stream.len();
+        let (rows, cols) = stream.dims();
         if labels_v.len() != count {
             return Err(Error::Data(format!(
                 "{}: {} labels for {count} images in {}",
@@ -284,28 +304,69 @@ impl IdxDataset {
                 images.display()
             )));
         }
-        let TensorData::U8(images) = data else {
-            return Err(Error::Data(format!("{name}: images are not u8")));
-        };
         Ok(IdxDataset {
             name: name.to_string(),
-            images,
             count,
             rows,
             cols,
             labels: labels_v,
             preprocess,
+            images_path: images.to_path_buf(),
+            pixels: Mutex::new(Pixels {
+                all: None,
+                stream: Some(stream),
+                restarts: 0,
+            }),
         })
     }
 
     /// The raw u8 images [N, rows, cols] of samples `start .. start + count`.
     pub fn raw_images(&self, start: usize, count: usize) -> Result<Tensor> {
         let (s, e) = clamp_range(start, count, self.count, &self.name)?;
-        let px = self.rows * self.cols;
         Tensor::new(
             vec![e - s, self.rows, self.cols],
-            TensorData::U8(self.images[s * px..e * px].to_vec()),
+            TensorData::U8(self.pixels(s, e)?),
         )
+    }
+
+    /// Pixels of images `s .. e` (in range).
+    fn pixels(&self, s: usize, e: usize) -> Result<Vec<u8>> {
+        let px = self.rows * self.cols;
+        let mut p = self
+            .pixels
+            .lock()
+            .map_err(|_| Error::Data(format!("{}: image reader poisoned", self.name)))?;
+        if let Some(all) = &p.all {
+            return Ok(all[s * px..e * px].to_vec());
+        }
+        let behind = p.stream.as_ref().is_none_or(|st| st.position() > s);
+        if behind {
+            p.stream = None;
+            if p.restarts >= IDX_RESTARTS {
+                let all = IdxImageStream::open(&self.images_path)?.read(0, self.count)?;
+                let out = all[s * px..e * px].to_vec();
+                p.all = Some(all);
+                return Ok(out);
+            }
+            p.restarts += 1;
+            let fresh = IdxImageStream::open(&self.images_path)?;
+            if fresh.len() != self.count || fresh.dims() != (self.rows, self.cols) {
+                return Err(Error::Data(format!(
+                    "{}: the file changed while it was being read",
+                    self.images_path.display()
+                )));
+            }
+            p.stream = Some(fresh);
+        }
+        let Some(stream) = p.stream.as_mut() else {
+            return Err(Error::Data(format!("{}: no image reader", self.name)));
+        };
+        let out = stream.read(s, e);
+        if out.is_err() {
+            // A failed read leaves the reader somewhere in the middle: start over next time.
+            p.stream = None;
+        }
+        out
     }
 
     pub fn labels(&self) -> &[i64] {
@@ -800,6 +861,74 @@ mod tests {
         let ds = open_dataset("MNIST", Split::Test, Some(&raw)).unwrap();
         let (x, _) = ds.batch(0, 1).unwrap();
         assert_eq!(x.as_f32().unwrap()[7 * 28 + 7], 185.0);
+    }
+
+    /// A gzipped IDX set of `n` 2x3 images whose pixels are their index, with labels.
+    fn small_idx_set(dir: &TempDir, n: usize, truncate: usize) -> (PathBuf, PathBuf) {
+        use std::io::Write;
+        let mut img = vec![0, 0, 8, 3];
+        for d in [n as u32, 2, 3] {
+            img.extend_from_slice(&d.to_be_bytes());
+        }
+        for i in 0..n {
+            img.extend_from_slice(&[i as u8; 6]);
+        }
+        img.truncate(img.len() - truncate);
+        let mut lab = vec![0, 0, 8, 1];
+        lab.extend_from_slice(&(n as u32).to_be_bytes());
+        lab.extend((0..n).map(|i| (i % 10) as u8));
+        let gz = |b: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(b).unwrap();
+            e.finish().unwrap()
+        };
+        let (pi, pl) = (dir.path("img.idx.gz"), dir.path("lab.idx.gz"));
+        std::fs::write(&pi, gz(&img)).unwrap();
+        std::fs::write(&pl, gz(&lab)).unwrap();
+        (pi, pl)
+    }
+
+    #[test]
+    fn idx_images_stream_forward_restart_and_fall_back_to_decoding_all() {
+        let dir = TempDir::new("ds");
+        let (pi, pl) = small_idx_set(&dir, 50, 0);
+        let pre = Preprocess::parse("gray,scale=255").unwrap();
+        let ds = IdxDataset::open(&pi, &pl, "small", pre).unwrap();
+        let first = |start: usize, count: usize| {
+            let (x, y) = ds.batch(start, count).unwrap();
+            let v = x.as_f32().unwrap();
+            (
+                v.chunks(6)
+                    .map(|c| c[0].round() as usize)
+                    .collect::<Vec<_>>(),
+                y,
+            )
+        };
+        // Forward, with a gap.
+        assert_eq!(first(0, 3).0, vec![0, 1, 2]);
+        assert_eq!(first(10, 2), (vec![10, 11], vec![0, 1]));
+        // Behind the reader: restarts (twice), then decodes everything once.
+        for round in 0..4 {
+            assert_eq!(first(1, 2).0, vec![1, 2], "round {round}");
+            assert_eq!(first(48, 5).0, vec![48, 49]);
+        }
+        assert!(ds.pixels.lock().unwrap().all.is_some());
+        assert_eq!(ds.raw_images(0, 50).unwrap().shape(), &[50, 2, 3]);
+    }
+
+    #[test]
+    fn truncated_idx_images_fail_at_the_batch_that_reaches_the_end() {
+        let dir = TempDir::new("ds");
+        let (pi, pl) = small_idx_set(&dir, 20, 4);
+        let ds = IdxDataset::open(&pi, &pl, "small", Preprocess::parse("gray").unwrap()).unwrap();
+        assert!(ds.batch(0, 19).is_ok());
+        let err = ds.batch(19, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("img.idx.gz") && err.contains("truncated"),
+            "{err}"
+        );
+        // Reading again from the top works (the reader restarts).
+        assert!(ds.batch(0, 5).is_ok());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use flate2::read::GzDecoder;
 
@@ -14,21 +14,34 @@ use crate::ir::{checked_numel, Tensor, TensorData};
 
 const MAX_RANK: usize = 8;
 
-/// Reads any IDX file into a tensor of its element type (u8, i8, i16, i32, f32 or f64).
-pub fn read_idx(path: impl AsRef<Path>) -> Result<Tensor> {
-    let path = path.as_ref();
-    let err = |msg: String| Error::Data(format!("{}: {msg}", path.display()));
-    let io = |e: std::io::Error| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            err("file is truncated".into())
-        } else {
-            Error::io(path, e)
-        }
-    };
+/// An opened IDX file: a reader positioned at the data, its element type code and shape.
+struct Opened {
+    reader: Box<dyn Read + Send>,
+    elem_size: usize,
+    code: u8,
+    shape: Vec<usize>,
+}
+
+fn data_error(path: &Path, msg: String) -> Error {
+    Error::Data(format!("{}: {msg}", path.display()))
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        data_error(path, "file is truncated".into())
+    } else {
+        Error::io(path, e)
+    }
+}
+
+/// Opens `path` (raw or gzipped) and reads the header.
+fn open_idx(path: &Path) -> Result<Opened> {
+    let err = |msg: String| data_error(path, msg);
+    let io = |e: std::io::Error| io_error(path, e);
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut buffered = BufReader::new(file);
     let gzipped = buffered.fill_buf().map_err(io)?.starts_with(&[0x1f, 0x8b]);
-    let mut r: Box<dyn Read> = if gzipped {
+    let mut r: Box<dyn Read + Send> = if gzipped {
         Box::new(GzDecoder::new(buffered))
     } else {
         Box::new(buffered)
@@ -56,6 +69,25 @@ pub fn read_idx(path: impl AsRef<Path>) -> Result<Tensor> {
         r.read_exact(&mut d).map_err(io)?;
         shape.push(u32::from_be_bytes(d) as usize);
     }
+    Ok(Opened {
+        reader: r,
+        elem_size,
+        code,
+        shape,
+    })
+}
+
+/// Reads any IDX file into a tensor of its element type (u8, i8, i16, i32, f32 or f64).
+pub fn read_idx(path: impl AsRef<Path>) -> Result<Tensor> {
+    let path = path.as_ref();
+    let err = |msg: String| data_error(path, msg);
+    let io = |e: std::io::Error| io_error(path, e);
+    let Opened {
+        reader: mut r,
+        elem_size,
+        code,
+        shape,
+    } = open_idx(path)?;
     let numel = checked_numel(&shape, elem_size).map_err(|e| err(e.to_string()))?;
     // Read in chunks so a header that lies about the size fails at EOF, not in the allocator.
     let nbytes = numel * elem_size;
@@ -110,6 +142,124 @@ pub fn read_idx_images(path: impl AsRef<Path>) -> Result<Tensor> {
         )));
     }
     Ok(t)
+}
+
+/// An IDX u8 image file ([N, rows, cols]) read front to back, some images at a time: a pass
+/// over the first images of a gzipped set decompresses (and holds) only those.
+pub struct IdxImageStream {
+    path: PathBuf,
+    reader: Box<dyn Read + Send>,
+    count: usize,
+    rows: usize,
+    cols: usize,
+    /// Index of the next image the reader is at.
+    next: usize,
+}
+
+impl IdxImageStream {
+    /// Opens `path` and checks its header.
+    pub fn open(path: impl AsRef<Path>) -> Result<IdxImageStream> {
+        let path = path.as_ref();
+        let o = open_idx(path)?;
+        let [count, rows, cols] = o.shape[..] else {
+            return Err(not_images(path, o.code, &o.shape));
+        };
+        if o.code != 0x08 {
+            return Err(not_images(path, o.code, &o.shape));
+        }
+        checked_numel(&o.shape, 1).map_err(|e| data_error(path, e.to_string()))?;
+        Ok(IdxImageStream {
+            path: path.to_path_buf(),
+            reader: o.reader,
+            count,
+            rows,
+            cols,
+            next: 0,
+        })
+    }
+
+    /// Images in the file.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Rows and columns of each image.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Index of the next image [`IdxImageStream::read`] can return without reopening.
+    pub fn position(&self) -> usize {
+        self.next
+    }
+
+    /// Pixels of images `start .. end` (`start` at or after [`IdxImageStream::position`],
+    /// `end` at most the image count); the images before `start` are skipped.
+    pub fn read(&mut self, start: usize, end: usize) -> Result<Vec<u8>> {
+        if start < self.next || start > end || end > self.count {
+            return Err(data_error(
+                &self.path,
+                format!(
+                    "cannot read images {start}..{end} at image {} of {}",
+                    self.next, self.count
+                ),
+            ));
+        }
+        let px = self.rows * self.cols;
+        let skip = ((start - self.next) * px) as u64;
+        let copied = std::io::copy(&mut self.reader.by_ref().take(skip), &mut std::io::sink())
+            .map_err(|e| io_error(&self.path, e))?;
+        if copied != skip {
+            return Err(self.truncated());
+        }
+        // Grown as data arrives, so a header that lies about the size fails at EOF, not in
+        // the allocator.
+        let want = (end - start) * px;
+        let mut out = Vec::with_capacity(want.min(64 << 20));
+        let got = self
+            .reader
+            .by_ref()
+            .take(want as u64)
+            .read_to_end(&mut out)
+            .map_err(|e| io_error(&self.path, e))?;
+        if got != want {
+            return Err(self.truncated());
+        }
+        self.next = end;
+        Ok(out)
+    }
+
+    fn truncated(&self) -> Error {
+        data_error(
+            &self.path,
+            format!(
+                "data is truncated: shape [{}, {}, {}] needs {} bytes",
+                self.count,
+                self.rows,
+                self.cols,
+                self.count * self.rows * self.cols
+            ),
+        )
+    }
+}
+
+fn not_images(path: &Path, code: u8, shape: &[usize]) -> Error {
+    let dtype = match code {
+        0x08 => "u8",
+        0x09 => "i8",
+        0x0b => "i16",
+        0x0c => "i32",
+        0x0d => "f32",
+        _ => "f64",
+    };
+    data_error(
+        path,
+        format!("expected u8 images of shape [N, rows, cols], found {dtype} {shape:?}"),
+    )
 }
 
 /// Reads an IDX label file: u8 of shape [N], widened to i64.

@@ -169,11 +169,11 @@ fn quantize_impl(
     let calib_started = Instant::now();
     let mut calib_seconds = 0.0;
     let plan = if quantize_acts {
-        let session = calibrate::observing_session(&simple, config.threads)?;
+        let calibrated = plan.calibrated();
         let (ranges, n) = match fixed_ranges {
             Some(given) => {
                 let mut ranges = BTreeMap::new();
-                for name in plan.calibrated() {
+                for name in calibrated {
                     let r = given.get(&name).copied().ok_or_else(|| Error::Tensor {
                         name: name.clone(),
                         msg: "no activation range was given for this tensor".into(),
@@ -182,13 +182,10 @@ fn quantize_impl(
                 }
                 (ranges, 0)
             }
-            None => calibrate::calibrate_with_config(
-                &session,
-                calib,
-                &plan.calibrated(),
-                config,
-                progress,
-            )?,
+            None => {
+                let obs = calibrate::Observing::new(&simple, &calibrated, config.threads)?;
+                calibrate::calibrate_with_config(&obs, calib, &calibrated, config, progress)?
+            }
         };
         samples = n;
         calib_seconds = calib_started.elapsed().as_secs_f64();
@@ -206,8 +203,10 @@ fn quantize_impl(
         if let (true, Some(source)) = (config.measure_activation_sqnr, calib) {
             let params: BTreeMap<String, QParams> =
                 acts.iter().map(|(k, v)| (k.clone(), v.params)).collect();
+            let names: Vec<String> = params.keys().cloned().collect();
+            let obs = calibrate::Observing::new(&simple, &names, config.threads)?;
             act_sqnr = calibrate::activation_sqnr(
-                &session,
+                &obs,
                 source,
                 &params,
                 config.calib_limit,

@@ -113,8 +113,9 @@ pub fn quantize_aware_training(
     let quantize_acts = config.activations != ActivationCalib::None;
     let calib_started = std::time::Instant::now();
     let (calibrated, samples) = if quantize_acts {
-        let session = calibrate::observing_session(&simple, config.threads)?;
-        calibrate::calibrate_with_config(&session, calib, &plan.calibrated(), config, &mut |p| {
+        let names = plan.calibrated();
+        let obs = calibrate::Observing::new(&simple, &names, config.threads)?;
+        calibrate::calibrate_with_config(&obs, calib, &names, config, &mut |p| {
             progress(QatEvent::Calibrate(p))
         })?
     } else {
