@@ -7,6 +7,29 @@
 
 use super::activation::Activation;
 
+/// False when the environment variable `LITHE_MAX_ISA` is `avx2`: the
+/// AVX-512 kernels (VNNI integer products, VBMI byte permutes, 16-lane quantization) then stay
+/// unused, to measure or reproduce what a CPU without them runs. Read once.
+pub fn avx512_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var("LITHE_MAX_ISA").as_deref() != Ok("avx2"))
+}
+
+/// True when AVX-512 F, VL and BW are available and allowed ([`avx512_allowed`]).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512_allowed()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// True when AVX2 and FMA are available on this CPU (checked at run time; the crate is not
 /// compiled with `target-cpu=native`).
 #[inline]

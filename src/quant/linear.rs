@@ -313,7 +313,7 @@ impl QParams {
         check_store::<T>(self)?;
         let (lo, hi) = code_bounds(self.qmin, self.qmax, self.zero_point);
         #[cfg(target_arch = "x86_64")]
-        if std::mem::size_of::<T>() == 1 && std::is_x86_feature_detected!("avx512f") {
+        if std::mem::size_of::<T>() == 1 && crate::kernels::simd::has_avx512() {
             // SAFETY: AVX-512 F was detected just above; `T` is one byte, so `out` covers
             // `x.len()` bytes (lengths checked above).
             unsafe {

@@ -617,9 +617,56 @@ fn requant_exact_f32<T: WxElem>(
             return;
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::kernels::simd::has_avx2_fma() {
+            // SAFETY: AVX2 was detected just above.
+            unsafe { requant_exact_f32_avx2(acc, bias, scale, zp, (lo, hi), out) };
+            return;
+        }
+    }
     for (d, &a) in out.iter_mut().zip(acc) {
         let v = (a as i32).wrapping_add(bias) as f32 * scale;
         *d = T::from_i32(round_to_code(v, lo, hi).wrapping_add(zp));
+    }
+}
+
+/// [`requant_exact_f32`] eight values at a time with AVX2 (same steps as the AVX-512 form).
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn requant_exact_f32_avx2<T: WxElem>(
+    acc: &[f32],
+    bias: i32,
+    scale: f32,
+    zp: i32,
+    (lo, hi): (f32, f32),
+    out: &mut [T],
+) {
+    use std::arch::x86_64::*;
+    let (b, s) = (_mm256_set1_epi32(bias), _mm256_set1_ps(scale));
+    let (l, u, z) = (
+        _mm256_set1_ps(lo),
+        _mm256_set1_ps(hi),
+        _mm256_set1_epi32(zp),
+    );
+    let mut codes = [0i32; 8];
+    for (src, dst) in acc.chunks(8).zip(out.chunks_mut(8)) {
+        let mut a = [0f32; 8];
+        a[..src.len()].copy_from_slice(src);
+        // SAFETY: loads and stores the 8-element local arrays.
+        unsafe {
+            let v = _mm256_add_epi32(_mm256_cvttps_epi32(_mm256_loadu_ps(a.as_ptr())), b);
+            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), s);
+            let f = _mm256_min_ps(_mm256_max_ps(f, l), u);
+            let q = _mm256_add_epi32(_mm256_cvtps_epi32(f), z);
+            _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, q);
+        }
+        for (d, &c) in dst.iter_mut().zip(&codes) {
+            *d = T::from_i32(c);
+        }
     }
 }
 
@@ -804,6 +851,29 @@ mod tests {
                     }
                 });
             }
+        }
+    }
+    /// Every vector form of the exact-f32 requantization against the scalar rule.
+    #[test]
+    fn exact_f32_requantization_forms_agree() {
+        let mut rng = Rng::new(17);
+        let acc: Vec<f32> = (0..77)
+            .map(|_| rng.range_i32(-16_000_000, 16_000_000) as f32)
+            .collect();
+        let (lo, hi) = code_bounds(0, 255, 100);
+        let want: Vec<u8> = acc
+            .iter()
+            .map(|&a| (round_to_code((a as i32 + 5) as f32 * 1.3e-5, lo, hi) + 100) as u8)
+            .collect();
+        let mut got = vec![0u8; acc.len()];
+        requant_exact_f32(&acc, 5, 1.3e-5, 100, (lo, hi), &mut got);
+        assert_eq!(got, want);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            let mut got = vec![0u8; acc.len()];
+            // SAFETY: AVX2 was detected just above.
+            unsafe { requant_exact_f32_avx2(&acc, 5, 1.3e-5, 100, (lo, hi), &mut got) };
+            assert_eq!(got, want);
         }
     }
 }

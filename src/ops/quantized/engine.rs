@@ -137,13 +137,15 @@ impl IntConv {
                 Some(d) => Some(Fast::Depthwise(d)),
                 None => DepthwiseF32::new(&geom, w, w_zp, &stage)?.map(Fast::DepthwiseF32),
             },
-            (true, false) if qgemm::vnni_available() => Some(Fast::Gemm(WxConv::new(
-                &geom,
-                w,
-                w_zp,
-                &stage,
-                qgemm::Backend::Auto,
-            )?)),
+            (true, false) if qgemm::vnni_available() || crate::kernels::simd::has_avx2_fma() => {
+                Some(Fast::Gemm(WxConv::new(
+                    &geom,
+                    w,
+                    w_zp,
+                    &stage,
+                    qgemm::Backend::Auto,
+                )?))
+            }
             (true, false) => None,
         };
         // Depthwise convolution runs directly: its GEMM would have a single column.

@@ -215,7 +215,7 @@ fn bytes_mut<C: Code>(v: &mut [C]) -> &mut [u8] {
 fn vbmi_lookup() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512vbmi") && std::is_x86_feature_detected!("avx512bw")
+        crate::kernels::simd::has_avx512() && std::is_x86_feature_detected!("avx512vbmi")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
