@@ -72,6 +72,8 @@ impl CompileCtx<'_> {
 #[derive(Default)]
 pub struct RunCtx {
     free_f32: Vec<Vec<f32>>,
+    /// Released u8 buffers (quantized activations), for kernels that write every element.
+    free_u8: Vec<Vec<u8>>,
 }
 
 impl RunCtx {
@@ -82,15 +84,7 @@ impl RunCtx {
     /// is left for a later large request (else that request would allocate and fault in
     /// fresh pages while a small value sits in the big buffer).
     fn take(&mut self, len: usize) -> Option<Vec<f32>> {
-        let most = len.saturating_mul(2).saturating_add(1 << 14);
-        let pos = self
-            .free_f32
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.capacity() >= len && b.capacity() <= most)
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i)?;
-        Some(self.free_f32.swap_remove(pos))
+        best_fit(&mut self.free_f32, len)
     }
 
     /// A zero-filled buffer of `len` floats, reusing a released buffer when one fits.
@@ -120,22 +114,52 @@ impl RunCtx {
         }
     }
 
+    /// A buffer of `len` bytes for a kernel that writes every element, reusing a released
+    /// one when it fits (contents unspecified, as [`RunCtx::alloc_f32_overwrite`]).
+    pub fn alloc_u8_overwrite(&mut self, len: usize) -> Vec<u8> {
+        match best_fit(&mut self.free_u8, len) {
+            Some(mut buf) => {
+                buf.truncate(len);
+                buf.resize(len, 0);
+                buf
+            }
+            None => vec![0; len],
+        }
+    }
+
     /// Returns a dead tensor's storage to the pool.
     pub fn release(&mut self, t: Tensor) {
-        let crate::ir::TensorData::F32(v) = t.into_data() else {
-            return;
-        };
-        if v.capacity() == 0 {
-            return;
+        match t.into_data() {
+            crate::ir::TensorData::F32(v) => keep(&mut self.free_f32, v, Self::POOL_LEN),
+            crate::ir::TensorData::U8(v) => keep(&mut self.free_u8, v, Self::POOL_LEN),
+            _ => {}
         }
-        // Bound the pool so a long graph of odd sizes cannot hoard memory. When full, keep
-        // the larger buffers: re-allocating those costs page faults on every run.
-        if self.free_f32.len() < Self::POOL_LEN {
-            self.free_f32.push(v);
-        } else if let Some(smallest) = self.free_f32.iter_mut().min_by_key(|b| b.capacity()) {
-            if smallest.capacity() < v.capacity() {
-                *smallest = v;
-            }
+    }
+}
+
+/// The pooled buffer that best fits `len` elements, if one fits well (see [`RunCtx::take`]).
+fn best_fit<T>(pool: &mut Vec<Vec<T>>, len: usize) -> Option<Vec<T>> {
+    let most = len.saturating_mul(2).saturating_add(1 << 14);
+    let pos = pool
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.capacity() >= len && b.capacity() <= most)
+        .min_by_key(|(_, b)| b.capacity())
+        .map(|(i, _)| i)?;
+    Some(pool.swap_remove(pos))
+}
+
+/// Pools `v`. The pool is bounded so a long graph of odd sizes cannot hoard memory; when full,
+/// the larger buffers stay, as re-allocating those costs page faults on every run.
+fn keep<T>(pool: &mut Vec<Vec<T>>, v: Vec<T>, limit: usize) {
+    if v.capacity() == 0 {
+        return;
+    }
+    if pool.len() < limit {
+        pool.push(v);
+    } else if let Some(smallest) = pool.iter_mut().min_by_key(|b| b.capacity()) {
+        if smallest.capacity() < v.capacity() {
+            *smallest = v;
         }
     }
 }

@@ -9,7 +9,7 @@ use super::window::ConvAttrs;
 use crate::error::Result;
 use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
 use crate::kernels::qgemm::float_scales;
-use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef};
+use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
 
 pub const QLINEAR_CONV: OpDef = OpDef {
     op_type: "QLinearConv",
@@ -233,7 +233,7 @@ fn prepare_integer(
 }
 
 impl Prepared {
-    fn run(&self, node: &Node, x: &Tensor) -> Result<Tensor> {
+    fn run(&self, node: &Node, x: &Tensor, ctx: &mut RunCtx) -> Result<Tensor> {
         let xs = x.shape();
         let (n, c, h, w) = match *xs {
             [n, c, l] => (n, c, 1, l),
@@ -286,7 +286,9 @@ impl Prepared {
         let data = (|| -> Result<TensorData> {
             Ok(match self.out_dtype {
                 DType::U8 => {
-                    let mut o = vec![0u8; len];
+                    // Every element is written (the engines' contract), so a pooled buffer
+                    // with stale contents saves zero-filling and faulting in fresh pages.
+                    let mut o = ctx.alloc_u8_overwrite(len);
                     cv.run(xu8, self.x_zp, dims, geom.pads, &mut o)?;
                     TensorData::U8(o)
                 }
@@ -336,8 +338,8 @@ fn compile_integer(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
 }
 
 impl prepared::Apply for Prepared {
-    fn apply(&self, node: &Node, x: &Tensor) -> Result<Tensor> {
-        self.run(node, x)
+    fn apply(&self, node: &Node, x: &Tensor, ctx: &mut RunCtx) -> Result<Tensor> {
+        self.run(node, x, ctx)
     }
 }
 

@@ -8,7 +8,7 @@ use super::prepared;
 use crate::error::Result;
 use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
 use crate::kernels::qgemm::{float_scales, PackedB};
-use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef};
+use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
 
 pub const QLINEAR_MATMUL: OpDef = OpDef {
     op_type: "QLinearMatMul",
@@ -268,7 +268,7 @@ fn compile_integer(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
 }
 
 impl prepared::Apply for Prepared {
-    fn apply(&self, node: &Node, a: &Tensor) -> Result<Tensor> {
+    fn apply(&self, node: &Node, a: &Tensor, _: &mut RunCtx) -> Result<Tensor> {
         self.run(node, a)
     }
 }

@@ -14,7 +14,7 @@ pub(super) type PrepareFn<P> = fn(&Node, DType, &[Option<&Tensor>]) -> Result<P>
 
 /// A prepared node applied to its data input.
 pub(super) trait Apply: Send + Sync + 'static {
-    fn apply(&self, node: &Node, x: &Tensor) -> Result<Tensor>;
+    fn apply(&self, node: &Node, x: &Tensor, ctx: &mut RunCtx) -> Result<Tensor>;
 }
 
 struct PreparedKernel<P> {
@@ -55,7 +55,7 @@ pub(super) fn compile<P: Apply>(
 }
 
 impl<P: Apply> Kernel for PreparedKernel<P> {
-    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let x = required(inputs, 0)?;
         let built;
         let p = match &self.prepared {
@@ -65,7 +65,7 @@ impl<P: Apply> Kernel for PreparedKernel<P> {
                 &built
             }
         };
-        Ok(vec![p.apply(&self.node, x)?])
+        Ok(vec![p.apply(&self.node, x, ctx)?])
     }
 }
 
@@ -79,7 +79,7 @@ mod tests {
     struct Identity;
 
     impl Apply for Identity {
-        fn apply(&self, _: &Node, x: &Tensor) -> Result<Tensor> {
+        fn apply(&self, _: &Node, x: &Tensor, _: &mut RunCtx) -> Result<Tensor> {
             Ok(x.clone())
         }
     }
