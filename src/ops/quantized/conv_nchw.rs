@@ -23,14 +23,14 @@ pub const MAX_EXACT_F32_TAPS: usize = (1 << 24) / (255 * 255);
 const _: () = assert!(MAX_EXACT_F32_TAPS * 255 * 255 <= 1 << 24);
 
 /// Per output channel: the scale, and the stage's zero point and code bounds.
-struct RowRequant {
-    scales: Vec<f32>,
-    zero_point: i32,
-    lo: f32,
-    hi: f32,
+pub(super) struct RowRequant {
+    pub scales: Vec<f32>,
+    pub zero_point: i32,
+    pub lo: f32,
+    pub hi: f32,
 }
 
-fn row_requant(stage: &OutputStage, c_out: usize) -> Option<RowRequant> {
+pub(super) fn row_requant(stage: &OutputStage, c_out: usize) -> Option<RowRequant> {
     match stage {
         OutputStage::Requant {
             scales,
@@ -53,7 +53,7 @@ fn row_requant(stage: &OutputStage, c_out: usize) -> Option<RowRequant> {
     }
 }
 
-fn stage_bias(stage: &OutputStage) -> Option<&[i32]> {
+pub(super) fn stage_bias(stage: &OutputStage) -> Option<&[i32]> {
     match stage {
         OutputStage::Requant { bias, .. } => bias.as_deref(),
         OutputStage::Int32 => None,

@@ -7,13 +7,12 @@
 
 use rayon::prelude::*;
 
-use super::conv_nchw::pad_plane;
+use super::conv_nchw::{pad_plane, row_requant, stage_bias, RowRequant};
 use super::engine::OutputStage;
 use crate::error::{Error, Result};
 use crate::kernels::conv::Conv2dGeom;
 use crate::kernels::qgemm::{ElemKind, WxElem};
 use crate::kernels::{par, scratch};
-use crate::quant::linear::code_bounds;
 
 /// Output pixels per vector.
 const LANES: usize = 8;
@@ -21,14 +20,6 @@ const LANES: usize = 8;
 const SPAN: usize = 32;
 /// Weight words (kernel rows x groups of four taps) kept in registers.
 const MAX_WORDS: usize = 24;
-
-/// Per output channel: scale, zero point and code bounds.
-struct Requant {
-    scales: Vec<f32>,
-    zero_point: i32,
-    lo: f32,
-    hi: f32,
-}
 
 pub struct DepthwiseVnni {
     geom: Conv2dGeom,
@@ -42,7 +33,7 @@ pub struct DepthwiseVnni {
     weights: Vec<i32>,
     weight_sums: Vec<i32>,
     bias: Vec<i32>,
-    requant: Option<Requant>,
+    requant: Option<RowRequant>,
 }
 
 /// Whether this CPU has the instructions [`DepthwiseVnni`] needs.
@@ -106,30 +97,8 @@ impl DepthwiseVnni {
             .chunks_exact(taps)
             .map(|c| c.iter().map(|&v| i32::from(v)).sum())
             .collect();
-        let (bias, requant) = match stage {
-            OutputStage::Requant {
-                scales,
-                zero_point,
-                qmin,
-                qmax,
-                bias,
-            } => {
-                let (lo, hi) = code_bounds(*qmin, *qmax, *zero_point);
-                let scales = (0..geom.c_out)
-                    .map(|c| scales[if scales.len() == 1 { 0 } else { c }])
-                    .collect();
-                (
-                    bias.clone().unwrap_or_else(|| vec![0; geom.c_out]),
-                    Some(Requant {
-                        scales,
-                        zero_point: *zero_point,
-                        lo,
-                        hi,
-                    }),
-                )
-            }
-            OutputStage::Int32 => (vec![0; geom.c_out], None),
-        };
+        let bias = stage_bias(stage).map_or_else(|| vec![0; geom.c_out], <[i32]>::to_vec);
+        let requant = row_requant(stage, geom.c_out);
         Some(DepthwiseVnni {
             geom: geom.clone(),
             quads,
