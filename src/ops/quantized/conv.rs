@@ -280,7 +280,23 @@ impl Prepared {
         } else {
             vec![n, geom.c_out, oh, ow]
         };
-        let len = n * geom.c_out * oh * ow;
+        // Pads and strides come from the file: a huge output is an error, not an abort. The
+        // phase planes of the fast engines are no larger than the padded input.
+        let len = crate::ir::checked_numel(&[n, geom.c_out, oh, ow], 4)
+            .map_err(|e| node_error(node, e.to_string()))?;
+        crate::ir::checked_numel(
+            &[
+                c,
+                h.saturating_add(geom.pads[0])
+                    .saturating_add(geom.pads[2])
+                    .saturating_add(geom.stride[0]),
+                w.saturating_add(geom.pads[1])
+                    .saturating_add(geom.pads[3])
+                    .saturating_add(geom.stride[1]),
+            ],
+            4,
+        )
+        .map_err(|e| node_error(node, e.to_string()))?;
         let cv = &self.conv;
         let dims = [n, h, w];
         let data = (|| -> Result<TensorData> {
@@ -601,6 +617,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out[0].data(), &TensorData::I32(vec![0, 3, 6, 9]));
+        // Pads from a malformed file that would need an enormous output: an error, not an abort.
+        let w = Tensor::new(vec![1, 1, 1, 1], TensorData::U8(vec![3])).unwrap();
+        let huge = 1i64 << 40;
+        let err = run(
+            "ConvInteger",
+            10,
+            &[("pads", Attr::Ints(vec![huge, huge, huge, huge]))],
+            vec![Some(x.clone()), Some(w), None, None],
+            1,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("test_node") && err.contains("too large"), "{err}");
         // A float input is a clear error naming the node.
         let xf = Tensor::from_f32(vec![1, 1, 2, 2], vec![0.0; 4]).unwrap();
         let w8 = Tensor::new(vec![1, 1, 1, 1], TensorData::I8(vec![3])).unwrap();
