@@ -629,7 +629,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("test_node") && err.contains("too large"), "{err}");
+        assert!(
+            err.contains("test_node") && err.contains("too large"),
+            "{err}"
+        );
         // A float input is a clear error naming the node.
         let xf = Tensor::from_f32(vec![1, 1, 2, 2], vec![0.0; 4]).unwrap();
         let w8 = Tensor::new(vec![1, 1, 1, 1], TensorData::I8(vec![3])).unwrap();

@@ -783,6 +783,12 @@ mod tests {
             geom(4, 8, 1, [3, 3], [2, 2], [2, 2], [1, 2, 0, 1]),
             geom(2, 8, 1, [5, 5], [3, 2], [1, 1], [2, 2, 2, 2]),
             geom(3, 16, 1, [3, 3], [2, 2], [1, 1], [0, 0, 1, 1]),
+            geom(3, 3, 3, [3, 11], [1, 1], [1, 1], [1, 5, 1, 5]),
+            geom(3, 3, 3, [3, 9], [1, 1], [1, 1], [1, 4, 1, 4]),
+            // Index 21 (no weight zero point): a row of 11 taps is three groups of four, more
+            // than the VNNI depthwise engine keeps in registers, so it must decline.
+            geom(3, 3, 3, [3, 11], [1, 1], [1, 1], [1, 5, 1, 5]),
+            geom(8, 8, 8, [5, 5], [1, 1], [1, 1], [2, 2, 2, 2]),
         ];
         // Each geometry on a large input (one GEMM per image) and on a small one, several
         // images at once (one GEMM over all images' pixels).

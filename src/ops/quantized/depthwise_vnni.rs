@@ -20,6 +20,8 @@ const LANES: usize = 8;
 const SPAN: usize = 32;
 /// Weight words (kernel rows x groups of four taps) kept in registers.
 const MAX_WORDS: usize = 24;
+/// Groups of four taps per kernel row (index vectors kept in registers).
+const MAX_QUADS: usize = 2;
 
 pub struct DepthwiseVnni {
     geom: Conv2dGeom,
@@ -62,6 +64,7 @@ impl DepthwiseVnni {
         if !available()
             || w_zp.iter().any(|&z| z != 0)
             || span > SPAN
+            || kw.div_ceil(4) > MAX_QUADS
             || kh * kw.div_ceil(4) > MAX_WORDS
         {
             return None;
@@ -188,12 +191,12 @@ impl DepthwiseVnni {
         let [sh, sw] = self.geom.stride;
         let dh = self.geom.dilation[0];
         let q = self.quads;
-        debug_assert!(q <= 2 && kh * q <= MAX_WORDS);
+        debug_assert!(q <= MAX_QUADS && kh * q <= MAX_WORDS);
         // SAFETY (whole body): loads read `SPAN` bytes from row `oy sh + ky dh` at column
         // `ox0 sw`, inside `padded` by the contract; stores are masked to `ow` columns of row
         // `oy` of `dst`.
         unsafe {
-            let mut idx = [_mm256_setzero_si256(); 2];
+            let mut idx = [_mm256_setzero_si256(); MAX_QUADS];
             for (d, i) in idx.iter_mut().zip(&self.index) {
                 *d = _mm256_loadu_si256(i.as_ptr() as *const __m256i);
             }
