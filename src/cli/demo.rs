@@ -94,15 +94,14 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     println!("== 3. latency ({} threads)", session.threads());
+    let mut f32_p50 = Vec::new();
     for batch in [1, 64] {
-        let feeds = synthetic_feeds(&session, batch, &[])?;
-        let refs: Vec<(&str, lithe::ir::Tensor)> =
-            feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let r = measure(&session, &refs, batch, args.seconds)?;
+        let r = latency(&session, batch, args.seconds)?;
         println!(
             "batch {batch:>3}: p50 {:.3} ms, p90 {:.3} ms, {:.0} images/s",
             r.p50_ms, r.p90_ms, r.items_per_second
         );
+        f32_p50.push(r.p50_ms);
     }
 
     println!(
@@ -136,10 +135,40 @@ pub fn run(args: Args) -> Result<()> {
         acc8.top1 * 100.0,
         acc8.samples
     );
+    // The same quantization as QLinearConv operators, run by the integer engine.
+    let qop_config = lithe::passes::quantize::QuantizeConfig {
+        format: lithe::passes::quantize::QuantFormat::QOperator,
+        ..config
+    };
+    let (qop, _) =
+        lithe::passes::quantize::quantize(&model, Some(calib.as_ref()), &qop_config, &mut |_| {})?;
+    let qop_session = session_for(&qop, args.threads)?;
+    println!("integer engine (the same quantization as QLinearConv, u8 x s8 -> i32):");
+    for (batch, f32_ms) in [1, 64].into_iter().zip(f32_p50) {
+        let r = latency(&qop_session, batch, args.seconds)?;
+        println!(
+            "batch {batch:>3}: p50 {:.3} ms ({:.2}x the f32 latency), {:.0} images/s",
+            r.p50_ms,
+            r.p50_ms / f32_ms,
+            r.items_per_second
+        );
+    }
     if args.train_epochs > 0 {
         train_step(&args)?;
     }
     Ok(())
+}
+
+/// Latency of `session` on synthetic inputs of `batch` samples.
+fn latency(
+    session: &lithe::runtime::Session,
+    batch: usize,
+    seconds: f64,
+) -> Result<super::bench::BenchResult> {
+    let feeds = synthetic_feeds(session, batch, &[])?;
+    let refs: Vec<(&str, lithe::ir::Tensor)> =
+        feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    measure(session, &refs, batch, seconds)
 }
 
 /// Trains the Deep Compression lenet5 from scratch on the 60,000 embedded training images,
