@@ -212,6 +212,12 @@ impl IntConv {
         })
     }
 
+    /// Whether an NCHW-direct engine (VNNI or AVX2 GEMM, VNNI or exact-f32 depthwise) runs
+    /// this convolution rather than the HWC im2col one.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
     /// Runs on `x` (`[n, C_in, h, w]` u8, zero point `x_zp`) into `out` (`[n, C_out, oh, ow]`)
     /// with padding `pads` (`[top, left, bottom, right]`, resolved per input size).
     pub fn run<T: QStore + WxElem>(

@@ -2,13 +2,15 @@
 //! per-tensor or per-column B parameters, A of any rank (leading dims are rows). B is packed
 //! once when constant.
 
-use super::engine::{matmul_rows, shift_i8_to_u8, shift_u8_to_i8, OutputStage};
+use super::engine::{matmul_rows, shift_i8_to_u8, shift_u8_to_i8, IntConv, OutputStage};
 use super::params::{dtype_range, present, read_qparams};
 use super::prepared;
 use crate::error::Result;
 use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
-use crate::kernels::qgemm::{float_scales, PackedB};
+use crate::kernels::conv::Conv2dGeom;
+use crate::kernels::qgemm::{float_scales, PackedB, WxElem};
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
+use crate::quant::QStore;
 
 pub const QLINEAR_MATMUL: OpDef = OpDef {
     op_type: "QLinearMatMul",
@@ -58,11 +60,77 @@ fn infer_integer(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
 }
 
 struct Prepared {
-    b: PackedB,
+    b: Product,
     a_zp: u8,
     a_signed: bool,
     stage: OutputStage,
     out_dtype: DType,
+}
+
+/// How the product runs.
+enum Product {
+    /// As a 1x1 convolution over `m` one-pixel images with `k` channels, which is exactly A's
+    /// row-major layout (and C's): the NCHW integer engines then batch all rows into one GEMM.
+    Conv { conv: IntConv, k: usize, n: usize },
+    /// The row-major GEMM (CPUs without AVX2).
+    Rows(PackedB),
+}
+
+impl Product {
+    fn k(&self) -> usize {
+        match self {
+            Product::Conv { k, .. } => *k,
+            Product::Rows(b) => b.k(),
+        }
+    }
+
+    fn n(&self) -> usize {
+        match self {
+            Product::Conv { n, .. } => *n,
+            Product::Rows(b) => b.n(),
+        }
+    }
+}
+
+/// B's values as i8 with its zero points (u8 ones shifted by 128, exactly).
+fn b_as_i8(node: &Node, b: &Tensor, zps: &[i32]) -> Result<(Vec<i8>, Vec<i32>)> {
+    match b.data() {
+        TensorData::I8(v) => Ok((v.clone(), zps.to_vec())),
+        TensorData::U8(v) => Ok((shift_u8_to_i8(v), zps.iter().map(|z| z - 128).collect())),
+        other => Err(node_error(
+            node,
+            format!("B must be u8 or i8, got {}", other.dtype()),
+        )),
+    }
+}
+
+/// Prefers the NCHW engine when this CPU has a fast path for it.
+fn prepare_product(node: &Node, b: &Tensor, zps: &[i32], stage: &OutputStage) -> Result<Product> {
+    let packed = pack_b(node, b, zps)?;
+    let (k, n) = (packed.k(), packed.n());
+    let (values, zps) = b_as_i8(node, b, zps)?;
+    let mut w_nk = vec![0i8; k * n];
+    for (kk, row) in values.chunks_exact(n).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            w_nk[j * k + kk] = v;
+        }
+    }
+    let geom = Conv2dGeom {
+        c_in: k,
+        c_out: n,
+        groups: 1,
+        kernel: [1, 1],
+        stride: [1, 1],
+        dilation: [1, 1],
+        pads: [0; 4],
+    };
+    let conv = IntConv::new(geom, &w_nk, &zps, stage.clone())
+        .map_err(|e| node_error(node, e.to_string()))?;
+    Ok(if conv.has_fast_path() {
+        Product::Conv { conv, k, n }
+    } else {
+        Product::Rows(packed)
+    })
 }
 
 fn pack_b(node: &Node, b: &Tensor, zps: &[i32]) -> Result<PackedB> {
@@ -122,11 +190,11 @@ fn prepare_qlinear(
             "A and the output must be quantized per tensor",
         ));
     }
-    let packed = pack_b(node, b, &bp.zero_points)?;
-    if !bp.is_per_tensor() && bp.scales.len() != packed.n() {
+    let n = b.shape().get(1).copied().unwrap_or(0);
+    if !bp.is_per_tensor() && bp.scales.len() != n {
         return Err(node_error(
             node,
-            format!("{} B scales for {} columns", bp.scales.len(), packed.n()),
+            format!("{} B scales for {n} columns", bp.scales.len()),
         ));
     }
     let (a_zp, a_signed) = a_zero_point(node, ap.zero_points[0], ap.dtype)?;
@@ -139,17 +207,18 @@ fn prepare_qlinear(
             ))
         }
     };
+    let stage = OutputStage::Requant {
+        scales: float_scales(ap.scales[0], &bp.scales, yp.scales[0]),
+        zero_point: yp.zero_points[0],
+        qmin,
+        qmax,
+        bias: None,
+    };
     Ok(Prepared {
-        b: packed,
+        b: prepare_product(node, b, &bp.zero_points, &stage)?,
         a_zp,
         a_signed,
-        stage: OutputStage::Requant {
-            scales: float_scales(ap.scales[0], &bp.scales, yp.scales[0]),
-            zero_point: yp.zero_points[0],
-            qmin,
-            qmax,
-            bias: None,
-        },
+        stage,
         out_dtype: yp.dtype,
     })
 }
@@ -175,10 +244,9 @@ fn prepare_integer(
         None => vec![0],
         Some(z) => z.to_i64_vec()?.into_iter().map(|v| v as i32).collect(),
     };
-    let packed = pack_b(node, b, &zb)?;
     let (a_zp, a_signed) = a_zero_point(node, za, a_dtype)?;
     Ok(Prepared {
-        b: packed,
+        b: prepare_product(node, b, &zb, &OutputStage::Int32)?,
         a_zp,
         a_signed,
         stage: OutputStage::Int32,
@@ -187,6 +255,14 @@ fn prepare_integer(
 }
 
 impl Prepared {
+    /// `out = A B` (requantized or i32) for `m` rows of A.
+    fn product<T: QStore + WxElem>(&self, a: &[u8], m: usize, out: &mut [T]) -> Result<()> {
+        match &self.b {
+            Product::Conv { conv, .. } => conv.run(a, self.a_zp, [m, 1, 1], [0; 4], out),
+            Product::Rows(b) => matmul_rows(a, m, self.a_zp, b, &self.stage, out),
+        }
+    }
+
     fn run(&self, node: &Node, a: &Tensor) -> Result<Tensor> {
         let shape = a.shape();
         let k = self.b.k();
@@ -222,17 +298,17 @@ impl Prepared {
         let data = match self.out_dtype {
             DType::U8 => {
                 let mut o = vec![0u8; len];
-                matmul_rows(au8, m, self.a_zp, &self.b, &self.stage, &mut o).map_err(err)?;
+                self.product(au8, m, &mut o).map_err(err)?;
                 TensorData::U8(o)
             }
             DType::I8 => {
                 let mut o = vec![0i8; len];
-                matmul_rows(au8, m, self.a_zp, &self.b, &self.stage, &mut o).map_err(err)?;
+                self.product(au8, m, &mut o).map_err(err)?;
                 TensorData::I8(o)
             }
             _ => {
                 let mut o = vec![0i32; len];
-                matmul_rows(au8, m, self.a_zp, &self.b, &self.stage, &mut o).map_err(err)?;
+                self.product(au8, m, &mut o).map_err(err)?;
                 TensorData::I32(o)
             }
         };
@@ -334,5 +410,49 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ints[0].shape(), &[m, n]);
+    }
+
+    /// Any number of rows (one: a matrix-vector product; a few; many), u8 B with per-column
+    /// zero points and an i8 A, exact against the definition.
+    #[test]
+    fn matmul_integer_is_exact_for_any_row_count() {
+        let (k, n) = (45, 21);
+        let mut state = 12345u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (state >> 16) as u8
+        };
+        let b: Vec<u8> = (0..k * n).map(|_| next()).collect();
+        let zb: Vec<u8> = (0..n).map(|_| next()).collect();
+        let za = -7i8;
+        for m in [1usize, 2, 3, 7, 65, 130] {
+            let a: Vec<i8> = (0..m * k).map(|_| next() as i8).collect();
+            let want: Vec<i32> = (0..m * n)
+                .map(|idx| {
+                    let (i, j) = (idx / n, idx % n);
+                    (0..k)
+                        .map(|t| {
+                            (i32::from(a[i * k + t]) - i32::from(za))
+                                * (i32::from(b[t * n + j]) - i32::from(zb[j]))
+                        })
+                        .sum()
+                })
+                .collect();
+            let t = |s: Vec<usize>, d: TensorData| Some(Tensor::new(s, d).unwrap());
+            let out = run(
+                "MatMulInteger",
+                13,
+                &[],
+                vec![
+                    t(vec![m, k], TensorData::I8(a)),
+                    t(vec![k, n], TensorData::U8(b.clone())),
+                    t(vec![], TensorData::I8(vec![za])),
+                    t(vec![n], TensorData::U8(zb.clone())),
+                ],
+                1,
+            )
+            .unwrap();
+            assert_eq!(out[0].data(), &TensorData::I32(want), "m = {m}");
+        }
     }
 }
