@@ -71,7 +71,11 @@ struct Prepared {
 enum Product {
     /// As a 1x1 convolution over `m` one-pixel images with `k` channels, which is exactly A's
     /// row-major layout (and C's): the NCHW integer engines then batch all rows into one GEMM.
-    Conv { conv: IntConv, k: usize, n: usize },
+    Conv {
+        conv: Box<IntConv>,
+        k: usize,
+        n: usize,
+    },
     /// The row-major GEMM (CPUs without AVX2).
     Rows(PackedB),
 }
@@ -127,7 +131,11 @@ fn prepare_product(node: &Node, b: &Tensor, zps: &[i32], stage: &OutputStage) ->
     let conv = IntConv::new(geom, &w_nk, &zps, stage.clone())
         .map_err(|e| node_error(node, e.to_string()))?;
     Ok(if conv.has_fast_path() {
-        Product::Conv { conv, k, n }
+        Product::Conv {
+            conv: Box::new(conv),
+            k,
+            n,
+        }
     } else {
         Product::Rows(packed)
     })
