@@ -2,8 +2,8 @@
 //! (depthwise included), strides, dilations, pads and `auto_pad`. Weights, scales, zero
 //! points and bias are prepared once when constant (the usual case), else on every run.
 
-use super::engine::{shift_i8_to_u8, shift_u8_to_i8, IntConv, OutputStage};
-use super::params::{dtype_range, present, read_qparams, QTensorParams};
+use super::engine::{shift_i8_to_u8, IntConv, OutputStage};
+use super::params::{dtype_range, present, read_qparams, weights_as_i8, QTensorParams};
 use super::prepared;
 use super::window::ConvAttrs;
 use crate::error::Result;
@@ -76,21 +76,6 @@ struct Prepared {
     out_dtype: DType,
 }
 
-/// Weight as i8 with its zero points, shifting u8 weights.
-fn weight_i8(node: &Node, w: &Tensor, p: &QTensorParams) -> Result<(Vec<i8>, Vec<i32>)> {
-    match w.data() {
-        TensorData::I8(v) => Ok((v.clone(), p.zero_points.clone())),
-        TensorData::U8(v) => Ok((
-            shift_u8_to_i8(v),
-            p.zero_points.iter().map(|z| z - 128).collect(),
-        )),
-        other => Err(node_error(
-            node,
-            format!("weight must be u8 or i8, got {}", other.dtype()),
-        )),
-    }
-}
-
 /// The input zero point as u8 (shifted for i8 inputs).
 fn input_zp(node: &Node, p: &QTensorParams) -> Result<(u8, bool)> {
     if !p.is_per_tensor() {
@@ -158,7 +143,7 @@ fn prepare_qlinear(
             ),
         ));
     }
-    let (wq, wzp) = weight_i8(node, w, &wp)?;
+    let (wq, wzp) = weights_as_i8(node, w, &wp.zero_points, "weight")?;
     let (zx, x_signed) = input_zp(node, &xp)?;
     let (qmin, qmax) = match yp.dtype {
         DType::U8 | DType::I8 => dtype_range(yp.dtype).unwrap_or((0, 255)),
@@ -218,7 +203,7 @@ fn prepare_integer(
     )?;
     let wp = read_qparams(node, &wscale, w_zp, w.dtype(), "w")?;
     let attrs = ConvAttrs::parse(node, w.shape())?;
-    let (wq, wzp) = weight_i8(node, w, &wp)?;
+    let (wq, wzp) = weights_as_i8(node, w, &wp.zero_points, "weight")?;
     let (zx, x_signed) = input_zp(node, &xp)?;
     let geom = geom_for(node, w, &attrs)?;
     let conv = IntConv::new(geom, &wq, &wzp, OutputStage::Int32)

@@ -2,8 +2,8 @@
 //! per-tensor or per-column B parameters, A of any rank (leading dims are rows). B is packed
 //! once when constant.
 
-use super::engine::{matmul_rows, shift_i8_to_u8, shift_u8_to_i8, IntConv, OutputStage};
-use super::params::{dtype_range, present, read_qparams};
+use super::engine::{matmul_rows, shift_i8_to_u8, IntConv, OutputStage};
+use super::params::{dtype_range, present, read_qparams, weights_as_i8};
 use super::prepared;
 use crate::error::Result;
 use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
@@ -96,23 +96,29 @@ impl Product {
     }
 }
 
-/// B's values as i8 with its zero points (u8 ones shifted by 128, exactly).
-fn b_as_i8(node: &Node, b: &Tensor, zps: &[i32]) -> Result<(Vec<i8>, Vec<i32>)> {
-    match b.data() {
-        TensorData::I8(v) => Ok((v.clone(), zps.to_vec())),
-        TensorData::U8(v) => Ok((shift_u8_to_i8(v), zps.iter().map(|z| z - 128).collect())),
-        other => Err(node_error(
-            node,
-            format!("B must be u8 or i8, got {}", other.dtype()),
-        )),
-    }
-}
-
-/// Prefers the NCHW engine when this CPU has a fast path for it.
+/// Prefers the NCHW engine when this CPU has a fast path for it; B is packed for one engine
+/// only.
 fn prepare_product(node: &Node, b: &Tensor, zps: &[i32], stage: &OutputStage) -> Result<Product> {
-    let packed = pack_b(node, b, zps)?;
-    let (k, n) = (packed.k(), packed.n());
-    let (values, zps) = b_as_i8(node, b, zps)?;
+    let &[k, n] = b.shape() else {
+        return Err(node_error(
+            node,
+            format!("B of shape {:?}: only a 2-D B is supported", b.shape()),
+        ));
+    };
+    if zps.len() != 1 && zps.len() != n {
+        return Err(node_error(
+            node,
+            format!("{} B zero points for {n} columns", zps.len()),
+        ));
+    }
+    let (values, zps) = weights_as_i8(node, b, zps, "B")?;
+    let err = |e: crate::error::Error| node_error(node, e.to_string());
+    if k == 0 || n == 0 {
+        // The packing's own check names the empty B.
+        return PackedB::from_kn(&values, k, n, &zps)
+            .map(Product::Rows)
+            .map_err(err);
+    }
     let mut w_nk = vec![0i8; k * n];
     for (kk, row) in values.chunks_exact(n).enumerate() {
         for (j, &v) in row.iter().enumerate() {
@@ -128,46 +134,17 @@ fn prepare_product(node: &Node, b: &Tensor, zps: &[i32], stage: &OutputStage) ->
         dilation: [1, 1],
         pads: [0; 4],
     };
-    let conv = IntConv::new(geom, &w_nk, &zps, stage.clone())
-        .map_err(|e| node_error(node, e.to_string()))?;
-    Ok(if conv.has_fast_path() {
-        Product::Conv {
+    let conv = IntConv::new(geom, &w_nk, &zps, stage.clone()).map_err(err)?;
+    if conv.has_fast_path() {
+        return Ok(Product::Conv {
             conv: Box::new(conv),
             k,
             n,
-        }
-    } else {
-        Product::Rows(packed)
-    })
-}
-
-fn pack_b(node: &Node, b: &Tensor, zps: &[i32]) -> Result<PackedB> {
-    let &[k, n] = b.shape() else {
-        return Err(node_error(
-            node,
-            format!("B of shape {:?}: only a 2-D B is supported", b.shape()),
-        ));
-    };
-    if zps.len() != 1 && zps.len() != n {
-        return Err(node_error(
-            node,
-            format!("{} B zero points for {n} columns", zps.len()),
-        ));
+        });
     }
-    let packed = match b.data() {
-        TensorData::I8(v) => PackedB::from_kn(v, k, n, zps),
-        TensorData::U8(v) => {
-            let z: Vec<i32> = zps.iter().map(|z| z - 128).collect();
-            PackedB::from_kn(&shift_u8_to_i8(v), k, n, &z)
-        }
-        other => {
-            return Err(node_error(
-                node,
-                format!("B must be u8 or i8, got {}", other.dtype()),
-            ))
-        }
-    };
-    packed.map_err(|e| node_error(node, e.to_string()))
+    PackedB::from_kn(&values, k, n, &zps)
+        .map(Product::Rows)
+        .map_err(err)
 }
 
 fn a_zero_point(node: &Node, zp: i32, dtype: DType) -> Result<(u8, bool)> {

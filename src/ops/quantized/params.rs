@@ -15,6 +15,27 @@ pub struct QTensorParams {
     pub dtype: DType,
 }
 
+/// A weight tensor's values as i8 with its zero points. u8 weights and their zero points are
+/// shifted by 128, which leaves every `w - zp` unchanged. `name` is how errors call it.
+pub(super) fn weights_as_i8(
+    node: &Node,
+    w: &Tensor,
+    zero_points: &[i32],
+    name: &str,
+) -> Result<(Vec<i8>, Vec<i32>)> {
+    match w.data() {
+        TensorData::I8(v) => Ok((v.clone(), zero_points.to_vec())),
+        TensorData::U8(v) => Ok((
+            super::engine::shift_u8_to_i8(v),
+            zero_points.iter().map(|z| z - 128).collect(),
+        )),
+        other => Err(node_error(
+            node,
+            format!("{name} must be u8 or i8, got {}", other.dtype()),
+        )),
+    }
+}
+
 /// Full code range of an integer storage type.
 pub fn dtype_range(dtype: DType) -> Option<(i32, i32)> {
     match dtype {
