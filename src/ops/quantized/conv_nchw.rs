@@ -148,13 +148,13 @@ impl WxConv {
                     tasks: split_rows,
                 };
                 match Lowering::of(g, [oh, ow]) {
-                    Lowering::Direct => job.run(planes, &Strided(h * w), h * w, dst)?,
+                    Lowering::Direct => job.run(planes, h * w, dst)?,
                     Lowering::Shifted => job.run_shifted(g, planes, [h, w], [oh, ow], x_zp, dst)?,
                     Lowering::Im2col => {
                         let k = packed.k();
                         scratch::with_u8(k * ohw, |cols| {
                             im2col_u8(g, planes, [h, w], [oh, ow], x_zp, cols, ohw);
-                            job.run(cols, &Strided(ohw), ohw, dst)
+                            job.run(cols, ohw, dst)
                         })?
                     }
                 }
@@ -233,7 +233,7 @@ impl WxConv {
                     stage: self.stage_for(grp, cout_g),
                     tasks: threads,
                 };
-                job.run(cols, &Strided(cols_n), cols_n, &mut y)
+                job.run(cols, cols_n, &mut y)
             })?;
             for (img, o) in out.chunks_exact_mut(g.c_out * ohw).enumerate() {
                 let o = &mut o[grp * cout_g * ohw..(grp + 1) * cout_g * ohw];
@@ -275,9 +275,6 @@ impl Lowering {
     }
 }
 
-/// Row `k` of the GEMM's right operand starts at `k * stride`.
-struct Strided(usize);
-
 /// One group's GEMM with its output stage.
 struct Gemm<'a> {
     backend: Backend,
@@ -289,10 +286,11 @@ struct Gemm<'a> {
 }
 
 impl Gemm<'_> {
-    fn run<T: WxElem>(&self, x: &[u8], rows: &Strided, n: usize, dst: &mut [T]) -> Result<()> {
+    /// The GEMM on `x` as a row-major `[K, n]` matrix.
+    fn run<T: WxElem>(&self, x: &[u8], n: usize, dst: &mut [T]) -> Result<()> {
         scratch::with_usize(self.packed.k(), |starts| {
             for (i, s) in starts.iter_mut().enumerate() {
-                *s = i * rows.0;
+                *s = i * n;
             }
             self.run_rows(x, starts, n, dst)
         })
@@ -414,7 +412,7 @@ fn shifted_extent(g: &Conv2dGeom, [oh, ow]: [usize; 2]) -> [usize; 2] {
 /// Phase `[a, b]` of `src` (`[h, w]`) padded by `top`, `left` with `zx`: `dst[r][c]` is padded
 /// pixel `(sh r + a, sw c + b)`, `hq x wq` of them.
 #[allow(clippy::too_many_arguments)]
-fn phase_plane(
+pub(super) fn phase_plane(
     src: &[u8],
     [h, w]: [usize; 2],
     [top, left]: [usize; 2],
@@ -436,6 +434,10 @@ fn phase_plane(
         let line = &src[y * w..(y + 1) * w];
         row[..lo].fill(zx);
         row[hi..].fill(zx);
+        if hi == lo {
+            // The image lies wholly in the padding of this phase's columns.
+            continue;
+        }
         let first = sw * lo + b - left;
         if sw == 1 {
             row[lo..hi].copy_from_slice(&line[first..first + hi - lo]);
@@ -705,30 +707,6 @@ unsafe fn requant_exact_f32_avx512<T: WxElem>(
             _mm256_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(i) as *mut i8, mask, q);
         }
         i += lanes;
-    }
-}
-
-/// `src` (`[h, w]`) into `dst` (`[hp, wp]`) at row `top`, column `left`, the rest `zx`.
-pub(super) fn pad_plane(
-    src: &[u8],
-    [h, w]: [usize; 2],
-    [top, left]: [usize; 2],
-    zx: u8,
-    [hp, wp]: [usize; 2],
-    dst: &mut [u8],
-) {
-    for (r, row) in dst.chunks_exact_mut(wp).take(hp).enumerate() {
-        let y = r.wrapping_sub(top);
-        if y >= h {
-            row.fill(zx);
-            continue;
-        }
-        let end = (left + w).min(wp);
-        row[..left.min(wp)].fill(zx);
-        row[end..].fill(zx);
-        if left < wp {
-            row[left..end].copy_from_slice(&src[y * w..y * w + end - left]);
-        }
     }
 }
 

@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::conv_nchw::{pad_plane, row_requant, stage_bias, RowRequant};
+use super::conv_nchw::{phase_plane, row_requant, stage_bias, RowRequant};
 use super::engine::OutputStage;
 use crate::error::{Error, Result};
 use crate::kernels::conv::Conv2dGeom;
@@ -150,7 +150,16 @@ impl DepthwiseVnni {
             let ch = i % c;
             let src = &x[i * h * w..(i + 1) * h * w];
             scratch::with_u8(hp * wp, |padded| {
-                pad_plane(src, [h, w], [pads[0], pads[1]], x_zp, [hp, wp], padded);
+                phase_plane(
+                    src,
+                    [h, w],
+                    [pads[0], pads[1]],
+                    [1, 1],
+                    [0, 0],
+                    x_zp,
+                    [hp, wp],
+                    padded,
+                );
                 let offset =
                     self.bias[ch].wrapping_sub(i32::from(x_zp).wrapping_mul(self.weight_sums[ch]));
                 #[cfg(target_arch = "x86_64")]
