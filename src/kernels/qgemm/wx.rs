@@ -91,11 +91,7 @@ impl PackedW {
         for (r, row) in w.chunks_exact(k).enumerate() {
             let panel = &mut data[(r / WX_MR) * quads * WX_MR..][..quads * WX_MR];
             for (q, four) in row.chunks(4).enumerate() {
-                let mut bytes = [0u8; 4];
-                for (b, &v) in bytes.iter_mut().zip(four) {
-                    *b = v as u8;
-                }
-                panel[q * WX_MR + r % WX_MR] = i32::from_le_bytes(bytes);
+                panel[q * WX_MR + r % WX_MR] = quad_word(four);
             }
         }
         let row_sums = w
@@ -152,6 +148,16 @@ impl PackedW {
     fn pair_panel(&self, p: usize) -> &[i32] {
         &self.pairs[p * self.quads * WX_MR * 2..(p + 1) * self.quads * WX_MR * 2]
     }
+}
+
+/// Up to four i8 weights (the rest zero) as the i32 whose bytes `vpdpbusd` multiplies, in
+/// order, with four u8 activations.
+pub fn quad_word(four: &[i8]) -> i32 {
+    let mut bytes = [0u8; 4];
+    for (b, &v) in bytes.iter_mut().zip(four) {
+        *b = v as u8;
+    }
+    i32::from_le_bytes(bytes)
 }
 
 /// The per-row constant `bias[m] + K zx zw[m] - zx rowsum(W)[m]` (wrapping, like the hardware).

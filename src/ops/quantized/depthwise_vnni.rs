@@ -11,7 +11,7 @@ use super::conv_nchw::{phase_plane, row_requant, stage_bias, RowRequant};
 use super::engine::OutputStage;
 use crate::error::{Error, Result};
 use crate::kernels::conv::Conv2dGeom;
-use crate::kernels::qgemm::{ElemKind, WxElem};
+use crate::kernels::qgemm::{quad_word, ElemKind, WxElem};
 use crate::kernels::{par, scratch};
 
 /// Output pixels per vector.
@@ -88,11 +88,7 @@ impl DepthwiseVnni {
         for ch in w.chunks_exact(taps) {
             for row in ch.chunks_exact(kw) {
                 for four in row.chunks(4) {
-                    let mut b = [0u8; 4];
-                    for (d, &v) in b.iter_mut().zip(four) {
-                        *d = v as u8;
-                    }
-                    weights.push(i32::from_le_bytes(b));
+                    weights.push(quad_word(four));
                 }
             }
         }
