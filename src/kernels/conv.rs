@@ -405,6 +405,7 @@ pub fn conv2d_reference(
 mod tests {
     use super::*;
     use crate::kernels::simd::portable_only;
+    use crate::kernels::testutil::conv_geom as geom;
     use crate::kernels::testutil::{assert_close, Rng};
 
     fn check(
@@ -437,26 +438,6 @@ mod tests {
         pool.install(|| portable_only(|| conv.run(&x, [n, h, w], &mut got)))
             .unwrap();
         assert_close(&got, &want, 1e-4, &format!("portable {g:?} {n}x{h}x{w}"));
-    }
-
-    fn geom(
-        c_in: usize,
-        c_out: usize,
-        groups: usize,
-        k: [usize; 2],
-        s: [usize; 2],
-        d: [usize; 2],
-        p: [usize; 4],
-    ) -> Conv2dGeom {
-        Conv2dGeom {
-            c_in,
-            c_out,
-            groups,
-            kernel: k,
-            stride: s,
-            dilation: d,
-            pads: p,
-        }
     }
 
     #[test]

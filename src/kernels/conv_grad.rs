@@ -807,27 +807,8 @@ pub fn conv2d_backward_data_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testutil::conv_geom as geom;
     use crate::kernels::testutil::{assert_close, Rng};
-
-    fn geom(
-        c_in: usize,
-        c_out: usize,
-        groups: usize,
-        kernel: [usize; 2],
-        stride: [usize; 2],
-        dilation: [usize; 2],
-        pads: [usize; 4],
-    ) -> Conv2dGeom {
-        Conv2dGeom {
-            c_in,
-            c_out,
-            groups,
-            kernel,
-            stride,
-            dilation,
-            pads,
-        }
-    }
 
     #[test]
     fn fast_paths_match_reference() {

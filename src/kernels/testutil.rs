@@ -1,4 +1,5 @@
-//! Helpers shared by the kernel tests: a tiny deterministic RNG and a tolerant comparison.
+//! Helpers shared by the kernel tests: a tiny deterministic RNG, a tolerant comparison and a
+//! convolution geometry in one call.
 
 /// xorshift64*: deterministic, dependency-free test data.
 pub struct Rng(u64);
@@ -37,5 +38,26 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let ok = (g - w).abs() <= tol * w.abs().max(1.0) || (g.is_nan() && w.is_nan());
         assert!(ok, "{what}: element {i}: got {g}, want {w}");
+    }
+}
+
+/// A convolution geometry from its parts, in [`super::conv::Conv2dGeom`]'s field order.
+pub fn conv_geom(
+    c_in: usize,
+    c_out: usize,
+    groups: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    pads: [usize; 4],
+) -> super::conv::Conv2dGeom {
+    super::conv::Conv2dGeom {
+        c_in,
+        c_out,
+        groups,
+        kernel,
+        stride,
+        dilation,
+        pads,
     }
 }

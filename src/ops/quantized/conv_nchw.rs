@@ -714,27 +714,8 @@ unsafe fn requant_exact_f32_avx512<T: WxElem>(
 mod tests {
     use super::super::engine::IntConv;
     use super::*;
+    use crate::kernels::testutil::conv_geom as geom;
     use crate::quant::test_rng::Rng;
-
-    fn geom(
-        c_in: usize,
-        c_out: usize,
-        groups: usize,
-        k: [usize; 2],
-        s: [usize; 2],
-        d: [usize; 2],
-        p: [usize; 4],
-    ) -> Conv2dGeom {
-        Conv2dGeom {
-            c_in,
-            c_out,
-            groups,
-            kernel: k,
-            stride: s,
-            dilation: d,
-            pads: p,
-        }
-    }
 
     /// The fast engines against the HWC im2col and direct depthwise ones, which the ORT
     /// cross-checks pin down, on one and two threads.
