@@ -562,41 +562,44 @@ mod tests {
     use super::*;
     use crate::kernels::pool::pool2d;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
+    use crate::quant::test_rng::Rng;
+
+    /// Uniform in `0..n`.
+    fn below(rng: &mut Rng, n: usize) -> usize {
+        rng.range_i32(0, n as i32 - 1) as usize
     }
 
     /// Integer pooling equals f32 pooling of the codes (as floats), with `f32::MIN` for empty
     /// windows mapped to the `empty` code.
     #[test]
     fn integer_max_pool_matches_f32_pool_on_codes() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
         for case in 0..300 {
-            let kernel = [1 + rng.below(3), 1 + rng.below(3)];
-            let stride = [1 + rng.below(3), 1 + rng.below(3)];
-            let dilation = [1 + rng.below(2), 1 + rng.below(2)];
-            let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
+            let kernel = [1 + below(&mut rng, 3), 1 + below(&mut rng, 3)];
+            let stride = [1 + below(&mut rng, 3), 1 + below(&mut rng, 3)];
+            let dilation = [1 + below(&mut rng, 2), 1 + below(&mut rng, 2)];
+            let pads = [
+                below(&mut rng, 3),
+                below(&mut rng, 3),
+                below(&mut rng, 3),
+                below(&mut rng, 3),
+            ];
             let g = Pool2dGeom {
                 kernel,
                 stride,
                 dilation,
                 pads,
-                ceil_mode: rng.below(2) == 1,
+                ceil_mode: below(&mut rng, 2) == 1,
             };
-            let (h, w, planes) = (1 + rng.below(7), 1 + rng.below(7), 1 + rng.below(3));
+            let (h, w, planes) = (
+                1 + below(&mut rng, 7),
+                1 + below(&mut rng, 7),
+                1 + below(&mut rng, 3),
+            );
             let Ok((oh, ow)) = g.out_hw(h, w) else {
                 continue;
             };
-            let codes: Vec<i8> = (0..planes * h * w).map(|_| rng.next() as i8).collect();
+            let codes: Vec<i8> = (0..planes * h * w).map(|_| rng.next_u64() as i8).collect();
             let xf: Vec<f32> = codes.iter().map(|&c| c as f32).collect();
             let mut want = vec![0f32; planes * oh * ow];
             pool2d(&g, PoolKind::Max, &xf, [planes, h, w], &mut want).unwrap();
@@ -637,11 +640,11 @@ mod tests {
 
     #[test]
     fn vector_lookup_matches_the_table_at_every_length() {
-        let mut rng = Rng(0x1234_5678);
+        let mut rng = Rng::new(0x1234_5678);
         let mut map = [0u8; 256];
-        map.iter_mut().for_each(|m| *m = rng.next() as u8);
+        map.iter_mut().for_each(|m| *m = rng.next_u64() as u8);
         for len in (0..200).chain([4095, 65536 + 17]) {
-            let src: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let src: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             let want: Vec<u8> = src.iter().map(|&c| map[c as usize]).collect();
             let mut dst = vec![0u8; len];
             lookup(&map, &src, &mut dst);
