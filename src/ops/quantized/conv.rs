@@ -350,18 +350,7 @@ mod tests {
     use crate::ops::testutil::run;
     use crate::quant::linear::round_half_even;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn int(&mut self, lo: i32, hi: i32) -> i32 {
-            lo + (self.next() % (hi - lo + 1) as u64) as i32
-        }
-    }
+    use crate::quant::test_rng::Rng;
 
     struct Case {
         n: usize,
@@ -434,22 +423,22 @@ mod tests {
     }
 
     fn check(c: Case, seed: u64, signed_x: bool, u8_w: bool, per_channel: bool) {
-        let mut r = Rng(seed);
+        let mut r = Rng::new(seed);
         let (xlo, xhi) = if signed_x { (-128, 127) } else { (0, 255) };
         let (wlo, whi) = if u8_w { (0, 255) } else { (-127, 127) };
         let kk = c.c_in / c.group * c.k[0] * c.k[1];
         let x: Vec<i32> = (0..c.n * c.c_in * c.h * c.w)
-            .map(|_| r.int(xlo, xhi))
+            .map(|_| r.range_i32(xlo, xhi))
             .collect();
-        let wt: Vec<i32> = (0..c.c_out * kk).map(|_| r.int(wlo, whi)).collect();
-        let zx = r.int(xlo, xhi);
+        let wt: Vec<i32> = (0..c.c_out * kk).map(|_| r.range_i32(wlo, whi)).collect();
+        let zx = r.range_i32(xlo, xhi);
         let nz = if per_channel { c.c_out } else { 1 };
         let zw: Vec<i32> = (0..nz)
-            .map(|_| if u8_w { r.int(100, 150) } else { 0 })
+            .map(|_| if u8_w { r.range_i32(100, 150) } else { 0 })
             .collect();
         let ws: Vec<f32> = (0..nz).map(|i| 0.002 + i as f32 * 3e-4).collect();
-        let bias: Vec<i32> = (0..c.c_out).map(|_| r.int(-20000, 20000)).collect();
-        let (xs, ys, zy) = (0.05f32, 0.7f32, r.int(0, 255));
+        let bias: Vec<i32> = (0..c.c_out).map(|_| r.range_i32(-20000, 20000)).collect();
+        let (xs, ys, zy) = (0.05f32, 0.7f32, r.range_i32(0, 255));
         let scales: Vec<f32> = ws.iter().map(|&w| xs * w / ys).collect();
         let (want, [oh, ow]) = reference(&c, &x, zx, &wt, &zw, &bias, &scales, zy, (0, 255));
         let xt = if signed_x {
