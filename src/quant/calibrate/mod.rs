@@ -14,6 +14,7 @@
 //! affine schemes alike.
 
 mod histogram;
+mod kl;
 mod minmax;
 mod moments;
 mod threshold;

@@ -5,16 +5,12 @@
 //! narrowed to `[0, t]` (or `[-t, 0]`) when every observed value had one sign, so an affine
 //! scheme does not waste half its codes on a ReLU output.
 
-use rayon::prelude::*;
-
 use super::histogram::{HistKind, HistView, Histogram};
+use super::kl;
 use super::Range;
 use crate::error::Result;
 use crate::quant::linear::{tensor_error, QParams, QScheme};
 
-/// Smoothing constant of the KL rule: zero bins get this much mass, taken evenly from the
-/// non-zero bins (MXNet's and ONNX Runtime's `_smooth_distribution`).
-const KL_EPS: f64 = 1e-4;
 /// Number of range shrink factors the MSE rule tries on a signed histogram.
 const MSE_STEPS: usize = 1024;
 
@@ -91,38 +87,14 @@ impl Histogram {
         }
         let mut h: Vec<f64> = v.bins.iter().map(|&c| c as f64).collect();
         h[0] = (h[0] - v.zeros as f64).max(0.0);
-        // outliers[i] = sum of h[i..]
-        let mut outliers = vec![0f64; n + 1];
-        for i in (0..n).rev() {
-            outliers[i] = outliers[i + 1] + h[i];
-        }
         // Candidates start at bin 128 as in TensorRT (or at `levels` when that is larger), never
         // at `levels` alone: with few levels (3- to 6-bit activations) a threshold in the
         // nearly empty low bins would win, because Q is normalised over the few values below
         // it and so lands its mass in the same last bin where P piles up everything clipped
         // (the MNIST CNN's input, mostly background at |x| = 0.42, was clipped to 0.0055).
-        let first = levels.max(MIN_KL_CANDIDATE_BINS).min(n);
-        // Candidates are independent: blocks of them run in parallel, each keeping its first
-        // minimum, and blocks combine in order, so ties still go to the smaller `i`.
-        let candidates: Vec<usize> = (first..=n).collect();
-        let best = candidates
-            .par_chunks(KL_CANDIDATES_PER_TASK)
-            .map(|block| {
-                let mut p = vec![0f64; n];
-                let mut q = vec![0f64; n];
-                let mut best = (f64::INFINITY, n);
-                for &i in block {
-                    if let Some(kl) = kl_candidate(&h, &outliers, i, levels, &mut p, &mut q) {
-                        if kl < best.0 {
-                            best = (kl, i);
-                        }
-                    }
-                }
-                best
-            })
-            // `reduce` combines neighbouring blocks in order (`a` before `b`).
-            .reduce(|| (f64::INFINITY, n), |a, b| if b.0 < a.0 { b } else { a });
-        let t = (best.1 as f64 * v.width).min(f64::from(v.min.abs().max(v.max.abs())));
+        let first = levels.max(kl::MIN_KL_CANDIDATE_BINS).min(n);
+        let best = kl::best_candidate(&h, levels, first);
+        let t = (best as f64 * v.width).min(f64::from(v.min.abs().max(v.max.abs())));
         Ok(abs_range(&v, t as f32))
     }
 
@@ -179,79 +151,6 @@ impl Histogram {
     }
 }
 
-/// Threshold candidates per parallel task of the KL search (each is O(bins)).
-const KL_CANDIDATES_PER_TASK: usize = 64;
-
-/// `KL(P || Q)` of the KL rule's candidate `i` (see [`Histogram::entropy_range`]), or `None`
-/// when smoothing fails; `p` and `q` are scratch of at least `i` values.
-///
-/// The arithmetic is that of building `P` and `Q`, smoothing each with [`smooth`] and taking
-/// [`kl_divergence`], value for value and in the same order, so the result is the same to the
-/// bit; it only takes fewer passes (zero counts come from the grouping pass, smoothing and
-/// both normalising sums share one pass).
-fn kl_candidate(
-    h: &[f64],
-    outliers: &[f64],
-    i: usize,
-    levels: usize,
-    p: &mut [f64],
-    q: &mut [f64],
-) -> Option<f64> {
-    let p = &mut p[..i];
-    let q = &mut q[..i];
-    p.copy_from_slice(&h[..i]);
-    p[i - 1] += outliers[i];
-    let m = i / levels;
-    let (mut p_nonzero, mut q_nonzero) = (0usize, 0usize);
-    for j in 0..levels {
-        let start = j * m;
-        let end = if j == levels - 1 { i } else { start + m };
-        let total: f64 = h[start..end].iter().sum();
-        let nonzero = p[start..end].iter().filter(|&&x| x != 0.0).count();
-        if nonzero == 0 {
-            q[start..end].fill(0.0);
-            continue;
-        }
-        let share = total / nonzero as f64;
-        for (qk, &pk) in q[start..end].iter_mut().zip(&p[start..end]) {
-            *qk = if pk != 0.0 { share } else { 0.0 };
-        }
-        p_nonzero += nonzero;
-        if share != 0.0 {
-            q_nonzero += nonzero;
-        }
-    }
-    if p_nonzero == 0 || q_nonzero == 0 {
-        return None;
-    }
-    let take_p = KL_EPS * (i - p_nonzero) as f64 / p_nonzero as f64;
-    let take_q = KL_EPS * (i - q_nonzero) as f64 / q_nonzero as f64;
-    let (mut sp, mut sq) = (0f64, 0f64);
-    let mut ok = true;
-    for (pk, qk) in p.iter_mut().zip(q.iter_mut()) {
-        *pk = if *pk == 0.0 {
-            KL_EPS
-        } else {
-            let x = *pk - take_p;
-            ok &= x > 0.0;
-            x
-        };
-        *qk = if *qk == 0.0 {
-            KL_EPS
-        } else {
-            let x = *qk - take_q;
-            ok &= x > 0.0;
-            x
-        };
-        sp += *pk;
-        sq += *qk;
-    }
-    ok.then(|| kl_terms(p, q, sp, sq))
-}
-
-/// TensorRT's first candidate threshold bin (of 2048): KL never clips below 1/16 of the maximum.
-const MIN_KL_CANDIDATE_BINS: usize = 128;
-
 fn full_range(v: &HistView) -> Range {
     match v.kind {
         HistKind::Abs => abs_range(v, v.min.abs().max(v.max.abs())),
@@ -291,52 +190,6 @@ fn quantile(v: &HistView, q: f64) -> f64 {
         cum += c;
     }
     hi
-}
-
-#[cfg(test)]
-/// Moves `KL_EPS` of mass onto each zero bin, evenly from the others. False when all are zero
-/// or a bin would become non-positive.
-fn smooth(d: &mut [f64]) -> bool {
-    let zeros = d.iter().filter(|&&x| x == 0.0).count();
-    let nonzeros = d.len() - zeros;
-    if nonzeros == 0 {
-        return false;
-    }
-    let take = KL_EPS * zeros as f64 / nonzeros as f64;
-    let mut ok = true;
-    for x in d.iter_mut() {
-        if *x == 0.0 {
-            *x = KL_EPS;
-        } else {
-            *x -= take;
-            ok &= *x > 0.0;
-        }
-    }
-    ok
-}
-
-/// `KL(P || Q)` of two positive, unnormalised distributions.
-#[cfg(test)]
-fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
-    let sp: f64 = p.iter().sum();
-    let sq: f64 = q.iter().sum();
-    kl_terms(p, q, sp, sq)
-}
-
-/// `KL(P || Q)` given the totals `sp` and `sq` of `p` and `q`.
-fn kl_terms(p: &[f64], q: &[f64], sp: f64, sq: f64) -> f64 {
-    let mut kl = 0.0;
-    // Runs of equal (p, q) pairs are common (smoothed empty bins are KL_EPS in both, a group
-    // of Q shares one value): their term is computed once per run, with the same arithmetic.
-    let mut last = (f64::NAN, f64::NAN, 0.0);
-    for (&a, &b) in p.iter().zip(q) {
-        if a != last.0 || b != last.1 {
-            let pa = a / sp;
-            last = (a, b, pa * (pa / (b / sq)).ln());
-        }
-        kl += last.2;
-    }
-    kl
 }
 
 fn mse_of(v: &HistView, p: &QParams) -> f64 {
@@ -456,67 +309,6 @@ mod tests {
                 max: 10.0
             }
         );
-    }
-
-    /// The KL rule's candidate as first written: P and Q built, smoothed and compared in
-    /// separate passes.
-    fn kl_candidate_reference(h: &[f64], outliers: &[f64], i: usize, levels: usize) -> Option<f64> {
-        let mut p = h[..i].to_vec();
-        p[i - 1] += outliers[i];
-        let mut q = vec![0f64; i];
-        let m = i / levels;
-        for j in 0..levels {
-            let start = j * m;
-            let end = if j == levels - 1 { i } else { start + m };
-            let total: f64 = h[start..end].iter().sum();
-            let nonzero = p[start..end].iter().filter(|&&x| x != 0.0).count();
-            for k in start..end {
-                q[k] = if p[k] != 0.0 {
-                    total / nonzero as f64
-                } else {
-                    0.0
-                };
-            }
-        }
-        if !smooth(&mut p) || !smooth(&mut q) {
-            return None;
-        }
-        Some(kl_divergence(&p, &q))
-    }
-
-    #[test]
-    fn kl_candidates_match_the_reference_to_the_bit() {
-        let mut rng = crate::quant::test_rng::Rng::new(7);
-        for (n, levels, density) in [
-            (2048, 128, 0.9),
-            (2048, 128, 0.1),
-            (300, 8, 0.5),
-            (512, 16, 0.02),
-        ] {
-            let mut h: Vec<f64> = (0..n)
-                .map(|k| {
-                    let u = f64::from(rng.gaussians(1)[0]).abs();
-                    if u < density * 2.0 {
-                        ((u * 1000.0) as u64 % 5000) as f64 * (1.0 + (k % 3) as f64)
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            // Long empty runs and a whole empty group, as after ReLU or in a sparse tail.
-            h[n / 2..n / 2 + n / 8].fill(0.0);
-            h[0] = 12345.0;
-            let mut outliers = vec![0f64; n + 1];
-            for k in (0..n).rev() {
-                outliers[k] = outliers[k + 1] + h[k];
-            }
-            let (mut p, mut q) = (vec![0f64; n], vec![0f64; n]);
-            for i in levels..=n {
-                let want = kl_candidate_reference(&h, &outliers, i, levels);
-                let got = kl_candidate(&h, &outliers, i, levels, &mut p, &mut q);
-                assert_eq!(want.map(f64::to_bits), got.map(f64::to_bits), "n {n} i {i}");
-            }
-        }
     }
 
     #[test]
