@@ -41,6 +41,7 @@ fn fused_equals_unfused(model: &Model, input: &str, x: &Tensor) {
             threads,
             plan: PlanOptions {
                 fuse_quantized,
+                fuse_qdq_products: false,
                 ..PlanOptions::default()
             },
         };

@@ -13,15 +13,23 @@ use lithe::ir::{Model, Tensor};
 use lithe::passes::quantize::{
     quantize, ActivationCalib, QuantFormat, QuantizeConfig, QuantizeReport, WeightScheme,
 };
-use lithe::runtime::{Session, SessionOptions};
+use lithe::runtime::{PlanOptions, Session, SessionOptions};
 
 fn mnist_model() -> Model {
     lithe::onnx::load_model(&repo().join("assets/models/mnist_cnn.onnx")).expect("model")
 }
 
 fn session(model: &Model) -> Session {
+    session_with(model, PlanOptions::default())
+}
+
+fn session_with(model: &Model, plan: PlanOptions) -> Session {
     let (simple, _) = lithe::passes::simplify(model).expect("simplify");
-    Session::new(&simple, &SessionOptions::default()).expect("session")
+    let options = SessionOptions {
+        plan,
+        ..SessionOptions::default()
+    };
+    Session::new(&simple, &options).expect("session")
 }
 
 fn quantize_mnist(config: &QuantizeConfig) -> (Model, QuantizeReport) {
@@ -98,8 +106,17 @@ fn qoperator_model_is_bit_exact_with_onnx_runtime() {
                 .count();
             assert_eq!(differ, 0, "{differ} of {} outputs differ from ORT", a.len());
         } else {
-            // QDQ: ORT fuses into integer kernels, lithe runs f32 with fake-quantized values.
-            assert!(ha.abs_diff(hb) <= 3, "lithe {ha} vs ORT {hb}");
+            // QDQ: ORT and lithe both run DQ -> Conv/Gemm -> [Relu] -> Q on integer kernels;
+            // the last Gemm (no QuantizeLinear after it) runs in f32 in both, where summation
+            // order may differ in the last bits.
+            let max_diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            println!("QDQ: max |logit diff| vs ORT {max_diff:e}");
+            assert!(max_diff <= 1e-4, "max logit difference {max_diff}");
+            assert!(ha.abs_diff(hb) <= 1, "lithe {ha} vs ORT {hb}");
         }
         assert!(hb >= 985, "ORT accuracy {hb}/1000");
     }
@@ -125,19 +142,21 @@ fn margins(t: &Tensor) -> Vec<f32> {
         .collect()
 }
 
-/// Every weight scheme at 4 bits (8-bit activations) as QDQ, run in lithe and in ONNX Runtime.
+/// Every weight scheme at 4 bits (8-bit activations) as QDQ, run in lithe and in ONNX Runtime,
+/// each both ways.
 ///
-/// Unoptimized ORT (`ORT_DISABLE_ALL`) runs the QDQ graph op by op in f32, the arithmetic
-/// lithe uses: the logits must match to rounding (measured: bit-identical for all four schemes)
-/// and top-1 on every image. Optimized ORT fuses DQ -> Conv/Gemm -> Q into integer kernels
-/// (QLinearConv, QGemm) with its own requantization rounding, and for k-means it even
-/// re-quantizes the codebook-expanded f32 weights to per-tensor int8 (its weight quantization
-/// transformer: the optimized model holds i8 weights with 16 distinct codes), a second
-/// rounding lithe's graph does not contain. So the logits differ by a bounded amount, measured
-/// on these 300 images as at most 0.30 (linear), 0.47 (fixed), 0.64 (log) and 1.16 (k-means);
-/// the bounds below leave headroom over those. Top-1 can then flip only where lithe's own top-1 margin is under twice the logit difference (measured:
-/// 0-2 images per scheme, lithe margins 0.03..0.37), which is asserted image by image instead
-/// of a fixed agreement count.
+/// Unoptimized ORT (`ORT_DISABLE_ALL`) runs the QDQ graph op by op in f32, as lithe does with
+/// its QDQ product fusion off: the logits must match to rounding (measured: bit-identical for
+/// all four schemes) and top-1 on every image. Optimized ORT fuses DQ -> Conv/Gemm -> Q into
+/// integer kernels (QLinearConv, QGemm), as lithe does by default: for the schemes stored as
+/// 8-bit codes with a DequantizeLinear (linear, fixed point) the logits must match to rounding
+/// again (measured: bit-identical). For log and k-means (a codebook Gather, which lithe leaves
+/// in f32) ORT even re-quantizes the codebook-expanded f32 weights to per-tensor int8 (its
+/// weight quantization transformer: the optimized model holds i8 weights with 16 distinct
+/// codes), a rounding lithe's graph does not contain, so the logits differ by a bounded amount
+/// (measured on these 300 images: at most 0.64 for log, 1.16 for k-means); the bounds leave
+/// headroom. Top-1 can then flip only where lithe's own
+/// top-1 margin is under twice the logit difference, which is asserted image by image.
 #[test]
 fn every_scheme_runs_in_onnx_runtime() {
     let test = open_dataset("mnist", Split::Test, None).expect("MNIST test");
@@ -145,9 +164,9 @@ fn every_scheme_runs_in_onnx_runtime() {
     let py = python();
     let dir = tmp_dir("schemes");
     for (scheme, fused_bound) in [
-        (WeightScheme::Linear, 1.0f32),
-        (WeightScheme::Fixed, 1.0),
-        (WeightScheme::Log, 1.25),
+        (WeightScheme::Linear, 1e-4f32),
+        (WeightScheme::Fixed, 1e-4),
+        (WeightScheme::Log, 1.0),
         (WeightScheme::Kmeans, 2.5),
     ] {
         let config = QuantizeConfig {
@@ -175,10 +194,13 @@ fn every_scheme_runs_in_onnx_runtime() {
         let path = dir.join(format!("mnist_{scheme}.onnx"));
         lithe::onnx::save_model(&q, &path, &Default::default()).expect("save");
         let feeds = vec![("input".to_string(), x.clone())];
-        let a = ours[0].1.to_f32_vec();
-        let margin = margins(&ours[0].1);
+        let unfused = session_with(&q, PlanOptions::unfused())
+            .run(&[("input", x.clone())])
+            .expect("run");
         for no_opt in [true, false] {
             let tag = format!("{scheme}-{}", if no_opt { "noopt" } else { "opt" });
+            let mine = if no_opt { &unfused[0].1 } else { &ours[0].1 };
+            let (a, margin, pred) = (mine.to_f32_vec(), margins(mine), argmax_rows(mine));
             let theirs = run_ort_with(py, &path, &feeds, &tag, no_opt);
             let b = theirs[0].1.to_f32_vec();
             let max_diff = a

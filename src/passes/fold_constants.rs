@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use super::{infer_shapes::infer_shapes, PassReport};
 use crate::error::{Error, Result};
-use crate::ir::{Dim, Model, Node, Tensor};
+use crate::ir::{DType, Dim, Model, Node, Tensor};
 use crate::ops::{self, CompileCtx, RunCtx};
 
 /// A folded result may grow the model by at most this much beyond its inputs' size, so that
@@ -18,6 +18,13 @@ pub fn fold_constants(model: &Model) -> Result<(Model, PassReport)> {
     let before = out.graph.nodes.len();
     let opset = out.opset();
     let graph_outputs: HashSet<String> = out.graph.outputs.iter().map(|v| v.name.clone()).collect();
+    let product_weights: HashSet<String> = out
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul"))
+        .filter_map(|n| n.input(1).map(str::to_string))
+        .collect();
     let mut kept = Vec::with_capacity(out.graph.nodes.len());
     let mut folded = 0usize;
     let nodes = std::mem::take(&mut out.graph.nodes);
@@ -28,7 +35,15 @@ pub fn fold_constants(model: &Model) -> Result<(Model, PassReport)> {
             .all(|n| n.is_empty() || out.graph.initializers.contains_key(n));
         // Graph outputs stay as computed values so the graph keeps its output list intact.
         let feeds_output = node.outputs.iter().any(|o| graph_outputs.contains(o));
-        if !all_constant || feeds_output || node.outputs.is_empty() {
+        // A product's quantized weights stay codes: the runtime runs the product on them
+        // (see runtime::qdq_products), and the file stays small.
+        let quantized_weight = node.op_type == "DequantizeLinear"
+            && node.outputs.iter().any(|o| product_weights.contains(o))
+            && node
+                .input(0)
+                .and_then(|c| out.graph.initializers.get(c))
+                .is_some_and(|c| matches!(c.dtype(), DType::U8 | DType::I8));
+        if !all_constant || feeds_output || quantized_weight || node.outputs.is_empty() {
             kept.push(node);
             continue;
         }
@@ -170,4 +185,55 @@ fn shape_value(node: &Node, opset: i64, dims: &[usize]) -> Result<Tensor> {
         .map(|&d| d as i64)
         .collect();
     Tensor::from_i64(vec![vals.len()], vals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Graph, TensorData, TypeInfo, ValueInfo};
+
+    /// `DequantizeLinear(codes) -> reader` next to a graph input `x`.
+    fn model(reader: Node) -> Model {
+        let mut graph = Graph {
+            inputs: vec![ValueInfo::new("x", TypeInfo::known(DType::F32, &[1, 2]))],
+            outputs: vec![ValueInfo::new("y", TypeInfo::unknown_shape(DType::F32))],
+            nodes: vec![
+                Node::new(
+                    "dq",
+                    "DequantizeLinear",
+                    vec!["codes".into(), "scale".into()],
+                    vec!["w".into()],
+                ),
+                reader,
+            ],
+            ..Graph::default()
+        };
+        let codes = Tensor::new(vec![2, 2], TensorData::I8(vec![1, -2, 3, -4])).unwrap();
+        graph.initializers.insert("codes".into(), codes);
+        graph
+            .initializers
+            .insert("scale".into(), Tensor::scalar_f32(0.5));
+        Model::new(graph, 18)
+    }
+
+    #[test]
+    fn folds_constant_nodes_but_keeps_quantized_product_weights() {
+        let product = Node::new(
+            "mm",
+            "MatMul",
+            vec!["x".into(), "w".into()],
+            vec!["y".into()],
+        );
+        let (kept, _) = fold_constants(&model(product)).unwrap();
+        assert_eq!(kept.graph.nodes.len(), 2);
+        assert!(kept.graph.initializers.contains_key("codes"));
+
+        let other = Node::new("add", "Add", vec!["x".into(), "w".into()], vec!["y".into()]);
+        let (folded, report) = fold_constants(&model(other)).unwrap();
+        assert_eq!(folded.graph.nodes.len(), 1, "{report:?}");
+        assert_eq!(
+            folded.graph.initializers["w"].as_f32().unwrap(),
+            &[0.5, -1.0, 1.5, -2.0]
+        );
+    }
 }

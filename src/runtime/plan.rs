@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::qfuse;
+use super::{qdq_products, qfuse};
 use crate::error::{Error, Result};
 use crate::ir::{Model, Node, Tensor, TypeInfo};
 use crate::ops::{self, activation::activation_of, CompileCtx, Kernel};
@@ -47,6 +47,11 @@ pub struct PlanOptions {
     /// the same results bit for bit; see [`super::qfuse`]. The intermediate f32 values are
     /// never materialised (nor shown to observers).
     pub fuse_quantized: bool,
+    /// Run `DequantizeLinear -> Conv | Gemm | MatMul -> [Relu | Clip] -> QuantizeLinear`
+    /// with constant quantized weights on the integer engine, as a QOperator file would run
+    /// (see [`super::qdq_products`]): integer arithmetic, so an output code may differ by one
+    /// from the f32 chain's where a value sits on a rounding edge.
+    pub fuse_qdq_products: bool,
 }
 
 impl Default for PlanOptions {
@@ -54,6 +59,7 @@ impl Default for PlanOptions {
         PlanOptions {
             fuse_activations: true,
             fuse_quantized: true,
+            fuse_qdq_products: true,
         }
     }
 }
@@ -64,6 +70,7 @@ impl PlanOptions {
         PlanOptions {
             fuse_activations: false,
             fuse_quantized: false,
+            fuse_qdq_products: false,
         }
     }
 }
@@ -111,8 +118,38 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
         .collect();
 
     let mut absorbed = vec![false; graph.nodes.len()];
+    // Quantized products are found first: their weights' DequantizeLinear nodes come before
+    // them in the graph and must not be planned when the fused step alone read them.
+    let mut products = match options.fuse_qdq_products {
+        true => qdq_products::find(
+            model,
+            &qfuse::Uses {
+                readers: &readers,
+                graph_outputs: &graph_outputs,
+            },
+        ),
+        false => HashMap::new(),
+    };
+    for f in products.values() {
+        for &j in &f.nodes {
+            absorbed[j] = true;
+        }
+    }
     let mut steps = Vec::with_capacity(graph.nodes.len());
     for (i, node) in graph.nodes.iter().enumerate() {
+        if let Some(f) = products.remove(&i) {
+            steps.push(Step {
+                node_name: graph.nodes[f.product].display_name(),
+                op_type: graph.nodes[f.product].op_type.clone(),
+                label: f.label,
+                kernel: f.kernel,
+                inputs: vec![Some(slots.get_or_add(&f.input))],
+                outputs: vec![slots.get_or_add(&f.output)],
+                release_after: Vec::new(),
+                owned_input: None,
+            });
+            continue;
+        }
         if absorbed[i] {
             continue;
         }
@@ -121,7 +158,9 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
                 readers: &readers,
                 graph_outputs: &graph_outputs,
             };
-            if let Some(f) = qfuse::fuse_chain(model, i, &uses) {
+            let chain = qfuse::fuse_chain(model, i, &uses)
+                .filter(|f| f.nodes.iter().all(|&j| !absorbed[j]));
+            if let Some(f) = chain {
                 let last = &graph.nodes[*f.nodes.last().unwrap_or(&i)];
                 for &j in &f.nodes {
                     absorbed[j] = true;

@@ -139,12 +139,12 @@ pub fn fuse_chain(model: &Model, start: usize, uses: &Uses) -> Option<Fusion> {
     build(model, start, in_dtype, &links, q_index)
 }
 
-fn default_domain(n: &Node) -> bool {
+pub(super) fn default_domain(n: &Node) -> bool {
     n.domain.is_empty() || n.domain == "ai.onnx"
 }
 
 /// The code type a DequantizeLinear reads: its input's declared type, else its zero point's.
-fn code_type_of_dq(model: &Model, dq: &Node) -> Option<DType> {
+pub(super) fn code_type_of_dq(model: &Model, dq: &Node) -> Option<DType> {
     let graph = &model.graph;
     let x = dq.inputs.first().filter(|x| !x.is_empty())?;
     let declared = graph.type_of(x);
@@ -154,7 +154,7 @@ fn code_type_of_dq(model: &Model, dq: &Node) -> Option<DType> {
 }
 
 /// Scale (and zero point, when present) are initializers holding one value each.
-fn per_tensor_constants(model: &Model, n: &Node) -> bool {
+pub(super) fn per_tensor_constants(model: &Model, n: &Node) -> bool {
     let one = |i: usize| {
         n.input(i)
             .and_then(|name| model.graph.initializers.get(name))
@@ -466,6 +466,7 @@ mod tests {
     fn options(fuse: bool) -> PlanOptions {
         PlanOptions {
             fuse_quantized: fuse,
+            fuse_qdq_products: false,
             ..PlanOptions::default()
         }
     }

@@ -70,6 +70,11 @@ impl Session {
         })
     }
 
+    /// The label of each planned step: op types joined by `+` where nodes run fused.
+    pub fn step_labels(&self) -> Vec<&str> {
+        self.plan.steps.iter().map(|s| s.label.as_str()).collect()
+    }
+
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
     }
@@ -507,6 +512,7 @@ mod tests {
                     plan: PlanOptions {
                         fuse_activations: fuse,
                         fuse_quantized: fuse,
+                        fuse_qdq_products: fuse,
                     },
                 };
                 Session::new(&model, &options).unwrap()

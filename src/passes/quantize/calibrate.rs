@@ -186,6 +186,7 @@ impl Observing {
                 plan: PlanOptions {
                     fuse_activations: true,
                     fuse_quantized: false,
+                    fuse_qdq_products: false,
                 },
             },
         )?;
