@@ -1,5 +1,7 @@
 //! Dense tensors: a concrete shape and a typed, row-major buffer.
 
+use std::sync::Arc;
+
 use super::dtype::{f16_to_f32, DType};
 use crate::error::{Error, Result};
 
@@ -54,10 +56,12 @@ impl TensorData {
     }
 }
 
+/// Clones share the buffer until one of them is written (copy on write): passes copy whole
+/// models and sessions keep initializers as constants, and none of that should copy weights.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     shape: Vec<usize>,
-    data: TensorData,
+    data: Arc<TensorData>,
 }
 
 /// Number of elements of `shape`, or an error when the product overflows or exceeds
@@ -89,7 +93,10 @@ impl Tensor {
                 data.len()
             )));
         }
-        Ok(Tensor { shape, data })
+        Ok(Tensor {
+            shape,
+            data: Arc::new(data),
+        })
     }
 
     pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor> {
@@ -103,14 +110,14 @@ impl Tensor {
     pub fn scalar_f32(v: f32) -> Tensor {
         Tensor {
             shape: vec![],
-            data: TensorData::F32(vec![v]),
+            data: Arc::new(TensorData::F32(vec![v])),
         }
     }
 
     pub fn scalar_i64(v: i64) -> Tensor {
         Tensor {
             shape: vec![],
-            data: TensorData::I64(vec![v]),
+            data: Arc::new(TensorData::I64(vec![v])),
         }
     }
 
@@ -127,7 +134,10 @@ impl Tensor {
             DType::I64 => TensorData::I64(vec![0; n]),
             DType::Bool => TensorData::Bool(vec![false; n]),
         };
-        Ok(Tensor { shape, data })
+        Ok(Tensor {
+            shape,
+            data: Arc::new(data),
+        })
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -150,16 +160,18 @@ impl Tensor {
         &self.data
     }
 
+    /// The buffer, copied first if another clone shares it.
     pub fn data_mut(&mut self) -> &mut TensorData {
-        &mut self.data
+        Arc::make_mut(&mut self.data)
     }
 
+    /// The buffer, copied if another clone shares it.
     pub fn into_data(self) -> TensorData {
-        self.data
+        Arc::unwrap_or_clone(self.data)
     }
 
     pub fn into_parts(self) -> (Vec<usize>, TensorData) {
-        (self.shape, self.data)
+        (self.shape, Arc::unwrap_or_clone(self.data))
     }
 
     pub fn size_in_bytes(&self) -> usize {
@@ -182,21 +194,21 @@ impl Tensor {
     }
 
     pub fn as_f32(&self) -> Result<&[f32]> {
-        match &self.data {
+        match self.data.as_ref() {
             TensorData::F32(v) => Ok(v),
             other => Err(Error::DType(format!("expected f32, got {}", other.dtype()))),
         }
     }
 
     pub fn as_f32_mut(&mut self) -> Result<&mut [f32]> {
-        match &mut self.data {
+        match Arc::make_mut(&mut self.data) {
             TensorData::F32(v) => Ok(v),
             other => Err(Error::DType(format!("expected f32, got {}", other.dtype()))),
         }
     }
 
     pub fn as_i64(&self) -> Result<&[i64]> {
-        match &self.data {
+        match self.data.as_ref() {
             TensorData::I64(v) => Ok(v),
             other => Err(Error::DType(format!("expected i64, got {}", other.dtype()))),
         }
@@ -204,7 +216,7 @@ impl Tensor {
 
     /// Integer view of an index-like tensor (i32 or i64), as used by Reshape, Slice, Gather...
     pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
-        Ok(match &self.data {
+        Ok(match self.data.as_ref() {
             TensorData::I64(v) => v.clone(),
             TensorData::I32(v) => v.iter().map(|&x| x as i64).collect(),
             TensorData::I16(v) => v.iter().map(|&x| x as i64).collect(),
@@ -222,7 +234,7 @@ impl Tensor {
 
     /// Every element widened or converted to f32 (lossy for large integers).
     pub fn to_f32_vec(&self) -> Vec<f32> {
-        match &self.data {
+        match self.data.as_ref() {
             TensorData::F32(v) => v.clone(),
             TensorData::F16(v) => v.iter().map(|&x| f16_to_f32(x)).collect(),
             TensorData::F64(v) => v.iter().map(|&x| x as f32).collect(),
@@ -239,7 +251,7 @@ impl Tensor {
     pub fn to_f32(&self) -> Tensor {
         Tensor {
             shape: self.shape.clone(),
-            data: TensorData::F32(self.to_f32_vec()),
+            data: Arc::new(TensorData::F32(self.to_f32_vec())),
         }
     }
 }
