@@ -227,10 +227,9 @@ impl QScheme {
         let mut lo = vec![f32::INFINITY; layout.channels];
         let mut hi = vec![f32::NEG_INFINITY; layout.channels];
         layout.for_each_run(|c, range| {
-            for &v in &data[range] {
-                lo[c] = lo[c].min(v);
-                hi[c] = hi[c].max(v);
-            }
+            let (a, b) = min_max(&data[range]);
+            lo[c] = lo[c].min(a);
+            hi[c] = hi[c].max(b);
         });
         check_finite(data, name)?;
         let params = lo
