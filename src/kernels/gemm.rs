@@ -13,10 +13,10 @@ mod pack;
 
 use rayon::prelude::*;
 
-use self::micro::{CTile, TileEpi, MR, NR};
+use self::micro::{CTile, TileEpi, MR, MR2, NR, NR2};
 use super::activation::Activation;
 use super::scratch;
-use super::simd::has_avx2_fma;
+use super::simd::{has_avx2_fma, has_avx512_f32};
 use crate::error::{Error, Result};
 
 /// Depth of a packed block: a `KC x NR` panel of B (16 KiB) stays in L1.
@@ -421,6 +421,7 @@ pub fn gemm_threads(
         ldc: c.ld,
         epi,
         avx: has_avx2_fma(),
+        avx512: has_avx512_f32(),
     };
     let (split_n, parts) = plan(&job, threads);
     if parts <= 1 {
@@ -554,6 +555,8 @@ struct Job<'a> {
     ldc: usize,
     epi: Epilogue<'a>,
     avx: bool,
+    /// 512-bit tiles (`MR2 x NR2`, over pairs of the same packed panels).
+    avx512: bool,
 }
 
 /// Whether to split over columns (else rows) and into how many parts. The part that is not
@@ -656,14 +659,15 @@ impl Job<'_> {
             col_bias: std::ptr::null(),
             act: self.epi.act,
         };
-        for jr in (0..nc).step_by(NR) {
-            let cols = NR.min(nc - jr);
+        let (tile_rows, tile_cols) = if self.avx512 { (MR2, NR2) } else { (MR, NR) };
+        for jr in (0..nc).step_by(tile_cols) {
+            let cols = tile_cols.min(nc - jr);
             let b_panel = bp.add(jr * kc);
             if let Bias::PerCol(v) = self.epi.bias {
                 ep.col_bias = v.as_ptr().add(jc + jr);
             }
-            for ir in (0..mc).step_by(MR) {
-                let rows = MR.min(mc - ir);
+            for ir in (0..mc).step_by(tile_rows) {
+                let rows = tile_rows.min(mc - ir);
                 if let Bias::PerRow(v) = self.epi.bias {
                     ep.row_bias = v.as_ptr().add(ic + ir);
                 }
@@ -673,6 +677,13 @@ impl Job<'_> {
                     rows,
                     cols,
                 };
+                #[cfg(target_arch = "x86_64")]
+                let f = if self.avx512 {
+                    micro::select512(rows, cols)
+                } else {
+                    micro::select(rows, cols, self.avx)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
                 let f = micro::select(rows, cols, self.avx);
                 f(kc, ap.add(ir * kc), b_panel, &tile, &ep);
             }
@@ -683,7 +694,7 @@ impl Job<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::simd::portable_only;
+    use crate::kernels::simd::{avx2_only, portable_only};
     use crate::kernels::testutil::{assert_close, Rng};
 
     struct Case {
@@ -818,6 +829,60 @@ mod tests {
                 check(&case, 2, &mut rng);
             }
         });
+    }
+
+    #[test]
+    fn avx2_kernel_matches_reference() {
+        // The AVX-512 tiles are the default where available; the 6 x 16 ones must stay right.
+        let mut rng = Rng::new(6);
+        avx2_only(|| {
+            for (i, (m, n, k)) in [(7, 19, 5), (13, 40, 300), (50, 64, 37)]
+                .into_iter()
+                .enumerate()
+            {
+                let case = Case {
+                    m,
+                    n,
+                    k,
+                    trans_a: i == 1,
+                    trans_b: i == 2,
+                    pad: i,
+                    alpha: 1.0,
+                    beta: [0.0, 1.0, 0.5][i],
+                    bias: i as u8,
+                    act: Some(Activation::Relu),
+                };
+                check(&case, 1 + i % 2, &mut rng);
+            }
+        });
+    }
+
+    #[test]
+    fn every_tile_shape_matches_reference() {
+        // Every rows x cols remainder of both tile sizes, with and without a partial K block.
+        let mut rng = Rng::new(8);
+        for m in 1..=MR2 + 1 {
+            for n in [1, 5, NR, NR + 3, NR2, NR2 + 1] {
+                let case = Case {
+                    m,
+                    n,
+                    k: if m % 2 == 0 { 3 } else { KC + 2 },
+                    trans_a: false,
+                    trans_b: false,
+                    pad: 1,
+                    alpha: if m % 3 == 0 { 0.5 } else { 1.0 },
+                    beta: if n % 2 == 0 { 1.0 } else { 0.0 },
+                    bias: (m % 3) as u8,
+                    act: [
+                        None,
+                        Some(Activation::LeakyRelu { alpha: 0.1 }),
+                        Some(Activation::Sigmoid),
+                    ][m % 3],
+                };
+                check(&case, 1, &mut rng);
+                avx2_only(|| check(&case, 1, &mut rng));
+            }
+        }
     }
 
     #[test]

@@ -12,11 +12,12 @@
 use rayon::prelude::*;
 
 use super::layout::Phased;
-use super::{Conv2d, PAR_MIN_MACS};
+use super::{Conv2d, PoolStage, PAR_MIN_MACS};
 use crate::error::Result;
 use crate::kernels::gemm::{
     self, Bias, Epilogue, GatherRef, Lhs, MatMut, MatRef, Rhs, GATHER_SLACK,
 };
+use crate::kernels::pool::pool2d;
 use crate::kernels::scratch;
 
 /// Inputs of direct (1x1) convolutions above this size are not expected in cache. A direct
@@ -60,6 +61,7 @@ pub(super) fn run(
     [n, h, w]: [usize; 3],
     pads: [usize; 4],
     (oh, ow): (usize, usize),
+    pool: Option<&PoolStage>,
     out: &mut [f32],
     threads: usize,
 ) -> Result<()> {
@@ -68,7 +70,7 @@ pub(super) fn run(
     let k = g.k();
     let cout_g = g.c_out / g.groups;
     let direct = g.kernel == [1, 1] && g.stride == [1, 1] && pads == [0; 4];
-    if direct && ohw == 1 && n > 1 {
+    if direct && ohw == 1 && n > 1 && pool.is_none() {
         return pixels(conv, x, n, out, threads);
     }
     let batch = images_per_product(ohw, n, cout_g);
@@ -114,17 +116,30 @@ pub(super) fn run(
         };
         let warm = direct && batch == 1 && x.len().saturating_mul(4) > WARM_MIN_BYTES;
         let in_len = batch * g.c_in * h * w;
-        let out_len = batch * g.c_out * ohw;
+        let pooled_hw = match pool {
+            Some(p) => Some(p.geom.out_hw(oh, ow)?),
+            None => None,
+        };
+        let out_len = batch * g.c_out * pooled_hw.map_or(ohw, |(ph, pw)| ph * pw);
         let unit = |(xs, o): (&[f32], &mut [f32])| {
             if warm {
                 warm_lines(xs);
             }
-            low.unit(xs, o)
+            let (Some(p), Some((ph, pw))) = (pool, pooled_hw) else {
+                return low.unit(xs, o);
+            };
+            // The unit's convolution output stays in a cache-sized scratch buffer instead
+            // of making a round trip through memory at full resolution.
+            let planes = o.len() / (ph * pw);
+            scratch::with_f32(planes * ohw, |t| {
+                low.unit(xs, t)?;
+                pool2d(&p.geom, p.kind, t, [planes, oh, ow], o)
+            })
         };
         if per_unit {
             x.par_chunks(in_len)
                 .zip(out.par_chunks_mut(out_len))
-                .try_for_each(unit)
+                .try_for_each(|p| crate::kernels::par::sequential(|| unit(p)))
         } else {
             x.chunks(in_len)
                 .zip(out.chunks_mut(out_len))

@@ -62,6 +62,48 @@ pub fn select(rows: usize, cols: usize, avx: bool) -> TileFn {
     tile_generic
 }
 
+/// Rows of an AVX-512 tile: two packed A panels.
+pub const MR2: usize = 2 * MR;
+/// Columns of an AVX-512 tile: two packed B panels, one 16-lane vector each.
+pub const NR2: usize = 2 * NR;
+
+/// The AVX-512 tile kernel for a `rows x cols` tile (`rows <= MR2`, `cols <= NR2`). It reads
+/// the same packed panels as the `MR x NR` kernels: rows `MR..` from the A panel after `a`,
+/// columns `NR..` from the B panel after `b`. Zen 4 runs a 512-bit FMA as two 256-bit halves,
+/// so the gain is not more arithmetic per cycle but fewer loads and instructions per FMA
+/// (a 12 x 32 tile is 24 accumulators fed by 2 vector loads and 12 broadcasts a step, where
+/// the 6 x 16 AVX2 tile needs 8 loads for 12 FMAs).
+///
+/// # Safety
+/// Only call the result when AVX-512 F/VL and FMA are available.
+#[cfg(target_arch = "x86_64")]
+pub fn select512(rows: usize, cols: usize) -> TileFn {
+    use avx512::tile;
+    // U independent accumulator sets keep at least eight FMAs in flight.
+    macro_rules! pick {
+        ($($r:literal => $u1:literal, $u2:literal;)*) => {
+            match (rows, cols > NR) {
+                $(($r, false) => tile::<$r, 1, $u1>, ($r, true) => tile::<$r, 2, $u2>,)*
+                (_, false) => tile::<12, 1, 1>,
+                (_, true) => tile::<12, 2, 1>,
+            }
+        };
+    }
+    pick! {
+        1 => 8, 4;
+        2 => 4, 2;
+        3 => 3, 2;
+        4 => 2, 1;
+        5 => 2, 1;
+        6 => 2, 1;
+        7 => 2, 1;
+        8 => 1, 1;
+        9 => 1, 1;
+        10 => 1, 1;
+        11 => 1, 1;
+    }
+}
+
 /// Stores a tile held in memory (row `r` at `acc[r * NR..]`) with the epilogue.
 ///
 /// # Safety
@@ -234,6 +276,154 @@ mod avx2 {
         if let Some(a) = act.filter(|&a| !has_vector_form(a)) {
             for r in 0..R {
                 a.apply(std::slice::from_raw_parts_mut(c.ptr.add(r * c.ld), 8 * V));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{CTile, TileEpi, MR, NR};
+    use crate::kernels::simd::{avx512, has_vector_form};
+    use std::arch::x86_64::*;
+
+    /// `R x 16V` tile (`R <= 2 * MR`, `V <= 2`) with 512-bit FMAs, K unrolled `U` times into
+    /// separate accumulators. Row `r` of A is row `r % MR` of panel `r / MR`; vector `v` of B
+    /// is panel `v`. Columns past `c.cols` are computed but never stored.
+    ///
+    /// # Safety
+    /// AVX-512 F/VL and FMA must be available; `a` must hold `ceil(R / MR)` panels of
+    /// `kc * MR` floats and `b` `V` panels of `kc * NR`; `c.rows == R`, `c.cols <= 16 * V`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub unsafe fn tile<const R: usize, const V: usize, const U: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: &CTile,
+        ep: &TileEpi,
+    ) {
+        let mut acc = [[[_mm512_setzero_ps(); V]; R]; U];
+        // The second panels (unused when R <= MR or V == 1).
+        let a_next = a.wrapping_add(MR * kc);
+        let b_next = b.wrapping_add(NR * kc);
+        let mut p = 0;
+        for _ in 0..kc / U {
+            for set in acc.iter_mut() {
+                step(
+                    set,
+                    [a.add(p * MR), a_next.wrapping_add(p * MR)],
+                    [b.add(p * NR), b_next.wrapping_add(p * NR)],
+                );
+                p += 1;
+            }
+        }
+        for _ in 0..kc % U {
+            step(
+                &mut acc[0],
+                [a.add(p * MR), a_next.wrapping_add(p * MR)],
+                [b.add(p * NR), b_next.wrapping_add(p * NR)],
+            );
+            p += 1;
+        }
+        let (head, rest) = acc.split_at_mut(1);
+        for set in rest.iter() {
+            for (dst, src) in head[0].iter_mut().zip(set) {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = _mm512_add_ps(*d, s);
+                }
+            }
+        }
+        store::<R, V>(&head[0], c, ep);
+    }
+
+    /// One K step: `acc += a[0..R] (outer) b[0..16V]`, A rows and B vectors split over two
+    /// panels each.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn step<const R: usize, const V: usize>(
+        acc: &mut [[__m512; V]; R],
+        a: [*const f32; 2],
+        b: [*const f32; 2],
+    ) {
+        let mut bv = [_mm512_setzero_ps(); V];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(b[v]);
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*a[r / MR].add(r % MR));
+            for (x, &bvv) in row.iter_mut().zip(bv.iter()) {
+                *x = _mm512_fmadd_ps(av, bvv, *x);
+            }
+        }
+    }
+
+    /// Lanes `0..n` of a 16-lane vector (`n` clamped to 0..=16).
+    #[inline]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn store<const R: usize, const V: usize>(
+        acc: &[[__m512; V]; R],
+        c: &CTile,
+        ep: &TileEpi,
+    ) {
+        let alpha = _mm512_set1_ps(ep.alpha);
+        let beta = _mm512_set1_ps(ep.beta);
+        let act = if ep.last { ep.act } else { None };
+        let vec_act = act.filter(|&a| has_vector_form(a));
+        let mut masks = [0 as __mmask16; V];
+        for (v, m) in masks.iter_mut().enumerate() {
+            *m = lanes(c.cols.saturating_sub(16 * v));
+        }
+        let mut col_bias = [_mm512_setzero_ps(); V];
+        if ep.last && !ep.col_bias.is_null() {
+            for (v, cb) in col_bias.iter_mut().enumerate() {
+                *cb = _mm512_maskz_loadu_ps(masks[v], ep.col_bias.add(16 * v));
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let dst = c.ptr.add(r * c.ld);
+            let row_bias =
+                (ep.last && !ep.row_bias.is_null()).then(|| _mm512_set1_ps(*ep.row_bias.add(r)));
+            for (v, &x) in row.iter().enumerate() {
+                let m = masks[v];
+                if m == 0 {
+                    continue;
+                }
+                let d = dst.add(16 * v);
+                let mut y = x;
+                if ep.alpha != 1.0 {
+                    y = _mm512_mul_ps(y, alpha);
+                }
+                if ep.first {
+                    if ep.beta != 0.0 {
+                        y = _mm512_add_ps(y, _mm512_mul_ps(beta, _mm512_maskz_loadu_ps(m, d)));
+                    }
+                } else {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, d));
+                }
+                if let Some(b) = row_bias {
+                    y = _mm512_add_ps(y, b);
+                }
+                if ep.last && !ep.col_bias.is_null() {
+                    y = _mm512_add_ps(y, col_bias[v]);
+                }
+                if let Some(a) = vec_act {
+                    y = avx512::act(y, a);
+                }
+                _mm512_mask_storeu_ps(d, m, y);
+            }
+        }
+        if let Some(a) = act.filter(|&a| !has_vector_form(a)) {
+            for r in 0..R {
+                a.apply(std::slice::from_raw_parts_mut(c.ptr.add(r * c.ld), c.cols));
             }
         }
     }
