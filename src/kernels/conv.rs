@@ -3,6 +3,8 @@
 //!
 //! Strategies, picked per call from the geometry:
 //! - depthwise (`groups == C_in == C_out`): a direct, vectorised kernel;
+//! - few taps per output (first layers on one or a few channels, with AVX-512): a direct
+//!   kernel over a "wide" padded image ([`small_k`]);
 //! - everything else is lowered to GEMM ([`lowered`]): the packed weights times the image
 //!   (1x1, stride 1, no padding) or its im2col matrix, an implicit gathered view of a
 //!   zero-padded copy that is never materialised.
@@ -13,6 +15,7 @@
 mod depthwise;
 mod layout;
 mod lowered;
+mod small_k;
 
 use rayon::prelude::*;
 
@@ -136,8 +139,9 @@ pub struct PoolStage {
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     geom: Conv2dGeom,
-    /// Depthwise: the raw `[C, kh * kw]` filters. Otherwise empty.
-    dw_weights: Vec<f32>,
+    /// The raw `[C_out, K]` filters for the direct kernels: depthwise, or few taps per output
+    /// ([`small_k`]). Otherwise empty.
+    raw_weights: Vec<f32>,
     /// One packed `C_out/g x K` matrix per group (empty for depthwise).
     packed: Vec<PackedA>,
     bias: Option<Vec<f32>>,
@@ -174,20 +178,25 @@ impl Conv2d {
                 )));
             }
         }
-        let (dw_weights, packed) = if geom.is_depthwise() {
+        let (raw_weights, packed) = if geom.is_depthwise() {
             (weight.to_vec(), Vec::new())
         } else {
+            let raw = if k <= small_k::MAX_K {
+                weight.to_vec()
+            } else {
+                Vec::new()
+            };
             let m = geom.c_out / geom.groups;
             let packed = (0..geom.groups)
                 .map(|g| {
                     MatRef::row_major(&weight[g * m * k..(g + 1) * m * k], m, k).map(PackedA::new)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            (Vec::new(), packed)
+            (raw, packed)
         };
         Ok(Conv2d {
             geom,
-            dw_weights,
+            raw_weights,
             packed,
             bias: bias.map(<[f32]>::to_vec),
             act,
@@ -324,7 +333,7 @@ impl Conv2d {
             depthwise::tap_offsets(g, &setup.layout, taps);
             let taps = &*taps;
             let filters = depthwise::Filters {
-                weights: &self.dw_weights,
+                weights: &self.raw_weights,
                 bias: self.bias.as_deref(),
                 act: self.act,
                 channels: g.c_in,

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::layout::Phased;
-use super::{Conv2d, PoolStage, PAR_MIN_MACS};
+use super::{small_k, Conv2d, PoolStage, PAR_MIN_MACS};
 use crate::error::Result;
 use crate::kernels::gemm::{
     self, Bias, Epilogue, GatherRef, Lhs, MatMut, MatRef, Rhs, GATHER_SLACK,
@@ -51,6 +51,8 @@ struct Lowering<'a> {
     row_off: &'a [usize],
     /// Columns for `batch` images side by side.
     col_off: &'a [usize],
+    /// Few taps per output: the direct kernel instead of products.
+    small: Option<small_k::Plan<'a>>,
     gemm_threads: usize,
 }
 
@@ -112,6 +114,15 @@ pub(super) fn run(
             batch,
             row_off,
             col_off,
+            // Not when the products would be what spreads the work over threads.
+            small: (small_k::fits(g, conv.act, (h, w), pads)
+                && (per_unit || threads <= 1)
+                && conv.raw_weights.len() == g.c_out * k)
+                .then(|| {
+                    let bias = conv.bias.as_deref();
+                    let weights = &conv.raw_weights;
+                    small_k::Plan::new(g, weights, bias, conv.act, (h, w), pads, (oh, ow))
+                }),
             gemm_threads: if per_unit { 1 } else { threads },
         };
         let warm = direct && batch == 1 && x.len().saturating_mul(4) > WARM_MIN_BYTES;
@@ -153,6 +164,16 @@ impl Lowering<'_> {
     fn unit(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
         let g = &self.conv.geom;
         let images = out.len() / (g.c_out * self.ohw);
+        if let Some(small) = &self.small {
+            let img_out = g.c_out * self.ohw;
+            for (xi, oi) in x
+                .chunks_exact(g.c_in * self.h * self.w)
+                .zip(out.chunks_exact_mut(img_out))
+            {
+                small.image(xi, oi);
+            }
+            return Ok(());
+        }
         if self.direct && self.batch == 1 {
             return self.products(x, out, images);
         }
