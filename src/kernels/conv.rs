@@ -425,7 +425,7 @@ pub fn conv2d_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::simd::portable_only;
+    use crate::kernels::simd::{avx2_only, portable_only};
     use crate::kernels::testutil::conv_geom as geom;
     use crate::kernels::testutil::{assert_close, Rng};
 
@@ -455,6 +455,11 @@ mod tests {
             1e-4,
             &format!("{g:?} input {n}x{h}x{w} threads {threads}"),
         );
+        got.fill(f32::NAN);
+        // Without AVX-512, layers with few taps are GEMM products too.
+        pool.install(|| avx2_only(|| conv.run(&x, [n, h, w], &mut got)))
+            .unwrap();
+        assert_close(&got, &want, 1e-4, &format!("avx2 {g:?} {n}x{h}x{w}"));
         got.fill(f32::NAN);
         pool.install(|| portable_only(|| conv.run(&x, [n, h, w], &mut got)))
             .unwrap();
@@ -708,6 +713,12 @@ mod tests {
                     1e-4,
                     &format!("{g:?} pooled, threads {threads}"),
                 );
+                got.fill(f32::NAN);
+                pool.install(|| {
+                    avx2_only(|| conv.run_pooled(&x, [n, h, w], g.pads, &stage, &mut got))
+                })
+                .unwrap();
+                assert_close(&got, &want, 1e-4, &format!("{g:?} pooled avx2"));
             }
         }
     }

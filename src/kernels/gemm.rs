@@ -13,14 +13,21 @@ mod pack;
 
 use rayon::prelude::*;
 
-use self::micro::{CTile, TileEpi, MR, MR2, NR, NR2};
+use self::micro::{CTile, TileEpi, MR, NR};
 use super::activation::Activation;
 use super::scratch;
-use super::simd::{has_avx2_fma, has_avx512_f32};
+use super::simd::has_avx2_fma;
 use crate::error::{Error, Result};
 
 /// Depth of a packed block: a `KC x NR` panel of B (16 KiB) stays in L1.
 const KC: usize = 256;
+/// The depth of the K blocks of a `k`-deep product: at most [`KC`], and all (but the last,
+/// by less than one per block) the same, so no block is a short remainder whose pass over
+/// C costs as much as a full one (288 splits as 144 + 144, not 256 + 32).
+fn k_block(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC).max(1)).max(1)
+}
+
 /// Rows of A packed per block (a multiple of MR): the `MC x KC` block stays in L2.
 const MC: usize = 96;
 /// Columns of B packed per block (a multiple of NR).
@@ -217,8 +224,9 @@ impl PackedA {
     pub fn new(a: MatRef) -> PackedA {
         let rows_pad = a.rows.div_ceil(MR) * MR;
         let mut panels = Panels::zeroed(rows_pad * a.cols);
-        for pc in (0..a.cols).step_by(KC) {
-            let kc = KC.min(a.cols - pc);
+        let step = k_block(a.cols);
+        for pc in (0..a.cols).step_by(step) {
+            let kc = step.min(a.cols - pc);
             let dst = panels.as_mut_slice(pc * rows_pad, rows_pad * kc);
             pack::pack_a(dst, &a, 0, a.rows, pc, kc);
         }
@@ -257,8 +265,9 @@ impl PackedB {
     pub fn new(b: MatRef) -> PackedB {
         let cols_pad = b.cols.div_ceil(NR) * NR;
         let mut panels = Panels::zeroed(cols_pad * b.rows);
-        for pc in (0..b.rows).step_by(KC) {
-            let kc = KC.min(b.rows - pc);
+        let step = k_block(b.rows);
+        for pc in (0..b.rows).step_by(step) {
+            let kc = step.min(b.rows - pc);
             let dst = panels.as_mut_slice(pc * cols_pad, cols_pad * kc);
             pack::pack_b(dst, &b, pc, kc, 0, b.cols);
         }
@@ -421,7 +430,6 @@ pub fn gemm_threads(
         ldc: c.ld,
         epi,
         avx: has_avx2_fma(),
-        avx512: has_avx512_f32(),
     };
     let (split_n, parts) = plan(&job, threads);
     if parts <= 1 {
@@ -555,8 +563,6 @@ struct Job<'a> {
     ldc: usize,
     epi: Epilogue<'a>,
     avx: bool,
-    /// 512-bit tiles (`MR2 x NR2`, over pairs of the same packed panels).
-    avx512: bool,
 }
 
 /// Whether to split over columns (else rows) and into how many parts. The part that is not
@@ -593,13 +599,13 @@ impl Job<'_> {
     unsafe fn run_block(&self, m0: usize, m1: usize, n0: usize, n1: usize) {
         let k = self.k;
         let a_len = match self.a {
-            Lhs::Mat(_) => MC.min(m1 - m0).div_ceil(MR) * MR * KC.min(k),
+            Lhs::Mat(_) => MC.min(m1 - m0).div_ceil(MR) * MR * k_block(k),
             Lhs::Packed(_) => 0,
         };
         let b_len = match self.b {
             Rhs::Packed(_) => 0,
             // Gathered packing may write one run past the last panel.
-            _ => NC.min(n1 - n0).div_ceil(NR) * NR * KC.min(k) + NR,
+            _ => NC.min(n1 - n0).div_ceil(NR) * NR * k_block(k) + NR,
         };
         scratch::with_f32(a_len, |abuf| {
             scratch::with_f32(b_len, |bbuf| {
@@ -608,7 +614,7 @@ impl Job<'_> {
                     let nc = NC.min(n1 - jc);
                     let mut pc = 0;
                     while pc < k {
-                        let kc = KC.min(k - pc);
+                        let kc = k_block(k).min(k - pc);
                         let bp = match self.b {
                             Rhs::Packed(p) => p.block(pc, kc, jc),
                             Rhs::Mat(mat) => {
@@ -659,15 +665,14 @@ impl Job<'_> {
             col_bias: std::ptr::null(),
             act: self.epi.act,
         };
-        let (tile_rows, tile_cols) = if self.avx512 { (MR2, NR2) } else { (MR, NR) };
-        for jr in (0..nc).step_by(tile_cols) {
-            let cols = tile_cols.min(nc - jr);
+        for jr in (0..nc).step_by(NR) {
+            let cols = NR.min(nc - jr);
             let b_panel = bp.add(jr * kc);
             if let Bias::PerCol(v) = self.epi.bias {
                 ep.col_bias = v.as_ptr().add(jc + jr);
             }
-            for ir in (0..mc).step_by(tile_rows) {
-                let rows = tile_rows.min(mc - ir);
+            for ir in (0..mc).step_by(MR) {
+                let rows = MR.min(mc - ir);
                 if let Bias::PerRow(v) = self.epi.bias {
                     ep.row_bias = v.as_ptr().add(ic + ir);
                 }
@@ -677,13 +682,6 @@ impl Job<'_> {
                     rows,
                     cols,
                 };
-                #[cfg(target_arch = "x86_64")]
-                let f = if self.avx512 {
-                    micro::select512(rows, cols)
-                } else {
-                    micro::select(rows, cols, self.avx)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
                 let f = micro::select(rows, cols, self.avx);
                 f(kc, ap.add(ir * kc), b_panel, &tile, &ep);
             }
@@ -694,7 +692,7 @@ impl Job<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::simd::{avx2_only, portable_only};
+    use crate::kernels::simd::portable_only;
     use crate::kernels::testutil::{assert_close, Rng};
 
     struct Case {
@@ -832,37 +830,11 @@ mod tests {
     }
 
     #[test]
-    fn avx2_kernel_matches_reference() {
-        // The AVX-512 tiles are the default where available; the 6 x 16 ones must stay right.
-        let mut rng = Rng::new(6);
-        avx2_only(|| {
-            for (i, (m, n, k)) in [(7, 19, 5), (13, 40, 300), (50, 64, 37)]
-                .into_iter()
-                .enumerate()
-            {
-                let case = Case {
-                    m,
-                    n,
-                    k,
-                    trans_a: i == 1,
-                    trans_b: i == 2,
-                    pad: i,
-                    alpha: 1.0,
-                    beta: [0.0, 1.0, 0.5][i],
-                    bias: i as u8,
-                    act: Some(Activation::Relu),
-                };
-                check(&case, 1 + i % 2, &mut rng);
-            }
-        });
-    }
-
-    #[test]
     fn every_tile_shape_matches_reference() {
-        // Every rows x cols remainder of both tile sizes, with and without a partial K block.
+        // Every rows x cols remainder of the tiles, with and without a partial K block.
         let mut rng = Rng::new(8);
-        for m in 1..=MR2 + 1 {
-            for n in [1, 5, NR, NR + 3, NR2, NR2 + 1] {
+        for m in 1..=2 * MR + 1 {
+            for n in [1, 5, NR, NR + 3, 2 * NR, 2 * NR + 1] {
                 let case = Case {
                     m,
                     n,
@@ -880,7 +852,6 @@ mod tests {
                     ][m % 3],
                 };
                 check(&case, 1, &mut rng);
-                avx2_only(|| check(&case, 1, &mut rng));
             }
         }
     }
