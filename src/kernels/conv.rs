@@ -3,6 +3,8 @@
 //!
 //! Strategies, picked per call from the geometry:
 //! - depthwise (`groups == C_in == C_out`): a direct, vectorised kernel;
+//! - few taps per output (first layers on one or a few channels, with AVX-512): a direct
+//!   kernel over a "wide" padded image ([`small_k`]);
 //! - everything else is lowered to GEMM ([`lowered`]): the packed weights times the image
 //!   (1x1, stride 1, no padding) or its im2col matrix, an implicit gathered view of a
 //!   zero-padded copy that is never materialised.
@@ -13,6 +15,7 @@
 mod depthwise;
 mod layout;
 mod lowered;
+mod small_k;
 
 use rayon::prelude::*;
 
@@ -136,8 +139,9 @@ pub struct PoolStage {
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     geom: Conv2dGeom,
-    /// Depthwise: the raw `[C, kh * kw]` filters. Otherwise empty.
-    dw_weights: Vec<f32>,
+    /// The raw `[C_out, K]` filters for the direct kernels: depthwise, or few taps per output
+    /// ([`small_k`]). Otherwise empty.
+    raw_weights: Vec<f32>,
     /// One packed `C_out/g x K` matrix per group (empty for depthwise).
     packed: Vec<PackedA>,
     bias: Option<Vec<f32>>,
@@ -174,20 +178,25 @@ impl Conv2d {
                 )));
             }
         }
-        let (dw_weights, packed) = if geom.is_depthwise() {
+        let (raw_weights, packed) = if geom.is_depthwise() {
             (weight.to_vec(), Vec::new())
         } else {
+            let raw = if k <= small_k::MAX_K {
+                weight.to_vec()
+            } else {
+                Vec::new()
+            };
             let m = geom.c_out / geom.groups;
             let packed = (0..geom.groups)
                 .map(|g| {
                     MatRef::row_major(&weight[g * m * k..(g + 1) * m * k], m, k).map(PackedA::new)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            (Vec::new(), packed)
+            (raw, packed)
         };
         Ok(Conv2d {
             geom,
-            dw_weights,
+            raw_weights,
             packed,
             bias: bias.map(<[f32]>::to_vec),
             act,
@@ -225,23 +234,28 @@ impl Conv2d {
         if out.is_empty() {
             return Ok(());
         }
-        // The padded scratch image must be allocatable (pads come from the model file).
-        let hp = h.checked_add(pads[0]).and_then(|x| x.checked_add(pads[2]));
-        let wp = w.checked_add(pads[1]).and_then(|x| x.checked_add(pads[3]));
-        match (hp, wp) {
-            (Some(hp), Some(wp)) => {
-                let row = wp.saturating_add(2 * g.stride[1] + 32);
-                checked_numel(&[g.c_in.max(1), hp, row], 4)?;
-            }
-            _ => return Err(Error::TooLarge(format!("conv: pads {pads:?} overflow"))),
-        }
+        self.check_padded(h, w, pads)?;
         let threads = crate::kernels::par::threads();
         if g.is_depthwise() {
             self.run_depthwise(x, [n, h, w], pads, out, threads);
         } else {
-            lowered::run(self, x, [n, h, w], pads, (oh, ow), out, threads)?;
+            lowered::run(self, x, [n, h, w], pads, (oh, ow), None, out, threads)?;
         }
         Ok(())
+    }
+
+    /// Checks that the padded scratch image is allocatable (pads come from the model file).
+    fn check_padded(&self, h: usize, w: usize, pads: [usize; 4]) -> Result<()> {
+        let hp = h.checked_add(pads[0]).and_then(|x| x.checked_add(pads[2]));
+        let wp = w.checked_add(pads[1]).and_then(|x| x.checked_add(pads[3]));
+        match (hp, wp) {
+            (Some(hp), Some(wp)) => {
+                let row = wp.saturating_add(2 * self.geom.stride[1] + 32);
+                checked_numel(&[self.geom.c_in.max(1), hp, row], 4)?;
+                Ok(())
+            }
+            _ => Err(Error::TooLarge(format!("conv: pads {pads:?} overflow"))),
+        }
     }
 
     /// As [`Conv2d::run_with_pads`], then `pool` over the result: `out` is
@@ -273,6 +287,13 @@ impl Conv2d {
         }
         if out.is_empty() {
             return Ok(());
+        }
+        if !g.is_depthwise() {
+            // One lowering (offsets, work split) for the whole batch.
+            self.check_padded(h, w, pads)?;
+            let threads = crate::kernels::par::threads();
+            let hw = (oh, ow);
+            return lowered::run(self, x, [n, h, w], pads, hw, Some(pool), out, threads);
         }
         let conv_len = checked_numel(&[g.c_out, oh, ow], 4)?;
         let one = |(xi, oi): (&[f32], &mut [f32])| {
@@ -312,7 +333,7 @@ impl Conv2d {
             depthwise::tap_offsets(g, &setup.layout, taps);
             let taps = &*taps;
             let filters = depthwise::Filters {
-                weights: &self.dw_weights,
+                weights: &self.raw_weights,
                 bias: self.bias.as_deref(),
                 act: self.act,
                 channels: g.c_in,
@@ -404,7 +425,7 @@ pub fn conv2d_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::simd::portable_only;
+    use crate::kernels::simd::{avx2_only, portable_only};
     use crate::kernels::testutil::conv_geom as geom;
     use crate::kernels::testutil::{assert_close, Rng};
 
@@ -434,6 +455,11 @@ mod tests {
             1e-4,
             &format!("{g:?} input {n}x{h}x{w} threads {threads}"),
         );
+        got.fill(f32::NAN);
+        // Without AVX-512, layers with few taps are GEMM products too.
+        pool.install(|| avx2_only(|| conv.run(&x, [n, h, w], &mut got)))
+            .unwrap();
+        assert_close(&got, &want, 1e-4, &format!("avx2 {g:?} {n}x{h}x{w}"));
         got.fill(f32::NAN);
         pool.install(|| portable_only(|| conv.run(&x, [n, h, w], &mut got)))
             .unwrap();
@@ -588,6 +614,112 @@ mod tests {
                 rng.range(1, 2),
                 &mut rng,
             );
+        }
+    }
+
+    #[test]
+    fn pooled_matches_reference_then_pool() {
+        use crate::kernels::pool::pool2d_reference;
+        let mut rng = Rng::new(12);
+        let max2 = Pool2dGeom {
+            kernel: [2, 2],
+            stride: [2, 2],
+            dilation: [1, 1],
+            pads: [0; 4],
+            ceil_mode: false,
+        };
+        let avg3 = Pool2dGeom {
+            kernel: [3, 3],
+            stride: [2, 2],
+            dilation: [1, 1],
+            pads: [1, 1, 1, 1],
+            ceil_mode: true,
+        };
+        let cases = [
+            // LeNet-5 and the MNIST CNN, a few images.
+            (
+                geom(1, 20, 1, [5, 5], [1, 1], [1, 1], [0; 4]),
+                [3, 28, 28],
+                &max2,
+                PoolKind::Max,
+            ),
+            (
+                geom(20, 50, 1, [5, 5], [1, 1], [1, 1], [0; 4]),
+                [2, 12, 12],
+                &max2,
+                PoolKind::Max,
+            ),
+            (
+                geom(1, 32, 1, [3, 3], [1, 1], [1, 1], [1; 4]),
+                [3, 28, 28],
+                &max2,
+                PoolKind::Max,
+            ),
+            (
+                geom(32, 64, 1, [3, 3], [1, 1], [1, 1], [1; 4]),
+                [2, 14, 14],
+                &max2,
+                PoolKind::Max,
+            ),
+            // Batched products (7x7 outputs), groups, a strided conv, average pooling.
+            (
+                geom(6, 8, 2, [3, 3], [1, 1], [1, 1], [1; 4]),
+                [5, 7, 7],
+                &avg3,
+                PoolKind::Avg {
+                    count_include_pad: false,
+                },
+            ),
+            (
+                geom(4, 5, 1, [3, 3], [2, 2], [1, 1], [1; 4]),
+                [3, 13, 11],
+                &max2,
+                PoolKind::Max,
+            ),
+            (
+                geom(3, 3, 3, [3, 3], [1, 1], [1, 1], [1; 4]),
+                [2, 9, 9],
+                &max2,
+                PoolKind::Max,
+            ),
+        ];
+        for (g, [n, h, w], pg, kind) in cases {
+            let (oh, ow) = g.out_hw(h, w).unwrap();
+            let (ph, pw) = pg.out_hw(oh, ow).unwrap();
+            let x = rng.vec(n * g.c_in * h * w);
+            let wt = rng.vec(g.c_out * g.k());
+            let bias = rng.vec(g.c_out);
+            let act = Some(Activation::Relu);
+            let mut full = vec![0.0; n * g.c_out * oh * ow];
+            conv2d_reference(&g, &x, [n, h, w], &wt, Some(&bias), act, &mut full).unwrap();
+            let mut want = vec![0.0; n * g.c_out * ph * pw];
+            pool2d_reference(pg, kind, &full, [n * g.c_out, oh, ow], &mut want).unwrap();
+            let conv = Conv2d::new(g.clone(), &wt, Some(&bias), act).unwrap();
+            let stage = PoolStage {
+                geom: pg.clone(),
+                kind,
+            };
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![f32::NAN; want.len()];
+                pool.install(|| conv.run_pooled(&x, [n, h, w], g.pads, &stage, &mut got))
+                    .unwrap();
+                assert_close(
+                    &got,
+                    &want,
+                    1e-4,
+                    &format!("{g:?} pooled, threads {threads}"),
+                );
+                got.fill(f32::NAN);
+                pool.install(|| {
+                    avx2_only(|| conv.run_pooled(&x, [n, h, w], g.pads, &stage, &mut got))
+                })
+                .unwrap();
+                assert_close(&got, &want, 1e-4, &format!("{g:?} pooled avx2"));
+            }
         }
     }
 

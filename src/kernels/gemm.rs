@@ -21,6 +21,13 @@ use crate::error::{Error, Result};
 
 /// Depth of a packed block: a `KC x NR` panel of B (16 KiB) stays in L1.
 const KC: usize = 256;
+/// The depth of the K blocks of a `k`-deep product: at most [`KC`], and all (but the last,
+/// by less than one per block) the same, so no block is a short remainder whose pass over
+/// C costs as much as a full one (288 splits as 144 + 144, not 256 + 32).
+fn k_block(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC).max(1)).max(1)
+}
+
 /// Rows of A packed per block (a multiple of MR): the `MC x KC` block stays in L2.
 const MC: usize = 96;
 /// Columns of B packed per block (a multiple of NR).
@@ -217,8 +224,9 @@ impl PackedA {
     pub fn new(a: MatRef) -> PackedA {
         let rows_pad = a.rows.div_ceil(MR) * MR;
         let mut panels = Panels::zeroed(rows_pad * a.cols);
-        for pc in (0..a.cols).step_by(KC) {
-            let kc = KC.min(a.cols - pc);
+        let step = k_block(a.cols);
+        for pc in (0..a.cols).step_by(step) {
+            let kc = step.min(a.cols - pc);
             let dst = panels.as_mut_slice(pc * rows_pad, rows_pad * kc);
             pack::pack_a(dst, &a, 0, a.rows, pc, kc);
         }
@@ -257,8 +265,9 @@ impl PackedB {
     pub fn new(b: MatRef) -> PackedB {
         let cols_pad = b.cols.div_ceil(NR) * NR;
         let mut panels = Panels::zeroed(cols_pad * b.rows);
-        for pc in (0..b.rows).step_by(KC) {
-            let kc = KC.min(b.rows - pc);
+        let step = k_block(b.rows);
+        for pc in (0..b.rows).step_by(step) {
+            let kc = step.min(b.rows - pc);
             let dst = panels.as_mut_slice(pc * cols_pad, cols_pad * kc);
             pack::pack_b(dst, &b, pc, kc, 0, b.cols);
         }
@@ -590,13 +599,13 @@ impl Job<'_> {
     unsafe fn run_block(&self, m0: usize, m1: usize, n0: usize, n1: usize) {
         let k = self.k;
         let a_len = match self.a {
-            Lhs::Mat(_) => MC.min(m1 - m0).div_ceil(MR) * MR * KC.min(k),
+            Lhs::Mat(_) => MC.min(m1 - m0).div_ceil(MR) * MR * k_block(k),
             Lhs::Packed(_) => 0,
         };
         let b_len = match self.b {
             Rhs::Packed(_) => 0,
             // Gathered packing may write one run past the last panel.
-            _ => NC.min(n1 - n0).div_ceil(NR) * NR * KC.min(k) + NR,
+            _ => NC.min(n1 - n0).div_ceil(NR) * NR * k_block(k) + NR,
         };
         scratch::with_f32(a_len, |abuf| {
             scratch::with_f32(b_len, |bbuf| {
@@ -605,7 +614,7 @@ impl Job<'_> {
                     let nc = NC.min(n1 - jc);
                     let mut pc = 0;
                     while pc < k {
-                        let kc = KC.min(k - pc);
+                        let kc = k_block(k).min(k - pc);
                         let bp = match self.b {
                             Rhs::Packed(p) => p.block(pc, kc, jc),
                             Rhs::Mat(mat) => {
@@ -818,6 +827,33 @@ mod tests {
                 check(&case, 2, &mut rng);
             }
         });
+    }
+
+    #[test]
+    fn every_tile_shape_matches_reference() {
+        // Every rows x cols remainder of the tiles, with and without a partial K block.
+        let mut rng = Rng::new(8);
+        for m in 1..=2 * MR + 1 {
+            for n in [1, 5, NR, NR + 3, 2 * NR, 2 * NR + 1] {
+                let case = Case {
+                    m,
+                    n,
+                    k: if m % 2 == 0 { 3 } else { KC + 2 },
+                    trans_a: false,
+                    trans_b: false,
+                    pad: 1,
+                    alpha: if m % 3 == 0 { 0.5 } else { 1.0 },
+                    beta: if n % 2 == 0 { 1.0 } else { 0.0 },
+                    bias: (m % 3) as u8,
+                    act: [
+                        None,
+                        Some(Activation::LeakyRelu { alpha: 0.1 }),
+                        Some(Activation::Sigmoid),
+                    ][m % 3],
+                };
+                check(&case, 1, &mut rng);
+            }
+        }
     }
 
     #[test]

@@ -48,11 +48,34 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
+/// True when the f32 kernels may use 512-bit vectors: AVX2/FMA paths enabled
+/// ([`has_avx2_fma`]) and AVX-512 available and allowed ([`has_avx512`]).
+#[inline]
+pub fn has_avx512_f32() -> bool {
+    #[cfg(test)]
+    if AVX2_ONLY.with(|p| p.get()) {
+        return false;
+    }
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    has_avx2_fma() && *HAS.get_or_init(has_avx512)
+}
+
 #[cfg(test)]
 thread_local! {
     /// Lets tests exercise the portable kernels on machines with AVX2. Kernels sample
     /// [`has_avx2_fma`] on the calling thread, so the setting reaches their rayon workers.
     static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// As `PORTABLE_ONLY`, for the AVX2 paths of kernels that also have AVX-512 ones.
+    static AVX2_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the 512-bit f32 paths disabled on this thread (tests only).
+#[cfg(test)]
+pub fn avx2_only<R>(f: impl FnOnce() -> R) -> R {
+    AVX2_ONLY.with(|p| p.set(true));
+    let r = f();
+    AVX2_ONLY.with(|p| p.set(false));
+    r
 }
 
 /// Runs `f` with the AVX2 paths disabled on this thread (tests only).
@@ -116,6 +139,53 @@ pub mod avx {
     }
 }
 
+/// The 16-lane forms of [`avx::act`].
+#[cfg(target_arch = "x86_64")]
+pub mod avx512 {
+    use super::Activation;
+    use std::arch::x86_64::*;
+
+    /// `act` applied to sixteen lanes; identity for activations without a vector form.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn act(v: __m512, act: Activation) -> __m512 {
+        match act {
+            Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+            Activation::Clip { min, max } => {
+                _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(min)), _mm512_set1_ps(max))
+            }
+            Activation::HardSigmoid { alpha, beta } => {
+                let y = _mm512_add_ps(
+                    _mm512_mul_ps(v, _mm512_set1_ps(alpha)),
+                    _mm512_set1_ps(beta),
+                );
+                clamp01(y)
+            }
+            Activation::HardSwish => {
+                let y = _mm512_add_ps(
+                    _mm512_mul_ps(v, _mm512_set1_ps(1.0 / 6.0)),
+                    _mm512_set1_ps(0.5),
+                );
+                _mm512_mul_ps(v, clamp01(y))
+            }
+            Activation::LeakyRelu { alpha } => {
+                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
+                _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(alpha))
+            }
+            Activation::Sigmoid | Activation::Tanh => v,
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn clamp01(y: __m512) -> __m512 {
+        _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), _mm512_set1_ps(1.0))
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
@@ -144,6 +214,21 @@ mod tests {
                     use std::arch::x86_64::*;
                     let v = avx::act(_mm256_loadu_ps(chunk.as_ptr()), act);
                     _mm256_storeu_ps(out.as_mut_ptr(), v);
+                }
+                for (o, &x) in out.iter().zip(chunk) {
+                    assert_eq!(o.to_bits(), act.apply_scalar(x).to_bits(), "{act:?} at {x}");
+                }
+            }
+            if !has_avx512() {
+                continue;
+            }
+            for chunk in xs.chunks(16) {
+                let mut out = [0f32; 16];
+                // SAFETY: AVX-512 F checked above; `chunk` and `out` hold sixteen floats.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let v = avx512::act(_mm512_loadu_ps(chunk.as_ptr()), act);
+                    _mm512_storeu_ps(out.as_mut_ptr(), v);
                 }
                 for (o, &x) in out.iter().zip(chunk) {
                     assert_eq!(o.to_bits(), act.apply_scalar(x).to_bits(), "{act:?} at {x}");

@@ -12,11 +12,12 @@
 use rayon::prelude::*;
 
 use super::layout::Phased;
-use super::{Conv2d, PAR_MIN_MACS};
+use super::{small_k, Conv2d, PoolStage, PAR_MIN_MACS};
 use crate::error::Result;
 use crate::kernels::gemm::{
     self, Bias, Epilogue, GatherRef, Lhs, MatMut, MatRef, Rhs, GATHER_SLACK,
 };
+use crate::kernels::pool::pool2d;
 use crate::kernels::scratch;
 
 /// Inputs of direct (1x1) convolutions above this size are not expected in cache. A direct
@@ -50,6 +51,8 @@ struct Lowering<'a> {
     row_off: &'a [usize],
     /// Columns for `batch` images side by side.
     col_off: &'a [usize],
+    /// Few taps per output: the direct kernel instead of products.
+    small: Option<small_k::Plan<'a>>,
     gemm_threads: usize,
 }
 
@@ -60,6 +63,7 @@ pub(super) fn run(
     [n, h, w]: [usize; 3],
     pads: [usize; 4],
     (oh, ow): (usize, usize),
+    pool: Option<&PoolStage>,
     out: &mut [f32],
     threads: usize,
 ) -> Result<()> {
@@ -68,7 +72,7 @@ pub(super) fn run(
     let k = g.k();
     let cout_g = g.c_out / g.groups;
     let direct = g.kernel == [1, 1] && g.stride == [1, 1] && pads == [0; 4];
-    if direct && ohw == 1 && n > 1 {
+    if direct && ohw == 1 && n > 1 && pool.is_none() {
         return pixels(conv, x, n, out, threads);
     }
     let batch = images_per_product(ohw, n, cout_g);
@@ -110,21 +114,43 @@ pub(super) fn run(
             batch,
             row_off,
             col_off,
+            // Not when the products would be what spreads the work over threads.
+            small: (small_k::fits(g, conv.act, (h, w), pads)
+                && (per_unit || threads <= 1)
+                && conv.raw_weights.len() == g.c_out * k)
+                .then(|| {
+                    let bias = conv.bias.as_deref();
+                    let weights = &conv.raw_weights;
+                    small_k::Plan::new(g, weights, bias, conv.act, (h, w), pads, (oh, ow))
+                }),
             gemm_threads: if per_unit { 1 } else { threads },
         };
         let warm = direct && batch == 1 && x.len().saturating_mul(4) > WARM_MIN_BYTES;
         let in_len = batch * g.c_in * h * w;
-        let out_len = batch * g.c_out * ohw;
+        let pooled_hw = match pool {
+            Some(p) => Some(p.geom.out_hw(oh, ow)?),
+            None => None,
+        };
+        let out_len = batch * g.c_out * pooled_hw.map_or(ohw, |(ph, pw)| ph * pw);
         let unit = |(xs, o): (&[f32], &mut [f32])| {
             if warm {
                 warm_lines(xs);
             }
-            low.unit(xs, o)
+            let (Some(p), Some((ph, pw))) = (pool, pooled_hw) else {
+                return low.unit(xs, o);
+            };
+            // The unit's convolution output stays in a cache-sized scratch buffer instead
+            // of making a round trip through memory at full resolution.
+            let planes = o.len() / (ph * pw);
+            scratch::with_f32(planes * ohw, |t| {
+                low.unit(xs, t)?;
+                pool2d(&p.geom, p.kind, t, [planes, oh, ow], o)
+            })
         };
         if per_unit {
             x.par_chunks(in_len)
                 .zip(out.par_chunks_mut(out_len))
-                .try_for_each(unit)
+                .try_for_each(|p| crate::kernels::par::sequential(|| unit(p)))
         } else {
             x.chunks(in_len)
                 .zip(out.chunks_mut(out_len))
@@ -138,6 +164,16 @@ impl Lowering<'_> {
     fn unit(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
         let g = &self.conv.geom;
         let images = out.len() / (g.c_out * self.ohw);
+        if let Some(small) = &self.small {
+            let img_out = g.c_out * self.ohw;
+            for (xi, oi) in x
+                .chunks_exact(g.c_in * self.h * self.w)
+                .zip(out.chunks_exact_mut(img_out))
+            {
+                small.image(xi, oi);
+            }
+            return Ok(());
+        }
         if self.direct && self.batch == 1 {
             return self.products(x, out, images);
         }
