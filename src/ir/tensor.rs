@@ -170,6 +170,11 @@ impl Tensor {
         Arc::unwrap_or_clone(self.data)
     }
 
+    /// The buffer when no other clone shares it.
+    pub fn into_unshared_data(self) -> Option<TensorData> {
+        Arc::try_unwrap(self.data).ok()
+    }
+
     pub fn into_parts(self) -> (Vec<usize>, TensorData) {
         (self.shape, Arc::unwrap_or_clone(self.data))
     }

@@ -127,11 +127,11 @@ impl RunCtx {
         }
     }
 
-    /// Returns a dead tensor's storage to the pool.
+    /// Returns a dead tensor's storage to the pool (unless another clone still shares it).
     pub fn release(&mut self, t: Tensor) {
-        match t.into_data() {
-            crate::ir::TensorData::F32(v) => keep(&mut self.free_f32, v, Self::POOL_LEN),
-            crate::ir::TensorData::U8(v) => keep(&mut self.free_u8, v, Self::POOL_LEN),
+        match t.into_unshared_data() {
+            Some(crate::ir::TensorData::F32(v)) => keep(&mut self.free_f32, v, Self::POOL_LEN),
+            Some(crate::ir::TensorData::U8(v)) => keep(&mut self.free_u8, v, Self::POOL_LEN),
             _ => {}
         }
     }

@@ -113,6 +113,22 @@ impl Session {
         self.run_inner(feeds, None, Some(observer))
     }
 
+    /// Gives tensors of an earlier run (its outputs, once read) back to the buffer pool, so
+    /// later runs reuse their storage instead of zeroing fresh pages for it.
+    pub fn recycle(&self, tensors: impl IntoIterator<Item = Tensor>) {
+        let Ok(mut pool) = self.scratch.lock() else {
+            return;
+        };
+        if pool.is_empty() {
+            pool.push(RunCtx::default());
+        }
+        if let Some(ctx) = pool.last_mut() {
+            for t in tensors {
+                ctx.release(t);
+            }
+        }
+    }
+
     /// As [`Session::run`], also timing every step.
     pub fn run_profiled(
         &self,

@@ -337,9 +337,14 @@ fn stream<S: Send>(
                 }
             }
         });
-        if let Err(e) = ran {
-            flow.fail(e);
-            return false;
+        match ran {
+            // The observed values are graph outputs of this session: handing their buffers
+            // back lets the next batch reuse them (fresh ones are zeroed page by page).
+            Ok(outputs) => session.recycle(outputs.into_iter().map(|(_, t)| t)),
+            Err(e) => {
+                flow.fail(e);
+                return false;
+            }
         }
         // Tensors this run did not show still pass the turn on.
         for (i, _) in seen.iter().enumerate().filter(|(_, s)| !**s) {
