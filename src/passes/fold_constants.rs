@@ -18,12 +18,31 @@ pub fn fold_constants(model: &Model) -> Result<(Model, PassReport)> {
     let before = out.graph.nodes.len();
     let opset = out.opset();
     let graph_outputs: HashSet<String> = out.graph.outputs.iter().map(|v| v.name.clone()).collect();
-    let product_weights: HashSet<String> = out
+    // Weights and biases of products whose data comes quantized through a DequantizeLinear
+    // (the QDQ pattern the runtime runs on integer kernels, see runtime::qdq_products).
+    let dequantized: HashSet<&str> = out
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .filter(|n| {
+            n.input(0)
+                .is_some_and(|x| !out.graph.initializers.contains_key(x))
+        })
+        .flat_map(|n| n.outputs.iter().map(String::as_str))
+        .collect();
+    let product_params: HashSet<String> = out
         .graph
         .nodes
         .iter()
         .filter(|n| matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul"))
-        .filter_map(|n| n.input(1).map(str::to_string))
+        .filter(|n| n.input(0).is_some_and(|x| dequantized.contains(x)))
+        .flat_map(|n| {
+            [n.input(1), n.input(2)]
+                .into_iter()
+                .flatten()
+                .map(str::to_string)
+        })
         .collect();
     let mut kept = Vec::with_capacity(out.graph.nodes.len());
     let mut folded = 0usize;
@@ -35,14 +54,14 @@ pub fn fold_constants(model: &Model) -> Result<(Model, PassReport)> {
             .all(|n| n.is_empty() || out.graph.initializers.contains_key(n));
         // Graph outputs stay as computed values so the graph keeps its output list intact.
         let feeds_output = node.outputs.iter().any(|o| graph_outputs.contains(o));
-        // A product's quantized weights stay codes: the runtime runs the product on them
-        // (see runtime::qdq_products), and the file stays small.
+        // A quantized product's weight and bias stay codes: the runtime runs the product on
+        // them (see runtime::qdq_products).
         let quantized_weight = node.op_type == "DequantizeLinear"
-            && node.outputs.iter().any(|o| product_weights.contains(o))
+            && node.outputs.iter().any(|o| product_params.contains(o))
             && node
                 .input(0)
                 .and_then(|c| out.graph.initializers.get(c))
-                .is_some_and(|c| matches!(c.dtype(), DType::U8 | DType::I8));
+                .is_some_and(|c| matches!(c.dtype(), DType::U8 | DType::I8 | DType::I32));
         if !all_constant || feeds_output || quantized_weight || node.outputs.is_empty() {
             kept.push(node);
             continue;
@@ -218,22 +237,42 @@ mod tests {
 
     #[test]
     fn folds_constant_nodes_but_keeps_quantized_product_weights() {
-        let product = Node::new(
+        // Quantized data (codes through a DequantizeLinear): the weight stays codes.
+        let mut quantized = model(Node::new(
             "mm",
             "MatMul",
-            vec!["x".into(), "w".into()],
+            vec!["xf".into(), "w".into()],
             vec!["y".into()],
+        ));
+        quantized.graph.nodes.insert(
+            0,
+            Node::new(
+                "dq_x",
+                "DequantizeLinear",
+                vec!["x".into(), "scale".into()],
+                vec!["xf".into()],
+            ),
         );
-        let (kept, _) = fold_constants(&model(product)).unwrap();
-        assert_eq!(kept.graph.nodes.len(), 2);
+        let (kept, _) = fold_constants(&quantized).unwrap();
+        assert_eq!(kept.graph.nodes.len(), 3);
         assert!(kept.graph.initializers.contains_key("codes"));
 
-        let other = Node::new("add", "Add", vec!["x".into(), "w".into()], vec!["y".into()]);
-        let (folded, report) = fold_constants(&model(other)).unwrap();
-        assert_eq!(folded.graph.nodes.len(), 1, "{report:?}");
-        assert_eq!(
-            folded.graph.initializers["w"].as_f32().unwrap(),
-            &[0.5, -1.0, 1.5, -2.0]
-        );
+        // f32 data (weight-only quantization) and other readers: the weight is folded.
+        for reader in [
+            Node::new(
+                "mm",
+                "MatMul",
+                vec!["x".into(), "w".into()],
+                vec!["y".into()],
+            ),
+            Node::new("add", "Add", vec!["x".into(), "w".into()], vec!["y".into()]),
+        ] {
+            let (folded, report) = fold_constants(&model(reader)).unwrap();
+            assert_eq!(folded.graph.nodes.len(), 1, "{report:?}");
+            assert_eq!(
+                folded.graph.initializers["w"].as_f32().unwrap(),
+                &[0.5, -1.0, 1.5, -2.0]
+            );
+        }
     }
 }

@@ -126,6 +126,7 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             &qfuse::Uses {
                 readers: &readers,
                 graph_outputs: &graph_outputs,
+                producers: &producer_of,
             },
         ),
         false => HashMap::new(),
@@ -157,6 +158,7 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             let uses = qfuse::Uses {
                 readers: &readers,
                 graph_outputs: &graph_outputs,
+                producers: &producer_of,
             };
             let chain = qfuse::fuse_chain(model, i, &uses)
                 .filter(|f| f.nodes.iter().all(|&j| !absorbed[j]));

@@ -76,6 +76,8 @@ pub struct Uses<'a> {
     /// Node input slots reading each value (a node reading it twice counts twice).
     pub readers: &'a HashMap<&'a str, usize>,
     pub graph_outputs: &'a HashSet<&'a str>,
+    /// The node computing each value.
+    pub producers: &'a HashMap<&'a str, usize>,
 }
 
 enum Link {

@@ -12,7 +12,7 @@ pub mod lut;
 mod matmul;
 mod params;
 mod prepared;
-mod qdq;
+pub(crate) mod qdq;
 mod window;
 
 use super::OpDef;

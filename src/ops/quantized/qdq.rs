@@ -33,7 +33,7 @@ pub const DEQUANTIZE_LINEAR: OpDef = OpDef {
     fuses_activation: false,
 };
 
-fn check_block_size(node: &Node) -> Result<()> {
+pub(crate) fn check_block_size(node: &Node) -> Result<()> {
     match node.attr_int("block_size")? {
         None | Some(0) => Ok(()),
         Some(b) => Err(node_error(
@@ -44,7 +44,7 @@ fn check_block_size(node: &Node) -> Result<()> {
 }
 
 /// Output element type of QuantizeLinear: the zero point's, else `output_dtype` (21), else u8.
-fn quantize_output_dtype(node: &Node, zp_type: Option<DType>) -> Result<DType> {
+pub(crate) fn quantize_output_dtype(node: &Node, zp_type: Option<DType>) -> Result<DType> {
     let dt = match zp_type {
         Some(t) => t,
         None => match node.attr_int("output_dtype")? {
