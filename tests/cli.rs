@@ -82,6 +82,36 @@ fn bench_reports_latency() {
     assert_eq!(v["batch"], 4);
 }
 
+/// The README's first command, shortened: every step runs on the embedded MNIST and prints
+/// its result, and the quantized model keeps its accuracy.
+#[test]
+fn demo_runs_every_step() {
+    let o = lithe(&[
+        "demo",
+        "--limit",
+        "300",
+        "--seconds",
+        "0.05",
+        "--train-epochs",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    for step in [
+        "== 1. inspect",
+        "== 2. evaluate",
+        "== 3. latency",
+        "== 4. quantize",
+    ] {
+        assert!(text.contains(step), "{step} missing:\n{text}");
+    }
+    assert!(
+        text.contains("top-1") && text.contains("integer engine"),
+        "{text}"
+    );
+    assert!(text.contains("x the f32 latency"), "{text}");
+}
+
 fn assert_one_line_failure(o: &Output, expect: &str) {
     assert!(!o.status.success(), "should fail");
     let err = stderr(o);
