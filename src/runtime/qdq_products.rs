@@ -30,6 +30,9 @@ pub struct ProductFusion {
     pub nodes: Vec<usize>,
     /// The Conv, Gemm or MatMul: the step's name.
     pub product: usize,
+    /// Weight or bias DequantizeLinear nodes (index, value) this product reads but shares with
+    /// other readers: absorbed only if every reader is a fused product.
+    shared: Vec<(usize, String)>,
     pub label: String,
     /// The codes the step reads and writes.
     pub input: String,
@@ -39,13 +42,35 @@ pub struct ProductFusion {
 
 /// Every fusable product of the graph, keyed by the index of its data's DequantizeLinear.
 pub fn find(model: &Model, uses: &Uses) -> HashMap<usize, ProductFusion> {
-    let mut out = HashMap::new();
+    let mut out: HashMap<usize, ProductFusion> = HashMap::new();
     for (j, node) in model.graph.nodes.iter().enumerate() {
         if matches!(node.op_type.as_str(), "Conv" | "Gemm" | "MatMul") && default_domain(node) {
             if let Some(f) = fuse_product(model, uses, j) {
                 out.insert(f.nodes[0], f);
             }
         }
+    }
+    // A weight read by several products: its DequantizeLinear would run on every inference
+    // for nothing once all of them are fused.
+    let mut fused_reads: HashMap<&str, usize> = HashMap::new();
+    for f in out.values() {
+        for (_, v) in &f.shared {
+            *fused_reads.entry(v.as_str()).or_default() += 1;
+        }
+    }
+    let idle: Vec<usize> = out
+        .values()
+        .flat_map(|f| &f.shared)
+        .filter(|(_, v)| {
+            !uses.graph_outputs.contains(v.as_str())
+                && uses.readers.get(v.as_str()) == fused_reads.get(v.as_str())
+        })
+        .map(|&(i, _)| i)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if let Some(f) = out.values_mut().next() {
+        f.nodes.extend(idle);
     }
     out
 }
@@ -168,9 +193,7 @@ fn fuse_product(model: &Model, uses: &Uses, j: usize) -> Option<ProductFusion> {
                 None => {
                     let k = *producer.get(b)?;
                     let codes = bias_codes_of_dq(model, &graph.nodes[k], n_out, kind, &acc_scale)?;
-                    if sole_use(uses, b) {
-                        absorbed_bias = Some(k);
-                    }
+                    absorbed_bias = Some(k);
                     codes
                 }
             };
@@ -294,10 +317,16 @@ fn fuse_product(model: &Model, uses: &Uses, j: usize) -> Option<ProductFusion> {
     };
 
     let mut nodes = vec![dq_x_index];
-    if sole_use(uses, p.input(1)?) {
-        nodes.push(dq_w_index);
+    let mut shared = Vec::new();
+    match sole_use(uses, p.input(1)?) {
+        true => nodes.push(dq_w_index),
+        false => shared.push((dq_w_index, p.input(1)?.to_string())),
     }
-    nodes.extend(absorbed_bias);
+    match absorbed_bias {
+        Some(k) if sole_use(uses, p.input(2)?) => nodes.push(k),
+        Some(k) => shared.push((k, p.input(2)?.to_string())),
+        None => {}
+    }
     nodes.push(j);
     nodes.extend(act);
     nodes.push(k);
@@ -309,6 +338,7 @@ fn fuse_product(model: &Model, uses: &Uses, j: usize) -> Option<ProductFusion> {
     Some(ProductFusion {
         nodes,
         product: j,
+        shared,
         label: label.join("+"),
         input: x_codes.to_string(),
         output: q_out.clone(),
@@ -803,6 +833,48 @@ mod tests {
         };
         assert!(a.iter().zip(b).all(|(&p, &q)| p.abs_diff(q) <= 1));
         assert!(a.iter().all(|&c| (-50..=50).contains(&c)));
+    }
+
+    /// A weight DequantizeLinear read by two fused products is not planned at all.
+    #[test]
+    fn shared_weight_is_absorbed_when_every_reader_fuses() {
+        let mut rng = Rng::new(2);
+        let (k, n) = (6, 4);
+        let mut m = model(
+            &[2, k],
+            vec![
+                node("DequantizeLinear", &["w", "ws"], "wf").with_attr("axis", Attr::Int(1)),
+                node("DequantizeLinear", &["x", "xs", "xz"], "xa"),
+                node("DequantizeLinear", &["x", "xs", "xz"], "xb"),
+                node("MatMul", &["xa", "wf"], "pa"),
+                node("MatMul", &["xb", "wf"], "pb"),
+                node("QuantizeLinear", &["pa", "ys", "yz"], "ya"),
+                node("QuantizeLinear", &["pb", "ys", "yz"], "yb"),
+            ],
+            vec![
+                ("xs", Tensor::scalar_f32(0.05)),
+                ("xz", scalar_u8(128)),
+                ("w", i8s(vec![k, n], &mut rng)),
+                ("ws", f32s(n, 0.004, 0.009, &mut rng)),
+                ("ys", Tensor::scalar_f32(0.02)),
+                ("yz", scalar_u8(100)),
+            ],
+        );
+        m.graph.outputs = ["ya", "yb"]
+            .iter()
+            .map(|o| ValueInfo::new(*o, TypeInfo::unknown_shape(DType::U8)))
+            .collect();
+        let x = u8s(vec![2, k], &mut rng);
+        let s = Session::new(&m, &SessionOptions::default()).unwrap();
+        assert_eq!(
+            s.step_labels(),
+            [
+                "DequantizeLinear+MatMul+QuantizeLinear",
+                "DequantizeLinear+MatMul+QuantizeLinear"
+            ]
+        );
+        let out = s.run(&[("x", x)]).unwrap();
+        assert_eq!(out[0].1, out[1].1);
     }
 
     /// f32 weights (not quantized) and a data input with a second reader stay unfused.
