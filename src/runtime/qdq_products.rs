@@ -798,6 +798,17 @@ mod tests {
         }
     }
 
+    /// Data, weight (`[k, n]`, scales along axis 1) and output parameters of a MatMul.
+    fn matmul_params(k: usize, n: usize, rng: &mut Rng) -> Vec<(&'static str, Tensor)> {
+        vec![
+            ("xs", Tensor::scalar_f32(0.05)),
+            ("xz", scalar_u8(128)),
+            ("w", i8s(vec![k, n], rng)),
+            ("ws", f32s(n, 0.004, 0.009, rng)),
+            ("ys", Tensor::scalar_f32(0.02)),
+        ]
+    }
+
     /// QuantizeLinear-21 without a zero point takes its type from `output_dtype`: the fused
     /// step writes i8 codes too, clamped by the Clip in i8 terms.
     #[test]
@@ -813,15 +824,14 @@ mod tests {
                 node("Clip", &["p", "lo", "hi"], "a"),
                 node("QuantizeLinear", &["a", "ys"], "y").with_attr("output_dtype", Attr::Int(3)),
             ],
-            vec![
-                ("xs", Tensor::scalar_f32(0.05)),
-                ("xz", scalar_u8(128)),
-                ("w", i8s(vec![k, n], &mut rng)),
-                ("ws", f32s(n, 0.004, 0.009, &mut rng)),
-                ("ys", Tensor::scalar_f32(0.02)),
-                ("lo", Tensor::scalar_f32(-1.0)),
-                ("hi", Tensor::scalar_f32(1.0)),
-            ],
+            [
+                matmul_params(k, n, &mut rng),
+                vec![
+                    ("lo", Tensor::scalar_f32(-1.0)),
+                    ("hi", Tensor::scalar_f32(1.0)),
+                ],
+            ]
+            .concat(),
         );
         let m = Model::new(m.graph, 21);
         let x = u8s(vec![3, k], &mut rng);
@@ -851,14 +861,7 @@ mod tests {
                 node("QuantizeLinear", &["pa", "ys", "yz"], "ya"),
                 node("QuantizeLinear", &["pb", "ys", "yz"], "yb"),
             ],
-            vec![
-                ("xs", Tensor::scalar_f32(0.05)),
-                ("xz", scalar_u8(128)),
-                ("w", i8s(vec![k, n], &mut rng)),
-                ("ws", f32s(n, 0.004, 0.009, &mut rng)),
-                ("ys", Tensor::scalar_f32(0.02)),
-                ("yz", scalar_u8(100)),
-            ],
+            [matmul_params(k, n, &mut rng), vec![("yz", scalar_u8(100))]].concat(),
         );
         m.graph.outputs = ["ya", "yb"]
             .iter()
