@@ -139,6 +139,14 @@ impl DepthwiseAvx2 {
         // Bytes per padded row: every pair and every vector load of `pair_planes` inside.
         let wp = sw * qcols + sw + self.geom.dilation[1] + BLOCK;
         let planes = self.phases.len();
+        // Per tap pair `(ky, t)`: its first byte in the pair planes for output pixel (0, 0).
+        let offs: Vec<usize> = (0..kh)
+            .flat_map(|ky| {
+                self.pair_src
+                    .iter()
+                    .map(move |&(k, o)| ((k * hp + ky * dh) * qcols + o) * 4)
+            })
+            .collect();
         let plane = |(i, dst): (usize, &mut [T])| {
             let ch = i % c;
             let src = &x[i * h * w..(i + 1) * h * w];
@@ -162,7 +170,7 @@ impl DepthwiseAvx2 {
                     // their contracts and the extents above), and `dst` holds `oh * ow`.
                     unsafe {
                         self.pair_planes(padded, [hp, wp], qcols, paired);
-                        self.plane_avx2(ch, paired, [hp, qcols], [oh, ow], offset, dst);
+                        self.plane_avx2(ch, paired, qcols, &offs, [oh, ow], offset, dst);
                     }
                     #[cfg(not(target_arch = "x86_64"))]
                     let _ = (offset, dst, paired, padded);
@@ -240,14 +248,16 @@ impl DepthwiseAvx2 {
     /// # Safety
     /// AVX2; `paired` holds the pair planes of `hp` rows by `qcols` pairs, at least
     /// `ceil(ow / 16) 16` plus every `pair_src` offset, with `hp >= (oh - 1) sh + (kh - 1) dh
-    /// + 1`; `dst` of `oh * ow`.
+    /// + 1`; `offs` as [`DepthwiseAvx2::run`] makes it; `dst` of `oh * ow`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn plane_avx2<T: WxElem>(
         &self,
         ch: usize,
         paired: &[u8],
-        [hp, qcols]: [usize; 2],
+        qcols: usize,
+        offs: &[usize],
         [oh, ow]: [usize; 2],
         offset: i32,
         dst: &mut [T],
@@ -255,7 +265,6 @@ impl DepthwiseAvx2 {
         use std::arch::x86_64::*;
         let [kh, _] = self.geom.kernel;
         let sh = self.geom.stride[0];
-        let dh = self.geom.dilation[0];
         let pw = self.pairs;
         let words = &self.weights[ch * kh * pw..(ch + 1) * kh * pw];
         let p = paired.as_ptr();
@@ -276,15 +285,14 @@ impl DepthwiseAvx2 {
             for oy in 0..oh {
                 for j0 in (0..ow).step_by(BLOCK) {
                     let (mut a0, mut a1) = (off, off);
+                    let base = p.add((oy * sh * qcols + j0) * 4);
                     // A last block of at most eight pixels needs only the first vector.
                     if ow - j0 > BLOCK / 2 {
                         for ky in 0..kh {
-                            let r = oy * sh + ky * dh;
                             for t in 0..pw {
-                                let wt = _mm256_set1_epi32(*words.get_unchecked(ky * pw + t));
-                                let (k, o) = *self.pair_src.get_unchecked(t);
-                                let q =
-                                    p.add(((k * hp + r) * qcols + j0 + o) * 4) as *const __m256i;
+                                let i = ky * pw + t;
+                                let wt = _mm256_set1_epi32(*words.get_unchecked(i));
+                                let q = base.add(*offs.get_unchecked(i)) as *const __m256i;
                                 a0 = _mm256_add_epi32(
                                     a0,
                                     _mm256_madd_epi16(_mm256_loadu_si256(q), wt),
@@ -297,12 +305,10 @@ impl DepthwiseAvx2 {
                         }
                     } else {
                         for ky in 0..kh {
-                            let r = oy * sh + ky * dh;
                             for t in 0..pw {
-                                let wt = _mm256_set1_epi32(*words.get_unchecked(ky * pw + t));
-                                let (k, o) = *self.pair_src.get_unchecked(t);
-                                let q =
-                                    p.add(((k * hp + r) * qcols + j0 + o) * 4) as *const __m256i;
+                                let i = ky * pw + t;
+                                let wt = _mm256_set1_epi32(*words.get_unchecked(i));
+                                let q = base.add(*offs.get_unchecked(i)) as *const __m256i;
                                 a0 = _mm256_add_epi32(
                                     a0,
                                     _mm256_madd_epi16(_mm256_loadu_si256(q), wt),
