@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use super::conv_nchw::{DepthwiseF32, WxConv};
+use super::depthwise_avx2::DepthwiseAvx2;
 use super::depthwise_vnni::DepthwiseVnni;
 use crate::error::{Error, Result};
 use crate::kernels::conv::Conv2dGeom;
@@ -81,6 +82,8 @@ pub fn shift_u8_to_i8(w: &[u8]) -> Vec<i8> {
 enum Fast {
     Gemm(WxConv),
     Depthwise(DepthwiseVnni),
+    /// With the exact-f32 engine for narrow outputs (see [`DepthwiseAvx2::MIN_WIDTH`]).
+    DepthwiseAvx2(DepthwiseAvx2, Option<Box<DepthwiseF32>>),
     DepthwiseF32(DepthwiseF32),
 }
 
@@ -135,7 +138,13 @@ impl IntConv {
             (false, _) => None,
             (true, true) => match DepthwiseVnni::new(&geom, w, w_zp, &stage) {
                 Some(d) => Some(Fast::Depthwise(d)),
-                None => DepthwiseF32::new(&geom, w, w_zp, &stage)?.map(Fast::DepthwiseF32),
+                None => match DepthwiseAvx2::new(&geom, w, w_zp, &stage) {
+                    Some(d) => Some(Fast::DepthwiseAvx2(
+                        d,
+                        DepthwiseF32::new(&geom, w, w_zp, &stage)?.map(Box::new),
+                    )),
+                    None => DepthwiseF32::new(&geom, w, w_zp, &stage)?.map(Fast::DepthwiseF32),
+                },
             },
             (true, false) if qgemm::vnni_available() || crate::kernels::simd::has_avx2_fma() => {
                 Some(Fast::Gemm(WxConv::new(
@@ -212,7 +221,7 @@ impl IntConv {
         })
     }
 
-    /// Whether an NCHW-direct engine (VNNI or AVX2 GEMM, VNNI or exact-f32 depthwise) runs
+    /// Whether an NCHW-direct engine (VNNI or AVX2 GEMM, VNNI, AVX2 or exact-f32 depthwise) runs
     /// this convolution rather than the HWC im2col one.
     pub fn has_fast_path(&self) -> bool {
         self.fast.is_some()
@@ -243,6 +252,14 @@ impl IntConv {
         match &self.fast {
             Some(Fast::Gemm(c)) => return c.run(g, &self.stage, x, x_zp, [n, h, w], [oh, ow], out),
             Some(Fast::Depthwise(d)) => return d.run(x, x_zp, [n, h, w], pads, [oh, ow], out),
+            Some(Fast::DepthwiseAvx2(d, f)) => {
+                return match f {
+                    Some(f) if ow < DepthwiseAvx2::MIN_WIDTH => {
+                        f.run(x, x_zp, [n, h, w], pads, [oh, ow], out)
+                    }
+                    _ => d.run(x, x_zp, [n, h, w], pads, [oh, ow], out),
+                }
+            }
             Some(Fast::DepthwiseF32(d)) => return d.run(x, x_zp, [n, h, w], pads, [oh, ow], out),
             None => {}
         }

@@ -6,6 +6,7 @@
 
 mod conv;
 mod conv_nchw;
+mod depthwise_avx2;
 mod depthwise_vnni;
 mod engine;
 pub mod lut;
