@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::engine::OutputStage;
 use crate::error::{Error, Result};
 use crate::kernels::conv::{Conv2d, Conv2dGeom};
-use crate::kernels::qgemm::{self, Backend, PackedW, WxElem, WxStage, WX_MR};
+use crate::kernels::qgemm::{self, Backend, ElemKind, PackedW, WxElem, WxStage, WX_MR};
 use crate::kernels::{par, scratch};
 use crate::quant::linear::{code_bounds, round_to_code};
 
@@ -508,6 +508,31 @@ fn im2col_u8(
     }
 }
 
+/// Checks a depthwise engine's buffers (`x` of `[n, c, h, w]`, `out` of `[n, c, oh, ow]`) and
+/// that its output type matches its stage; false when there is nothing to compute.
+pub(super) fn check_depthwise_io<T: WxElem>(
+    c: usize,
+    x: &[u8],
+    [n, h, w]: [usize; 3],
+    [oh, ow]: [usize; 2],
+    out: &[T],
+    requantizes: bool,
+) -> Result<bool> {
+    if x.len() != n * c * h * w || out.len() != n * c * oh * ow {
+        return Err(Error::Shape(format!(
+            "depthwise conv: input of {} or output of {} values for {n} x {c} channels",
+            x.len(),
+            out.len()
+        )));
+    }
+    if requantizes == (T::KIND == ElemKind::I32) {
+        return Err(Error::Shape(
+            "depthwise conv: output type does not match the output stage".into(),
+        ));
+    }
+    Ok(oh > 0 && ow > 0)
+}
+
 /// Depthwise convolution through the f32 kernel (exact; see the module docs).
 pub struct DepthwiseF32 {
     conv: Conv2d,
@@ -553,11 +578,8 @@ impl DepthwiseF32 {
         out: &mut [T],
     ) -> Result<()> {
         let c = self.bias.len();
-        if out.len() != n * c * oh * ow {
-            return Err(Error::Shape(format!(
-                "depthwise conv: output of {} values for {n} x {c} x {oh} x {ow}",
-                out.len()
-            )));
+        if !check_depthwise_io(c, x, [n, h, w], [oh, ow], out, self.requant.is_some())? {
+            return Ok(());
         }
         let zx = f32::from(x_zp);
         scratch::with_f32(x.len(), |xf| {

@@ -9,9 +9,9 @@
 
 use rayon::prelude::*;
 
-use super::conv_nchw::{phase_plane, row_requant, stage_bias, RowRequant};
+use super::conv_nchw::{check_depthwise_io, phase_plane, row_requant, stage_bias, RowRequant};
 use super::engine::OutputStage;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::conv::Conv2dGeom;
 use crate::kernels::qgemm::{ElemKind, WxElem};
 use crate::kernels::{par, scratch};
@@ -113,19 +113,7 @@ impl DepthwiseAvx2 {
         out: &mut [T],
     ) -> Result<()> {
         let c = self.geom.c_out;
-        if x.len() != n * c * h * w || out.len() != n * c * oh * ow {
-            return Err(Error::Shape(format!(
-                "depthwise conv: input of {} or output of {} values for {n} x {c} channels",
-                x.len(),
-                out.len()
-            )));
-        }
-        if self.requant.is_some() == (T::KIND == ElemKind::I32) {
-            return Err(Error::Shape(
-                "depthwise conv: output type does not match the output stage".into(),
-            ));
-        }
-        if oh == 0 || ow == 0 {
+        if !check_depthwise_io(c, x, [n, h, w], [oh, ow], out, self.requant.is_some())? {
             return Ok(());
         }
         let [kh, _] = self.geom.kernel;
