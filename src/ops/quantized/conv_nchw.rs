@@ -508,6 +508,45 @@ fn im2col_u8(
     }
 }
 
+/// Calls `kernel(ch, padded, dst)` for every plane `i` of `x` (`n * c` planes of `[h, w]`,
+/// channel `ch = i % c`) with its slice `dst` of `plane_len` outputs, planes in parallel when
+/// threads allow. `padded` is the plane in a `[hp, wp]` scratch buffer framed by the zero point
+/// (`top` rows and `left` columns before it; the stride-1 case of [`phase_plane`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn for_each_padded_plane<T: Send>(
+    x: &[u8],
+    c: usize,
+    [h, w]: [usize; 2],
+    [top, left]: [usize; 2],
+    x_zp: u8,
+    [hp, wp]: [usize; 2],
+    out: &mut [T],
+    plane_len: usize,
+    kernel: impl Fn(usize, &[u8], &mut [T]) + Sync,
+) {
+    let plane = |(i, dst): (usize, &mut [T])| {
+        let src = &x[i * h * w..(i + 1) * h * w];
+        scratch::with_u8(hp * wp, |padded| {
+            phase_plane(
+                src,
+                [h, w],
+                [top, left],
+                [1, 1],
+                [0, 0],
+                x_zp,
+                [hp, wp],
+                padded,
+            );
+            kernel(i % c, padded, dst);
+        });
+    };
+    if par::threads() > 1 {
+        out.par_chunks_mut(plane_len).enumerate().for_each(plane);
+    } else {
+        out.chunks_mut(plane_len).enumerate().for_each(plane);
+    }
+}
+
 /// Checks a depthwise engine's buffers (`x` of `[n, c, h, w]`, `out` of `[n, c, oh, ow]`) and
 /// that its output type matches its stage; false when there is nothing to compute.
 pub(super) fn check_depthwise_io<T: WxElem>(

@@ -7,14 +7,14 @@
 //! that reads its input row. Zero points work as in the other integer engines: padding holds
 //! `zx` and `-zx * sum(w - zw)` joins the bias, so the results equal theirs bit for bit.
 
-use rayon::prelude::*;
-
-use super::conv_nchw::{check_depthwise_io, phase_plane, row_requant, stage_bias, RowRequant};
+use super::conv_nchw::{
+    check_depthwise_io, for_each_padded_plane, row_requant, stage_bias, RowRequant,
+};
 use super::engine::OutputStage;
 use crate::error::Result;
 use crate::kernels::conv::Conv2dGeom;
 use crate::kernels::qgemm::{ElemKind, WxElem};
-use crate::kernels::{par, scratch};
+use crate::kernels::scratch;
 
 /// Output pixels per step (two vectors of eight i32 sums).
 const BLOCK: usize = 16;
@@ -135,20 +135,16 @@ impl DepthwiseAvx2 {
                     .map(move |&(k, o)| ((k * hp + ky * dh) * qcols + o) * 4)
             })
             .collect();
-        let plane = |(i, dst): (usize, &mut [T])| {
-            let ch = i % c;
-            let src = &x[i * h * w..(i + 1) * h * w];
-            scratch::with_u8(hp * wp, |padded| {
-                phase_plane(
-                    src,
-                    [h, w],
-                    [pads[0], pads[1]],
-                    [1, 1],
-                    [0, 0],
-                    x_zp,
-                    [hp, wp],
-                    padded,
-                );
+        for_each_padded_plane(
+            x,
+            c,
+            [h, w],
+            [pads[0], pads[1]],
+            x_zp,
+            [hp, wp],
+            out,
+            oh * ow,
+            |ch, padded, dst| {
                 scratch::with_u8(planes * hp * qcols * 4, |paired| {
                     let offset = self.bias[ch]
                         .wrapping_sub(i32::from(x_zp).wrapping_mul(self.weight_sums[ch]));
@@ -163,13 +159,8 @@ impl DepthwiseAvx2 {
                     #[cfg(not(target_arch = "x86_64"))]
                     let _ = (offset, dst, paired, padded);
                 });
-            });
-        };
-        if par::threads() > 1 {
-            out.par_chunks_mut(oh * ow).enumerate().for_each(plane);
-        } else {
-            out.chunks_mut(oh * ow).enumerate().for_each(plane);
-        }
+            },
+        );
         Ok(())
     }
 

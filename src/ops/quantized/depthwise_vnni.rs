@@ -5,14 +5,13 @@
 //! the results equal the other integer engines'. Used for weights without zero points (the
 //! usual symmetric int8) and windows that fit one 32-byte load.
 
-use rayon::prelude::*;
-
-use super::conv_nchw::{check_depthwise_io, phase_plane, row_requant, stage_bias, RowRequant};
+use super::conv_nchw::{
+    check_depthwise_io, for_each_padded_plane, row_requant, stage_bias, RowRequant,
+};
 use super::engine::OutputStage;
 use crate::error::Result;
 use crate::kernels::conv::Conv2dGeom;
 use crate::kernels::qgemm::{quad_word, ElemKind, WxElem};
-use crate::kernels::{par, scratch};
 
 /// Output pixels per vector.
 const LANES: usize = 8;
@@ -130,20 +129,16 @@ impl DepthwiseVnni {
         // Rows and bytes per row of the padded copy: every load of every block stays inside.
         let hp = (oh - 1) * sh + (self.geom.kernel[0] - 1) * dh + 1;
         let wp = (pads[1] + w).max((blocks - 1) * LANES * sw + SPAN);
-        let plane = |(i, dst): (usize, &mut [T])| {
-            let ch = i % c;
-            let src = &x[i * h * w..(i + 1) * h * w];
-            scratch::with_u8(hp * wp, |padded| {
-                phase_plane(
-                    src,
-                    [h, w],
-                    [pads[0], pads[1]],
-                    [1, 1],
-                    [0, 0],
-                    x_zp,
-                    [hp, wp],
-                    padded,
-                );
+        for_each_padded_plane(
+            x,
+            c,
+            [h, w],
+            [pads[0], pads[1]],
+            x_zp,
+            [hp, wp],
+            out,
+            oh * ow,
+            |ch, padded, dst| {
                 let offset =
                     self.bias[ch].wrapping_sub(i32::from(x_zp).wrapping_mul(self.weight_sums[ch]));
                 #[cfg(target_arch = "x86_64")]
@@ -155,13 +150,8 @@ impl DepthwiseVnni {
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (offset, dst, padded);
-            });
-        };
-        if par::threads() > 1 {
-            out.par_chunks_mut(oh * ow).enumerate().for_each(plane);
-        } else {
-            out.chunks_mut(oh * ow).enumerate().for_each(plane);
-        }
+            },
+        );
         Ok(())
     }
 
