@@ -36,6 +36,43 @@ fn rotate(img: &Image, quarter: usize) -> Image {
     Image::new(nw, nh, c, out).expect("rotated image")
 }
 
+/// The `side` x `side` window of `img` at (`x0`, `y0`).
+fn window(img: &Image, x0: usize, y0: usize, side: usize) -> Image {
+    let c = img.channels;
+    let mut out = Vec::with_capacity(side * side * c);
+    for y in y0..y0 + side {
+        let row = (y * img.width + x0) * c;
+        out.extend_from_slice(&img.data[row..row + side * c]);
+    }
+    Image::new(side, side, c, out).expect("window")
+}
+
+/// Evenly spaced offsets of a `side` window along `len`, at most half a side apart, both ends
+/// included.
+fn offsets(len: usize, side: usize) -> Vec<usize> {
+    let span = len - side;
+    let n = span.div_ceil((side / 2).max(1)) + 1;
+    if n == 1 {
+        return vec![0];
+    }
+    (0..n).map(|i| i * span / (n - 1)).collect()
+}
+
+/// Square windows of a page on a fixed grid: sides h and 3h/4 of the shorter side h. The same
+/// grid as `scripts/pplcnet_agreement.py`.
+fn page_windows(img: &Image) -> Vec<Image> {
+    let short = img.width.min(img.height);
+    let mut out = Vec::new();
+    for side in [short, short * 3 / 4] {
+        for y in offsets(img.height, side) {
+            for x in offsets(img.width, side) {
+                out.push(window(img, x, y, side));
+            }
+        }
+    }
+    out
+}
+
 struct Batch(Tensor);
 
 impl BatchSource for Batch {
@@ -59,6 +96,13 @@ impl BatchSource for Batch {
         let v = self.0.as_f32()?[start * per..end * per].to_vec();
         Ok((Tensor::from_f32(shape, v)?, vec![0; end - start]))
     }
+}
+
+/// Top-1 class of each row of 4 orientation probabilities.
+fn top1(p: &[f32]) -> Vec<usize> {
+    p.chunks(4)
+        .map(|r| (0..r.len()).fold(0, |b, i| if r[i] > r[b] { i } else { b }))
+        .collect()
 }
 
 fn session(model: &Model) -> Session {
@@ -148,6 +192,47 @@ fn pplcnet_int8_agrees_with_f32_on_rotated_photos() {
     println!("f32 predicts the rotation of {right}/{n}");
 
     assert!(agree * 100 >= n * 90, "agreement {agree}/{n}");
+
+    // Held out from calibration: windows of the two shared page images, each turned four ways
+    // (what a page-orientation model is for). The model is often near a tie between a text
+    // window and the same window turned by 180 degrees, so agreement here measures how far
+    // int8 moves the outputs more than whether decisions are clear.
+    let mut pages = Vec::new();
+    for name in ["page.png", "text.png"] {
+        let img = read_image(shared.join("images/photos").join(name))
+            .expect("page")
+            .to_rgb();
+        for w in page_windows(&img) {
+            for q in 0..4 {
+                pages.push(rotate(&w, q));
+            }
+        }
+    }
+    let xp = pre.apply_batch(&pages).expect("preprocess pages");
+    let pf = session(&model).run(&[("x", xp.clone())]).expect("f32")[0]
+        .1
+        .to_f32_vec();
+    let pq = session(&q).run(&[("x", xp)]).expect("int8")[0]
+        .1
+        .to_f32_vec();
+    let (fp, qp) = (top1(&pf), top1(&pq));
+    let page_agree = fp.iter().zip(&qp).filter(|(a, b)| a == b).count();
+    let mean_diff = pf.iter().zip(&pq).map(|(a, b)| (a - b).abs()).sum::<f32>() / pf.len() as f32;
+    println!(
+        "page windows (held out): agreement {page_agree}/{}, mean |softmax diff| {mean_diff:.4}",
+        pages.len()
+    );
+    // Floors at the measured quality (114/124 = 91.9 %, 0.017 in the session that added them):
+    // they catch a regression, not the 99 % goal, which no 8-bit scheme tried reaches on these
+    // near-ties (scripts/pplcnet_agreement.py: ONNX Runtime's own quantizer keeps at most
+    // 107/124 page windows, lithe 115/124; quantizing a single layer's weights alone already
+    // flips up to 5 of the 160 photos and windows).
+    assert!(
+        page_agree * 100 >= pages.len() * 90,
+        "page agreement {page_agree}/{}",
+        pages.len()
+    );
+    assert!(mean_diff <= 0.025, "mean |softmax diff| {mean_diff}");
     let Some(py) = python() else {
         return;
     };
