@@ -471,3 +471,84 @@ fn calibration_is_the_same_on_any_number_of_threads() {
         "{err}"
     );
 }
+
+/// `--sensitivity` ranks every quantized layer, most sensitive first, in the table and in the
+/// JSON report; with activations left in f32 it still runs (weights only).
+#[test]
+fn sensitivity_ranks_every_layer() {
+    let dir = tmp_dir("sensitivity");
+    let out = dir.join("q.onnx");
+    let report = dir.join("report.json");
+    let o = common::lithe(&[
+        "quantize",
+        "assets/models/mnist_cnn.onnx",
+        "-o",
+        out.to_str().expect("path"),
+        "-q",
+        "--no-activation-sqnr",
+        "--calib-limit",
+        "200",
+        "--activations",
+        "mse",
+        "--sensitivity",
+        "64",
+        "--report",
+        report.to_str().expect("path"),
+    ]);
+    let text = common::stdout(&o);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(
+        text.contains("on 64 samples (most sensitive first)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("to keep the most sensitive in f32: --exclude"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+    let rows = json["sensitivity"].as_array().expect("sensitivity rows");
+    let mut nodes: Vec<&str> = rows
+        .iter()
+        .map(|r| r["node"].as_str().expect("node"))
+        .collect();
+    nodes.sort_unstable();
+    assert_eq!(
+        nodes,
+        [
+            "node_conv2d",
+            "node_conv2d_1",
+            "node_linear",
+            "node_linear_1"
+        ]
+    );
+    let layer: Vec<f64> = rows
+        .iter()
+        .map(|r| r["layer_sqnr_db"].as_f64().expect("layer SQNR"))
+        .collect();
+    assert!(
+        layer.windows(2).all(|w| w[0] <= w[1]),
+        "not ranked: {layer:?}"
+    );
+    for r in rows {
+        // 8-bit per-channel weights of one layer: the logits stay within ~1 % (40 dB).
+        assert!(r["weights_sqnr_db"].as_f64().expect("w") > 40.0, "{r}");
+        assert!(r["layer_sqnr_db"].as_f64().expect("l") > 30.0, "{r}");
+        let a = r["layer_agreement"].as_f64().expect("agreement");
+        assert!((0.98..=1.0).contains(&a), "{r}");
+    }
+
+    let o = common::lithe(&[
+        "quantize",
+        "assets/models/mnist_cnn.onnx",
+        "-o",
+        out.to_str().expect("path"),
+        "-q",
+        "--activations",
+        "none",
+        "--sensitivity",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stdout(&o).contains("on 32 samples"));
+}

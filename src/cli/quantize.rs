@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use lithe::data::dataset::BatchSource;
 use lithe::eval::Accuracy;
 use lithe::passes::quantize::{
-    quantize, ActivationCalib, CalibProgress, QuantFormat, QuantizeConfig, WeightScheme,
+    quantize, sensitivity, sensitivity_table, ActivationCalib, CalibProgress, QuantFormat,
+    QuantizeConfig, WeightScheme,
 };
 use lithe::runtime::{Session, SessionOptions};
 
@@ -92,6 +93,10 @@ pub struct Args {
     /// tables (Cast + Gather) instead of DequantizeLinear -> op -> QuantizeLinear.
     #[arg(long)]
     lookup_tables: bool,
+    /// Also rank the layers by how much each, quantized alone, moves the model's output (on
+    /// the first SAMPLES calibration samples): the top ones are worth --exclude.
+    #[arg(long, value_name = "SAMPLES", num_args = 0..=1, default_missing_value = "256")]
+    sensitivity: Option<usize>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -199,7 +204,7 @@ pub fn run(args: Args) -> Result<()> {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "mnist".to_string());
-    let source = if config.activations == ActivationCalib::None {
+    let source = if config.activations == ActivationCalib::None && args.sensitivity.is_none() {
         None
     } else {
         Some(
@@ -309,8 +314,34 @@ fn finish(
         report.accuracy_before = Some(before);
         report.accuracy_after = Some(after);
     }
+    let mut ranking = String::new();
+    if let Some(samples) = args.sensitivity {
+        let data = source
+            .as_deref()
+            .context("--sensitivity needs calibration data")?;
+        let samples = samples.min(args.calib_limit).min(data.len());
+        let bar = if args.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            progress(samples as u64, "calibrate")
+        };
+        let mut phase = "calibrate";
+        let rows = sensitivity(&model, data, &config, samples, &mut |p: CalibProgress| {
+            if p.phase != phase {
+                phase = p.phase;
+                bar.set_message(p.phase);
+                bar.reset();
+            }
+            bar.set_length(p.total as u64);
+            bar.set_position(p.done as u64);
+        })?;
+        bar.finish_and_clear();
+        ranking = sensitivity_table(&rows, samples);
+        report.sensitivity = Some(rows);
+    }
     report.peak_rss_bytes = peak_rss_bytes();
     print!("{}", report.table());
+    print!("{ranking}");
     println!("wrote {}", args.output.display());
     if let Some(path) = &args.report {
         let json = match &qat_report {

@@ -20,6 +20,7 @@ mod qat;
 mod qdq;
 mod qop;
 mod report;
+mod sensitivity;
 mod weights;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,7 @@ pub use edit::ActParams;
 pub use plan::{all_targets, Target};
 pub use qat::{quantize_aware_training, QatConfig, QatEvent, QatReport};
 pub use report::{LayerReport, QuantizeReport, SkippedNode};
+pub use sensitivity::{sensitivity, sensitivity_table, LayerSensitivity};
 pub use weights::{encode as encode_weight, Encoded, EncodedWeight};
 
 use crate::data::dataset::BatchSource;
@@ -289,6 +291,7 @@ fn quantize_impl(
         accuracy_after: None,
         top1_agreement: None,
         peak_rss_bytes: None,
+        sensitivity: None,
     };
     Ok((out, report))
 }

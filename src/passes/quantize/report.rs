@@ -54,6 +54,9 @@ pub struct QuantizeReport {
     pub top1_agreement: Option<f64>,
     /// Peak resident memory of the quantizing process, when the caller measures it.
     pub peak_rss_bytes: Option<u64>,
+    /// Per-layer sensitivity ranking, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<Vec<super::sensitivity::LayerSensitivity>>,
 }
 
 fn db(v: Option<f64>) -> String {
