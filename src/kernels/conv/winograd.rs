@@ -18,9 +18,9 @@
 //! 5. `Y = A^T M A`, bias and activation, per tile and eight output channels, and the valid
 //!    part of the tile is stored to NCHW.
 //!
-//! Transforms run on eight-channel vectors (AVX2/FMA, or a portable form of the same code);
-//! the constant matrices are unrolled at compile time, so zero coefficients cost nothing
-//! and ±1 cost an add.
+//! Transforms run on eight-channel vectors (AVX2/FMA, or a portable form of the same code),
+//! written as the usual shared sums and differences; the matrices are kept to transform the
+//! filters and to test those.
 
 use rayon::prelude::*;
 
@@ -54,6 +54,11 @@ trait Tile<const A: usize, const M: usize, const R: usize> {
     const AT: [[f32; A]; M];
     /// `G` (`alpha x r`): the filter transform, applied once in f64.
     const G: [[f64; R]; A];
+    /// `B^T d` for one column of vectors, written out as shared sums and differences
+    /// (the compiler does not drop zero or unit coefficients of a table by itself).
+    unsafe fn bt<V: Lanes>(d: &[V; A]) -> [V; A];
+    /// `A^T m` for one column of vectors.
+    unsafe fn at<V: Lanes>(m: &[V; A]) -> [V; M];
 }
 
 /// `F(4x4, 3x3)` (6x6 tiles), points 0, 1, -1, 2, -2, infinity.
@@ -81,6 +86,32 @@ impl Tile<6, 4, 3> for F43 {
         [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
         [0.0, 0.0, 1.0],
     ];
+    #[inline(always)]
+    unsafe fn bt<V: Lanes>(d: &[V; 6]) -> [V; 6] {
+        let t0 = d[4].fma(-4.0, d[2]);
+        let t1 = d[3].fma(-4.0, d[1]);
+        let t2 = d[4].sub(d[2]);
+        let t3 = d[3].sub(d[1]);
+        [
+            d[4].fma(-5.0, d[2]).fma(4.0, d[0]),
+            t0.add(t1),
+            t0.sub(t1),
+            t2.fma(2.0, t3),
+            t2.fma(-2.0, t3),
+            d[5].fma(-5.0, d[3]).fma(4.0, d[1]),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn at<V: Lanes>(m: &[V; 6]) -> [V; 4] {
+        let (a, b) = (m[1].add(m[2]), m[1].sub(m[2]));
+        let (c, d) = (m[3].add(m[4]), m[3].sub(m[4]));
+        [
+            m[0].add(a).add(c),
+            b.fma(2.0, d),
+            a.fma(4.0, c),
+            b.add(m[5]).fma(8.0, d),
+        ]
+    }
 }
 
 /// `F(4x4, 5x5)` (8x8 tiles), points 0, 1, -1, 2, -2, 1/2, -1/2, infinity.
@@ -112,6 +143,37 @@ impl Tile<8, 4, 5> for F45 {
         [32.0 / 45.0, -16.0 / 45.0, 8.0 / 45.0, -4.0 / 45.0, 2.0 / 45.0],
         [0.0, 0.0, 0.0, 0.0, 1.0],
     ];
+    #[inline(always)]
+    unsafe fn bt<V: Lanes>(d: &[V; 8]) -> [V; 8] {
+        let e1 = d[6].fma(-4.25, d[4]).add(d[2]);
+        let o1 = d[5].fma(-4.25, d[3]).add(d[1]);
+        let e3 = d[6].fma(-1.25, d[4]).fma(0.25, d[2]);
+        let o3 = d[5].scale(2.0).fma(-2.5, d[3]).fma(0.5, d[1]);
+        let e5 = d[6].fma(-5.0, d[4]).fma(4.0, d[2]);
+        let o5 = d[5].scale(0.5).fma(-2.5, d[3]).fma(2.0, d[1]);
+        [
+            d[6].sub(d[0]).fma(5.25, d[2].sub(d[4])),
+            e1.add(o1),
+            e1.sub(o1),
+            e3.add(o3),
+            e3.sub(o3),
+            e5.add(o5),
+            e5.sub(o5),
+            d[7].sub(d[1]).fma(5.25, d[3].sub(d[5])),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn at<V: Lanes>(m: &[V; 8]) -> [V; 4] {
+        let (a, b) = (m[1].add(m[2]), m[1].sub(m[2]));
+        let (c, d) = (m[3].add(m[4]), m[3].sub(m[4]));
+        let (e, f) = (m[5].add(m[6]), m[5].sub(m[6]));
+        [
+            m[0].add(a).add(c).add(e),
+            b.fma(2.0, d).fma(0.5, f),
+            a.fma(4.0, c).fma(0.25, e),
+            b.add(m[7]).fma(8.0, d).fma(0.125, f),
+        ]
+    }
 }
 
 /// Which tile size a plan uses.
@@ -273,7 +335,6 @@ trait Lanes: Copy {
     unsafe fn zero() -> Self;
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
-    unsafe fn neg(self) -> Self;
     unsafe fn scale(self, c: f32) -> Self;
     /// `self + c * x`.
     unsafe fn fma(self, c: f32, x: Self) -> Self;
@@ -303,10 +364,6 @@ impl Lanes for Portable {
     #[inline(always)]
     unsafe fn sub(self, o: Self) -> Self {
         Portable(std::array::from_fn(|i| self.0[i] - o.0[i]))
-    }
-    #[inline(always)]
-    unsafe fn neg(self) -> Self {
-        Portable(self.0.map(|v| -v))
     }
     #[inline(always)]
     unsafe fn scale(self, c: f32) -> Self {
@@ -353,10 +410,6 @@ mod avx {
             Avx(_mm256_sub_ps(self.0, o.0))
         }
         #[inline(always)]
-        unsafe fn neg(self) -> Self {
-            Avx(_mm256_xor_ps(self.0, _mm256_set1_ps(-0.0)))
-        }
-        #[inline(always)]
         unsafe fn scale(self, c: f32) -> Self {
             Avx(_mm256_mul_ps(self.0, _mm256_set1_ps(c)))
         }
@@ -374,31 +427,6 @@ mod avx {
                 Avx(_mm256_loadu_ps(v.map(|x| a.apply_scalar(x)).as_ptr()))
             }
         }
-    }
-}
-
-/// `sum_k coef[k] * x[k]`; with `coef` a constant the loop unrolls, zero terms vanish and
-/// ±1 terms are adds.
-#[inline(always)]
-unsafe fn dot<V: Lanes, const A: usize>(coef: &[f32; A], x: &[V; A]) -> V {
-    let mut acc: Option<V> = None;
-    for k in 0..A {
-        let c = coef[k];
-        if c == 0.0 {
-            continue;
-        }
-        acc = Some(match acc {
-            None if c == 1.0 => x[k],
-            None if c == -1.0 => x[k].neg(),
-            None => x[k].scale(c),
-            Some(a) if c == 1.0 => a.add(x[k]),
-            Some(a) if c == -1.0 => a.sub(x[k]),
-            Some(a) => a.fma(c, x[k]),
-        });
-    }
-    match acc {
-        Some(a) => a,
-        None => V::zero(),
     }
 }
 
@@ -482,17 +510,19 @@ pub(super) fn run(
         let images = xs.len() / (g.c_in * h * w);
         // Parallel blocks inside the unit only when the units themselves are not parallel.
         let block_threads = if par_units { 1 } else { threads };
-        scratch::with_f32(images * img_in, |xin| {
+        // One scratch buffer for the padded input and the unpooled output: the per-thread
+        // pool keeps four buffers, and the block and the GEMM below take three more.
+        let conv_len = pooled_hw.map_or(0, |_| images * g.c_out * oh * ow);
+        scratch::with_f32(images * img_in + conv_len, |buf| {
+            let (xin, t) = buf.split_at_mut(images * img_in);
             to_padded_channels_last(xs, [images, h, w], pads, &geo, xin);
             let xin = &*xin;
             let (Some(p), Some((ph, pw))) = (pool, pooled_hw) else {
                 return blocks(plan, &geo, xin, images, block, o, block_threads);
             };
             let planes = o.len() / (ph * pw);
-            scratch::with_f32(planes * oh * ow, |t| {
-                blocks(plan, &geo, xin, images, block, t, block_threads)?;
-                pool2d(&p.geom, p.kind, t, [planes, oh, ow], o)
-            })
+            blocks(plan, &geo, xin, images, block, t, block_threads)?;
+            pool2d(&p.geom, p.kind, t, [planes, oh, ow], o)
         })
     };
     if par_units {
@@ -512,13 +542,33 @@ fn to_padded_channels_last(
     geo: &Geometry,
     dst: &mut [f32],
 ) {
-    dst.fill(0.0);
     let (cp, c_in) = (geo.cp_in, geo.c_in);
     let img = geo.hp * geo.wp * cp;
+    let row = geo.wp * cp;
     for b in 0..n {
         let d = &mut dst[b * img..(b + 1) * img];
-        for c in 0..c_in {
-            let plane = &x[(b * c_in + c) * h * w..][..h * w];
+        // Zeros where no pixel lands: the pads, the margin of partial tiles and the channel
+        // padding (never multiplied, but kept finite).
+        if cp != c_in {
+            d.fill(0.0);
+        } else {
+            let (top, left) = (pads[0] * row, pads[1] * cp);
+            d[..top].fill(0.0);
+            d[(pads[0] + h) * row..].fill(0.0);
+            for r in d[top..(pads[0] + h) * row].chunks_exact_mut(row) {
+                r[..left].fill(0.0);
+                r[left + w * cp..].fill(0.0);
+            }
+        }
+        let src = &x[b * c_in * h * w..(b + 1) * c_in * h * w];
+        let mut c0 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() && w >= L {
+            // SAFETY: AVX2 checked; the function stays inside `src` and `d` (see there).
+            c0 = unsafe { channels_last_avx(src, [c_in, h, w], pads, geo, d) };
+        }
+        for c in c0..c_in {
+            let plane = &src[c * h * w..][..h * w];
             for (y, row) in plane.chunks_exact(w).enumerate() {
                 let at = ((y + pads[0]) * geo.wp + pads[1]) * cp + c;
                 for (i, &v) in row.iter().enumerate() {
@@ -527,6 +577,82 @@ fn to_padded_channels_last(
             }
         }
     }
+}
+
+/// Copies whole groups of eight channels of one image (`src`, `[c, h, w]`) into the
+/// channel-last plane `d` by 8x8 register transposes; returns the channels copied.
+///
+/// # Safety
+/// AVX2 must be available and `w >= 8`; `src` holds `c * h * w` floats and `d` one padded
+/// plane of `geo` (`h + pads[0] <= hp`, `w + pads[1] <= wp`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn channels_last_avx(
+    src: &[f32],
+    [c, h, w]: [usize; 3],
+    pads: [usize; 4],
+    geo: &Geometry,
+    d: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let cp = geo.cp_in;
+    if src.len() < c * h * w
+        || d.len() < geo.hp * geo.wp * cp
+        || h + pads[0] > geo.hp
+        || w + pads[1] > geo.wp
+        || w < L
+    {
+        return 0;
+    }
+    let (s, dp) = (src.as_ptr(), d.as_mut_ptr());
+    let groups = c / L;
+    for g in 0..groups {
+        for y in 0..h {
+            let drow = dp.add(((y + pads[0]) * geo.wp + pads[1]) * cp + g * L);
+            let srow = s.add((g * L * h + y) * w);
+            // Eight pixels at a time; the last block overlaps the one before it.
+            let mut x = 0;
+            loop {
+                let x0 = x.min(w - L);
+                let r: [__m256; 8] =
+                    std::array::from_fn(|i| _mm256_loadu_ps(srow.add(i * h * w + x0)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let px = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (i, v) in px.iter().enumerate() {
+                    _mm256_storeu_ps(drow.add((x0 + i) * cp), *v);
+                }
+                if x0 + L >= w {
+                    break;
+                }
+                x += L;
+            }
+        }
+    }
+    groups * L
 }
 
 /// All tiles of `images` images, block by block (blocks in parallel when `threads > 1`).
@@ -674,13 +800,13 @@ unsafe fn input_tiles<V: Lanes, T: Tile<A, M, R>, const A: usize, const M: usize
             let mut tmp = [[V::zero(); A]; A];
             for j in 0..A {
                 let col: [V; A] = std::array::from_fn(|k| V::load(base.add(k * rs + j * cp + c)));
-                for i in 0..A {
-                    tmp[i][j] = dot(&T::BT[i], &col);
+                for (i, v) in T::bt(&col).into_iter().enumerate() {
+                    tmp[i][j] = v;
                 }
             }
             for (i, row) in tmp.iter().enumerate() {
-                for nu in 0..A {
-                    dot(&T::BT[nu], row).store(out.add((i * A + nu) * comp + c));
+                for (nu, v) in T::bt(row).into_iter().enumerate() {
+                    v.store(out.add((i * A + nu) * comp + c));
                 }
             }
         }
@@ -770,14 +896,14 @@ unsafe fn output_tiles<V: Lanes, T: Tile<A, M, R>, const A: usize, const M: usiz
             let mut s = [[V::zero(); A]; M];
             for nu in 0..A {
                 let col: [V; A] = std::array::from_fn(|xi| V::load(at.add((xi * A + nu) * comp + c)));
-                for i in 0..M {
-                    s[i][nu] = dot(&T::AT[i], &col);
+                for (i, v) in T::at(&col).into_iter().enumerate() {
+                    s[i][nu] = v;
                 }
             }
             let bias = V::load(plan.bias.as_ptr().add(c));
             for (i, row) in s.iter().enumerate() {
-                for j in 0..M {
-                    let mut v = dot(&T::AT[j], row).add(bias);
+                for (j, v) in T::at(row).into_iter().enumerate() {
+                    let mut v = v.add(bias);
                     if let Some(a) = act {
                         v = v.act(a);
                     }
@@ -888,6 +1014,30 @@ mod tests {
             }
         }
         println!("worst relative error: 3x3 {:e}, 5x5 {:e}", worst[0], worst[1]);
+    }
+
+    /// The written-out butterflies compute exactly the matrices' products.
+    fn butterflies<T: Tile<A, M, R>, const A: usize, const M: usize, const R: usize>() {
+        let mut rng = Rng::new(3);
+        let d: [Portable; A] = std::array::from_fn(|_| Portable(std::array::from_fn(|_| rng.f32())));
+        // SAFETY: the portable lanes need no CPU features.
+        let (bt, at) = unsafe { (T::bt(&d), T::at(&d)) };
+        for l in 0..L {
+            for (i, row) in T::BT.iter().enumerate() {
+                let want: f32 = (0..A).map(|k| row[k] * d[k].0[l]).sum();
+                assert!((bt[i].0[l] - want).abs() <= 1e-5, "BT row {i}");
+            }
+            for (i, row) in T::AT.iter().enumerate() {
+                let want: f32 = (0..A).map(|k| row[k] * d[k].0[l]).sum();
+                assert!((at[i].0[l] - want).abs() <= 1e-5, "AT row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn butterflies_match_matrices() {
+        butterflies::<F43, 6, 4, 3>();
+        butterflies::<F45, 8, 4, 5>();
     }
 
     #[test]
