@@ -48,9 +48,12 @@ const MIN_C_OUT: usize = 16;
 
 /// A tile size: `m x m` outputs from `alpha x alpha` inputs with an `r x r` filter.
 trait Tile<const A: usize, const M: usize, const R: usize> {
-    /// `B^T` (`alpha x alpha`): the input transform.
+    /// `B^T` (`alpha x alpha`): the input transform. The run-time code uses [`Tile::bt`];
+    /// the table is its definition, checked by the tests.
+    #[allow(dead_code)]
     const BT: [[f32; A]; A];
-    /// `A^T` (`m x alpha`): the output transform.
+    /// `A^T` (`m x alpha`): the output transform, likewise kept for the tests.
+    #[allow(dead_code)]
     const AT: [[f32; A]; M];
     /// `G` (`alpha x r`): the filter transform, applied once in f64.
     const G: [[f64; R]; A];
@@ -140,7 +143,13 @@ impl Tile<8, 4, 5> for F45 {
         [1.0 / 90.0, 1.0 / 45.0, 2.0 / 45.0, 4.0 / 45.0, 8.0 / 45.0],
         [1.0 / 90.0, -1.0 / 45.0, 2.0 / 45.0, -4.0 / 45.0, 8.0 / 45.0],
         [32.0 / 45.0, 16.0 / 45.0, 8.0 / 45.0, 4.0 / 45.0, 2.0 / 45.0],
-        [32.0 / 45.0, -16.0 / 45.0, 8.0 / 45.0, -4.0 / 45.0, 2.0 / 45.0],
+        [
+            32.0 / 45.0,
+            -16.0 / 45.0,
+            8.0 / 45.0,
+            -4.0 / 45.0,
+            2.0 / 45.0,
+        ],
         [0.0, 0.0, 0.0, 0.0, 1.0],
     ];
     #[inline(always)]
@@ -530,7 +539,9 @@ pub(super) fn run(
             .zip(out.par_chunks_mut(out_len))
             .try_for_each(|p| crate::kernels::par::sequential(|| unit(p)))
     } else {
-        x.chunks(in_len).zip(out.chunks_mut(out_len)).try_for_each(unit)
+        x.chunks(in_len)
+            .zip(out.chunks_mut(out_len))
+            .try_for_each(unit)
     }
 }
 
@@ -673,6 +684,12 @@ fn blocks(
         ptr: out.as_mut_ptr(),
         len: out.len(),
     };
+    // With threads to spare (one image, several threads), smaller blocks so each gets some.
+    let block = if threads > 1 {
+        block.min(total.div_ceil(threads)).max(1)
+    } else {
+        block
+    };
     let n_blocks = total.div_ceil(block);
     let one = |bi: usize| {
         let t0 = bi * block;
@@ -680,7 +697,6 @@ fn blocks(
         run_block(plan, geo, xin, t0, count, dst)
     };
     if threads > 1 && n_blocks > 1 {
-        // Smaller blocks so every thread gets work.
         (0..n_blocks)
             .into_par_iter()
             .try_for_each(|bi| crate::kernels::par::sequential(|| one(bi)))
@@ -714,7 +730,15 @@ fn run_block(
                 geo.c_out,
                 geo.cp_out,
             )?;
-            gemm::gemm_threads(1, 1.0, Lhs::Mat(a), Rhs::Packed(u), 0.0, c, Epilogue::default())?;
+            gemm::gemm_threads(
+                1,
+                1.0,
+                Lhs::Mat(a),
+                Rhs::Packed(u),
+                0.0,
+                c,
+                Epilogue::default(),
+            )?;
         }
         output_transform(plan, geo, mm, t0, count, out, avx);
         Ok(())
@@ -733,9 +757,13 @@ fn input_transform(
     let (alpha, m, _) = kind.dims();
     // Bounds of everything the tiles read and write, checked once for the unchecked loops.
     let last = t0 + count - 1;
-    let (b, ty, tx) = (last / geo.tiles, last % geo.tiles / geo.tiles_x, last % geo.tiles_x);
-    let last_read = ((b * geo.hp + ty * m + alpha - 1) * geo.wp + tx * m + alpha - 1) * geo.cp_in
-        + geo.cp_in;
+    let (b, ty, tx) = (
+        last / geo.tiles,
+        last % geo.tiles / geo.tiles_x,
+        last % geo.tiles_x,
+    );
+    let last_read =
+        ((b * geo.hp + ty * m + alpha - 1) * geo.wp + tx * m + alpha - 1) * geo.cp_in + geo.cp_in;
     if last_read > xin.len() || v.len() < alpha * alpha * count * geo.cp_in {
         return;
     }
@@ -777,8 +805,16 @@ unsafe fn input_avx<T: Tile<A, M, R>, const A: usize, const M: usize, const R: u
 ///
 /// # Safety
 /// The tiles' reads must lie inside `xin` and `v` must hold `alpha^2 * count * cp_in`.
+// Column passes write transposed (`tmp[i][j]`): indices read clearer than iterators.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn input_tiles<V: Lanes, T: Tile<A, M, R>, const A: usize, const M: usize, const R: usize>(
+unsafe fn input_tiles<
+    V: Lanes,
+    T: Tile<A, M, R>,
+    const A: usize,
+    const M: usize,
+    const R: usize,
+>(
     geo: &Geometry,
     xin: &[f32],
     t0: usize,
@@ -792,7 +828,11 @@ unsafe fn input_tiles<V: Lanes, T: Tile<A, M, R>, const A: usize, const M: usize
     let dst = v.as_mut_ptr();
     for t in 0..count {
         let tt = t0 + t;
-        let (b, ty, tx) = (tt / geo.tiles, tt % geo.tiles / geo.tiles_x, tt % geo.tiles_x);
+        let (b, ty, tx) = (
+            tt / geo.tiles,
+            tt % geo.tiles / geo.tiles_x,
+            tt % geo.tiles_x,
+        );
         let base = src.add(b * img + ty * M * rs + tx * M * cp);
         let out = dst.add(t * cp);
         for c in (0..cp).step_by(L) {
@@ -868,8 +908,16 @@ unsafe fn output_avx<T: Tile<A, M, R>, const A: usize, const M: usize, const R: 
 /// # Safety
 /// `mm` must hold `alpha^2 * count * cp_out`, `out` the images of tiles `t0..t0 + count`,
 /// and no other thread may touch those tiles' outputs.
+// Column passes write transposed (`tmp[i][j]`): indices read clearer than iterators.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn output_tiles<V: Lanes, T: Tile<A, M, R>, const A: usize, const M: usize, const R: usize>(
+unsafe fn output_tiles<
+    V: Lanes,
+    T: Tile<A, M, R>,
+    const A: usize,
+    const M: usize,
+    const R: usize,
+>(
     plan: &Plan,
     geo: &Geometry,
     mm: &[f32],
@@ -886,7 +934,11 @@ unsafe fn output_tiles<V: Lanes, T: Tile<A, M, R>, const A: usize, const M: usiz
     debug_assert!(M * M <= y.len());
     for t in 0..count {
         let tt = t0 + t;
-        let (b, ty, tx) = (tt / geo.tiles, tt % geo.tiles / geo.tiles_x, tt % geo.tiles_x);
+        let (b, ty, tx) = (
+            tt / geo.tiles,
+            tt % geo.tiles / geo.tiles_x,
+            tt % geo.tiles_x,
+        );
         let (oy0, ox0) = (ty * M, tx * M);
         let rows = M.min(geo.oh - oy0);
         let cols = M.min(geo.ow - ox0);
@@ -895,7 +947,8 @@ unsafe fn output_tiles<V: Lanes, T: Tile<A, M, R>, const A: usize, const M: usiz
             // Columns first: s[i][nu] = sum_xi AT[i][xi] M[xi][nu].
             let mut s = [[V::zero(); A]; M];
             for nu in 0..A {
-                let col: [V; A] = std::array::from_fn(|xi| V::load(at.add((xi * A + nu) * comp + c)));
+                let col: [V; A] =
+                    std::array::from_fn(|xi| V::load(at.add((xi * A + nu) * comp + c)));
                 for (i, v) in T::at(&col).into_iter().enumerate() {
                     s[i][nu] = v;
                 }
@@ -994,15 +1047,39 @@ mod tests {
         ];
         let cases = [
             // MNIST CNN's second layer, odd sizes, no padding, asymmetric padding.
-            (conv_geom(32, 64, 1, [3, 3], [1; 2], [1; 2], [1; 4]), [2, 14, 14]),
-            (conv_geom(9, 17, 1, [3, 3], [1; 2], [1; 2], [1; 4]), [1, 13, 11]),
-            (conv_geom(8, 16, 1, [3, 3], [1; 2], [1; 2], [0; 4]), [3, 9, 7]),
-            (conv_geom(12, 20, 1, [3, 3], [1; 2], [1; 2], [2, 0, 1, 3]), [2, 6, 10]),
-            (conv_geom(16, 16, 1, [3, 3], [1; 2], [1; 2], [1; 4]), [1, 3, 3]),
+            (
+                conv_geom(32, 64, 1, [3, 3], [1; 2], [1; 2], [1; 4]),
+                [2, 14, 14],
+            ),
+            (
+                conv_geom(9, 17, 1, [3, 3], [1; 2], [1; 2], [1; 4]),
+                [1, 13, 11],
+            ),
+            (
+                conv_geom(8, 16, 1, [3, 3], [1; 2], [1; 2], [0; 4]),
+                [3, 9, 7],
+            ),
+            (
+                conv_geom(12, 20, 1, [3, 3], [1; 2], [1; 2], [2, 0, 1, 3]),
+                [2, 6, 10],
+            ),
+            (
+                conv_geom(16, 16, 1, [3, 3], [1; 2], [1; 2], [1; 4]),
+                [1, 3, 3],
+            ),
             // LeNet-5's second layer, padded and odd 5x5 cases.
-            (conv_geom(20, 50, 1, [5, 5], [1; 2], [1; 2], [0; 4]), [3, 12, 12]),
-            (conv_geom(10, 24, 1, [5, 5], [1; 2], [1; 2], [2; 4]), [1, 11, 13]),
-            (conv_geom(8, 16, 1, [5, 5], [1; 2], [1; 2], [1, 2, 0, 1]), [2, 9, 6]),
+            (
+                conv_geom(20, 50, 1, [5, 5], [1; 2], [1; 2], [0; 4]),
+                [3, 12, 12],
+            ),
+            (
+                conv_geom(10, 24, 1, [5, 5], [1; 2], [1; 2], [2; 4]),
+                [1, 11, 13],
+            ),
+            (
+                conv_geom(8, 16, 1, [5, 5], [1; 2], [1; 2], [1, 2, 0, 1]),
+                [2, 9, 6],
+            ),
         ];
         let mut worst = [0.0f32; 2];
         for (i, (g, shape)) in cases.iter().enumerate() {
@@ -1013,13 +1090,17 @@ mod tests {
                 worst[k] = worst[k].max(rel);
             }
         }
-        println!("worst relative error: 3x3 {:e}, 5x5 {:e}", worst[0], worst[1]);
+        println!(
+            "worst relative error: 3x3 {:e}, 5x5 {:e}",
+            worst[0], worst[1]
+        );
     }
 
     /// The written-out butterflies compute exactly the matrices' products.
     fn butterflies<T: Tile<A, M, R>, const A: usize, const M: usize, const R: usize>() {
         let mut rng = Rng::new(3);
-        let d: [Portable; A] = std::array::from_fn(|_| Portable(std::array::from_fn(|_| rng.f32())));
+        let d: [Portable; A] =
+            std::array::from_fn(|_| Portable(std::array::from_fn(|_| rng.f32())));
         // SAFETY: the portable lanes need no CPU features.
         let (bt, at) = unsafe { (T::bt(&d), T::at(&d)) };
         for l in 0..L {
@@ -1047,19 +1128,59 @@ mod tests {
         assert!(plan.worth((14, 14)) && plan.worth((28, 28)));
         // 5x5 outputs in 8x8 of tiles: most of the work would be dropped.
         assert!(!plan.worth((5, 5)) && !plan.worth((1, 9)));
-        assert!(!eligible(&conv_geom(1, 32, 1, [3, 3], [1; 2], [1; 2], [1; 4])));
-        assert!(!eligible(&conv_geom(32, 64, 1, [3, 3], [2; 2], [1; 2], [1; 4])));
-        assert!(!eligible(&conv_geom(32, 64, 2, [3, 3], [1; 2], [1; 2], [1; 4])));
-        assert!(!eligible(&conv_geom(32, 64, 1, [3, 3], [1; 2], [2; 2], [1; 4])));
-        assert!(eligible(&conv_geom(20, 50, 1, [5, 5], [1; 2], [1; 2], [0; 4])));
+        assert!(!eligible(&conv_geom(
+            1,
+            32,
+            1,
+            [3, 3],
+            [1; 2],
+            [1; 2],
+            [1; 4]
+        )));
+        assert!(!eligible(&conv_geom(
+            32,
+            64,
+            1,
+            [3, 3],
+            [2; 2],
+            [1; 2],
+            [1; 4]
+        )));
+        assert!(!eligible(&conv_geom(
+            32,
+            64,
+            2,
+            [3, 3],
+            [1; 2],
+            [1; 2],
+            [1; 4]
+        )));
+        assert!(!eligible(&conv_geom(
+            32,
+            64,
+            1,
+            [3, 3],
+            [1; 2],
+            [2; 2],
+            [1; 4]
+        )));
+        assert!(eligible(&conv_geom(
+            20,
+            50,
+            1,
+            [5, 5],
+            [1; 2],
+            [1; 2],
+            [0; 4]
+        )));
     }
 }
 
 #[cfg(test)]
 mod model_tests {
     use crate::ir::Tensor;
-    use crate::runtime::{Session, SessionOptions};
     use crate::kernels::testutil::Rng;
+    use crate::runtime::{Session, SessionOptions};
 
     /// Logits of a repository model with and without Winograd, on the same random images.
     fn logits_diff(name: &str, batch: usize) -> (f32, f32) {
@@ -1084,7 +1205,10 @@ mod model_tests {
         let without = super::without(|| session.run(&feeds)).unwrap();
         let (a, b) = (with[0].1.to_f32_vec(), without[0].1.to_f32_vec());
         let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let diff = a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
         (diff, scale)
     }
 
