@@ -508,6 +508,8 @@ pub(super) fn run(
         per_unit = per_unit.min(n.div_ceil(threads)).max(1);
     }
     let units = n.div_ceil(per_unit);
+    // The unit's scratch (padded input and unpooled output) must be allocatable.
+    checked_numel(&[per_unit, img_in + g.c_out * oh * ow], 4)?;
     let pooled_hw = match pool {
         Some(p) => Some(p.geom.out_hw(oh, ow)?),
         None => None,
