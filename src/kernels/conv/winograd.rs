@@ -348,6 +348,13 @@ trait Lanes: Copy {
     /// `self + c * x`.
     unsafe fn fma(self, c: f32, x: Self) -> Self;
     unsafe fn act(self, a: Activation) -> Self;
+    /// Stores a full 4x4 output tile of eight channels, `y[i * 4 + j][channel]`, to
+    /// `dst + channel * plane + i * row + j` if this form has a fast way to; false otherwise
+    /// (the caller then stores one float at a time).
+    #[inline(always)]
+    unsafe fn store_tile4(_y: &[[f32; L]; 16], _dst: *mut f32, _plane: usize, _row: usize) -> bool {
+        false
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -426,6 +433,48 @@ mod avx {
         unsafe fn fma(self, c: f32, x: Self) -> Self {
             Avx(_mm256_fmadd_ps(_mm256_set1_ps(c), x.0, self.0))
         }
+        /// Two 8x8 transposes turn the position-major tile into four 4-float rows per
+        /// channel, instead of 128 single-float stores.
+        #[inline(always)]
+        unsafe fn store_tile4(y: &[[f32; 8]; 16], dst: *mut f32, plane: usize, row: usize) -> bool {
+            for half in 0..2 {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|i| _mm256_loadu_ps(y[half * 8 + i].as_ptr()));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                // Channel c: its positions half*8 .. half*8 + 8, i.e. two output rows.
+                let ch = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (c, v) in ch.iter().enumerate() {
+                    let d = dst.add(c * plane + 2 * half * row);
+                    _mm_storeu_ps(d, _mm256_castps256_ps128(*v));
+                    _mm_storeu_ps(d.add(row), _mm256_extractf128_ps::<1>(*v));
+                }
+            }
+            true
+        }
         #[inline(always)]
         unsafe fn act(self, a: Activation) -> Self {
             if has_vector_form(a) {
@@ -501,7 +550,9 @@ pub(super) fn run(
     }
     let img_in = checked_numel(&[geo.hp, geo.wp, geo.cp_in], 4)?;
     let per_tile = alpha * alpha * (geo.cp_in + geo.cp_out) * 4;
-    let block = (BLOCK_BYTES / per_tile).clamp(L, MAX_BLOCK_TILES);
+    // A multiple of the GEMM's row tile (6): partial row panels are packed and stored
+    // one float at a time.
+    let block = (BLOCK_BYTES / per_tile).clamp(L, MAX_BLOCK_TILES) / 6 * 6;
     // Units of whole images: enough tiles for a full block, and enough units for the threads.
     let mut per_unit = block.div_ceil(geo.tiles).max(1);
     if threads > 1 {
@@ -966,6 +1017,15 @@ unsafe fn output_tiles<
                 }
             }
             let lanes = L.min(geo.c_out - c);
+            let first = out.ptr.add((b * geo.c_out + c) * ohw + oy0 * geo.ow + ox0);
+            if M == 4
+                && rows == 4
+                && cols == 4
+                && lanes == L
+                && V::store_tile4(&y, first, ohw, geo.ow)
+            {
+                continue;
+            }
             for l in 0..lanes {
                 let plane = out.ptr.add((b * geo.c_out + c + l) * ohw);
                 for i in 0..rows {
