@@ -162,6 +162,29 @@ impl Conv2d {
         bias: Option<&[f32]>,
         act: Option<Activation>,
     ) -> Result<Conv2d> {
+        Self::build(geom, weight, bias, act, true)
+    }
+
+    /// As [`Conv2d::new`] for weights used for one call only (training, weights computed at
+    /// run time): no Winograd filter transform, which would be paid on every call, and the
+    /// forward pass keeps the direct arithmetic the gradient kernels use (finite-difference
+    /// checks of a training step see Winograd's larger rounding as gradient error).
+    pub fn new_per_call(
+        geom: Conv2dGeom,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        act: Option<Activation>,
+    ) -> Result<Conv2d> {
+        Self::build(geom, weight, bias, act, false)
+    }
+
+    fn build(
+        geom: Conv2dGeom,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        act: Option<Activation>,
+        fast_filtering: bool,
+    ) -> Result<Conv2d> {
         geom.validate()?;
         let k = geom.k();
         if weight.len() != geom.c_out * k {
@@ -199,7 +222,7 @@ impl Conv2d {
                 .collect::<Result<Vec<_>>>()?;
             (raw, packed)
         };
-        let winograd = if winograd::eligible(&geom) {
+        let winograd = if fast_filtering && winograd::eligible(&geom) {
             Some(winograd::Plan::new(&geom, weight, bias, act)?)
         } else {
             None
