@@ -5,6 +5,8 @@
 //! - depthwise (`groups == C_in == C_out`): a direct, vectorised kernel;
 //! - few taps per output (first layers on one or a few channels, with AVX-512): a direct
 //!   kernel over a "wide" padded image ([`small_k`]);
+//! - stride-1, ungrouped 3x3 and 5x5 layers with enough channels and outputs: Winograd
+//!   minimal filtering ([`winograd`]), fewer multiplications than any direct route;
 //! - everything else is lowered to GEMM ([`lowered`]): the packed weights times the image
 //!   (1x1, stride 1, no padding) or its im2col matrix, an implicit gathered view of a
 //!   zero-padded copy that is never materialised.
@@ -16,6 +18,7 @@ mod depthwise;
 mod layout;
 mod lowered;
 mod small_k;
+mod winograd;
 
 use rayon::prelude::*;
 
@@ -146,6 +149,8 @@ pub struct Conv2d {
     packed: Vec<PackedA>,
     bias: Option<Vec<f32>>,
     act: Option<Activation>,
+    /// Transformed filters when the geometry suits Winograd ([`winograd::eligible`]).
+    winograd: Option<winograd::Plan>,
 }
 
 impl Conv2d {
@@ -156,6 +161,29 @@ impl Conv2d {
         weight: &[f32],
         bias: Option<&[f32]>,
         act: Option<Activation>,
+    ) -> Result<Conv2d> {
+        Self::build(geom, weight, bias, act, true)
+    }
+
+    /// As [`Conv2d::new`] for weights used for one call only (training, weights computed at
+    /// run time): no Winograd filter transform, which would be paid on every call, and the
+    /// forward pass keeps the direct arithmetic the gradient kernels use (finite-difference
+    /// checks of a training step see Winograd's larger rounding as gradient error).
+    pub fn new_per_call(
+        geom: Conv2dGeom,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        act: Option<Activation>,
+    ) -> Result<Conv2d> {
+        Self::build(geom, weight, bias, act, false)
+    }
+
+    fn build(
+        geom: Conv2dGeom,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        act: Option<Activation>,
+        fast_filtering: bool,
     ) -> Result<Conv2d> {
         geom.validate()?;
         let k = geom.k();
@@ -194,12 +222,18 @@ impl Conv2d {
                 .collect::<Result<Vec<_>>>()?;
             (raw, packed)
         };
+        let winograd = if fast_filtering && winograd::eligible(&geom) {
+            Some(winograd::Plan::new(&geom, weight, bias, act)?)
+        } else {
+            None
+        };
         Ok(Conv2d {
             geom,
             raw_weights,
             packed,
             bias: bias.map(<[f32]>::to_vec),
             act,
+            winograd,
         })
     }
 
@@ -238,10 +272,19 @@ impl Conv2d {
         let threads = crate::kernels::par::threads();
         if g.is_depthwise() {
             self.run_depthwise(x, [n, h, w], pads, out, threads);
+        } else if let Some(plan) = self.winograd_for((oh, ow)) {
+            winograd::run(self, plan, x, [n, h, w], pads, (oh, ow), None, out, threads)?;
         } else {
             lowered::run(self, x, [n, h, w], pads, (oh, ow), None, out, threads)?;
         }
         Ok(())
+    }
+
+    /// The Winograd plan when it is prepared and pays off for `(oh, ow)` outputs.
+    fn winograd_for(&self, ohw: (usize, usize)) -> Option<&winograd::Plan> {
+        self.winograd
+            .as_ref()
+            .filter(|p| !winograd::disabled() && p.worth(ohw))
     }
 
     /// Checks that the padded scratch image is allocatable (pads come from the model file).
@@ -293,6 +336,9 @@ impl Conv2d {
             self.check_padded(h, w, pads)?;
             let threads = crate::kernels::par::threads();
             let hw = (oh, ow);
+            if let Some(plan) = self.winograd_for(hw) {
+                return winograd::run(self, plan, x, [n, h, w], pads, hw, Some(pool), out, threads);
+            }
             return lowered::run(self, x, [n, h, w], pads, hw, Some(pool), out, threads);
         }
         let conv_len = checked_numel(&[g.c_out, oh, ow], 4)?;

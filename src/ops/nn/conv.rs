@@ -124,14 +124,21 @@ fn compile_conv(ctx: &CompileCtx) -> Result<ConvKernel> {
                     .unwrap_or(0)
                     .saturating_mul(kernel.group),
             );
-        kernel.prepared = Some(kernel.prepare(c_in, w, b)?);
+        kernel.prepared = Some(kernel.prepare(c_in, w, b, true)?);
     }
     Ok(kernel)
 }
 
 impl ConvKernel {
-    /// Validates the weight against the attributes and packs it.
-    fn prepare(&self, c_in: usize, w: &Tensor, bias: Option<&Tensor>) -> Result<Conv2d> {
+    /// Validates the weight against the attributes and packs it. `constant`: prepared once
+    /// for every run (else for this run only, see [`Conv2d::new_per_call`]).
+    fn prepare(
+        &self,
+        c_in: usize,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        constant: bool,
+    ) -> Result<Conv2d> {
         let node = &self.node;
         let ws = w.shape();
         if ws.len() != 3 && ws.len() != 4 {
@@ -183,7 +190,13 @@ impl ConvKernel {
                 ));
             }
         }
-        Conv2d::new(geom, &w.to_f32_vec(), bias.as_deref(), self.act).map_err(|e| e.at_node(node))
+        let (wf, act) = (w.to_f32_vec(), self.act);
+        if constant {
+            Conv2d::new(geom, &wf, bias.as_deref(), act)
+        } else {
+            Conv2d::new_per_call(geom, &wf, bias.as_deref(), act)
+        }
+        .map_err(|e| e.at_node(node))
     }
 }
 
@@ -210,7 +223,7 @@ impl ConvKernel {
                     Some(_) => Some(f32_input(node, inputs, 2)?),
                     None => None,
                 };
-                Cow::Owned(self.prepare(c, wt, b)?)
+                Cow::Owned(self.prepare(c, wt, b, false)?)
             }
         };
         let g = conv.geom();
