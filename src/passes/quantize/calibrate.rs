@@ -6,14 +6,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use rayon::prelude::*;
 
 use super::config::{ActivationCalib, QuantizeConfig};
 use crate::data::dataset::BatchSource;
 use crate::error::{Error, Result};
-use crate::ir::{DType, Model, Tensor, TypeInfo, ValueInfo};
+use crate::ir::{DType, Dim, Graph, Model, Tensor, TypeInfo, ValueInfo};
 use crate::quant::calibrate::{
     HistKind, Histogram, MeanStd, MinMax, Observer, Range, DEFAULT_BINS,
 };
@@ -28,6 +28,7 @@ pub struct CalibProgress {
     pub total: usize,
 }
 
+#[derive(Clone)]
 enum Obs {
     MinMax(MinMax),
     Hist(Histogram),
@@ -41,6 +42,14 @@ impl Obs {
             ActivationCalib::Sigma(_) => Obs::Moments(MeanStd::new(name), MinMax::new(name)),
             _ => Obs::Hist(Histogram::new(name, HistKind::Abs, DEFAULT_BINS)?),
         })
+    }
+
+    /// Adds another thread's observations of the same tensor (min/max observers only: the
+    /// only ones streamed with [`Feed::Merged`]).
+    fn merge(&mut self, other: Obs) {
+        if let (Obs::MinMax(a), Obs::MinMax(b)) = (self, &other) {
+            a.merge(b);
+        }
     }
 
     fn observe(&mut self, x: &[f32]) -> Result<()> {
@@ -135,68 +144,197 @@ fn check_batch(input: &str, x: &Tensor, start: usize) -> Result<()> {
     Ok(())
 }
 
-/// A session for streaming passes: it runs one batch on the calling thread, so several
-/// batches run at once on as many threads (see [`stream`]), and it keeps `names` as graph
-/// outputs, which keeps them materialised while the remaining activations are fused into
-/// their Conv/Gemm (a ReLU whose input is not observed needs no pass of its own).
+/// The sessions of streaming passes over one model: each runs one batch on the calling
+/// thread, so several batches run at once on as many threads (see [`stream`]), and keeps the
+/// observed values as graph outputs, which keeps them materialised while the remaining
+/// activations are fused into their Conv/Gemm (a ReLU whose input is not observed needs no
+/// pass of its own). Sessions are built on first use: min/max calibration runs a different
+/// one (see [`pool_proxies`]).
 pub struct Observing {
-    session: Session,
+    /// The model the sessions run (tensors share their buffers with the caller's copy).
+    model: Model,
+    /// The tensors whose values the passes need.
+    names: Vec<String>,
     /// Batches in flight at once.
     workers: usize,
+    /// Every tensor of `names` materialised.
+    direct: OnceLock<Session>,
+    /// Tensors with a pool proxy observed through it, with the proxy of each.
+    pooled: OnceLock<(Session, HashMap<String, String>)>,
 }
 
 impl Observing {
     /// `threads` is the number of batches run at once (0 = one per core).
     pub fn new(model: &Model, names: &[String], threads: usize) -> Result<Observing> {
-        let mut m = model.clone();
-        let graph = &mut m.graph;
-        let mut keep: Vec<String> = names.to_vec();
-        // Conv + AveragePool fusion sums in another order than AveragePool alone: keep their
-        // inputs separate too, so every observed value is what the unfused graph computes
-        // (activation epilogues and max pooling are exact either way).
-        for n in graph.nodes.iter().filter(|n| n.op_type == "AveragePool") {
-            if let Some(i) = n.inputs.first() {
-                keep.push(i.clone());
-            }
-        }
-        let inputs: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
-        let produced: HashSet<&str> = graph
-            .nodes
-            .iter()
-            .flat_map(|n| n.outputs.iter().map(String::as_str))
-            .collect();
-        let mut outputs: HashSet<String> = graph.outputs.iter().map(|v| v.name.clone()).collect();
-        let mut extra = Vec::new();
-        for name in keep {
-            if !inputs.contains(name.as_str())
-                && produced.contains(name.as_str())
-                && outputs.insert(name.clone())
-            {
-                let ty = graph
-                    .type_of(&name)
-                    .unwrap_or_else(|| TypeInfo::unknown_shape(DType::F32));
-                extra.push(ValueInfo::new(&name, ty));
-            }
-        }
-        graph.outputs.extend(extra);
-        let session = Session::new(
-            &m,
-            &SessionOptions {
-                threads: 1,
-                plan: PlanOptions {
-                    fuse_activations: true,
-                    fuse_quantized: false,
-                    fuse_qdq_products: false,
-                },
-            },
-        )?;
         let workers = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
             threads
         };
-        Ok(Observing { session, workers })
+        Ok(Observing {
+            model: model.clone(),
+            names: names.to_vec(),
+            workers,
+            direct: OnceLock::new(),
+            pooled: OnceLock::new(),
+        })
     }
+
+    /// The session that shows every tensor of `names`.
+    fn direct(&self) -> Result<&Session> {
+        if let Some(s) = self.direct.get() {
+            return Ok(s);
+        }
+        let s = observing_session(&self.model, &self.names)?;
+        Ok(self.direct.get_or_init(|| s))
+    }
+
+    /// The session that shows the max-pooled form of the tensors [`pool_proxies`] finds (so
+    /// their Conv + Relu + MaxPool run as one step) and every other tensor of `names`; with
+    /// the proxy of each such tensor.
+    fn pooled(&self) -> Result<(&Session, &HashMap<String, String>)> {
+        if let Some((s, p)) = self.pooled.get() {
+            return Ok((s, p));
+        }
+        // Whether a pool sees every element depends on shapes, which a file need not declare.
+        let mut typed = self.model.clone();
+        let proxies = match crate::passes::infer_shapes(&mut typed) {
+            Ok(()) => pool_proxies(&typed.graph, &self.names),
+            Err(_) => pool_proxies(&self.model.graph, &self.names),
+        };
+        let keep: Vec<String> = self
+            .names
+            .iter()
+            .map(|n| proxies.get(n).unwrap_or(n).clone())
+            .collect();
+        let s = observing_session(&self.model, &keep)?;
+        let (s, p) = self.pooled.get_or_init(|| (s, proxies));
+        Ok((s, p))
+    }
+}
+
+/// A one-thread session over `model` with `names` kept as graph outputs.
+fn observing_session(model: &Model, names: &[String]) -> Result<Session> {
+    let mut m = model.clone();
+    let graph = &mut m.graph;
+    let mut keep: Vec<String> = names.to_vec();
+    // Conv + AveragePool fusion sums in another order than AveragePool alone: keep their
+    // inputs separate too, so every observed value is what the unfused graph computes
+    // (activation epilogues and max pooling are exact either way).
+    for n in graph.nodes.iter().filter(|n| n.op_type == "AveragePool") {
+        if let Some(i) = n.inputs.first() {
+            keep.push(i.clone());
+        }
+    }
+    let inputs: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    let produced: HashSet<&str> = graph
+        .nodes
+        .iter()
+        .flat_map(|n| n.outputs.iter().map(String::as_str))
+        .collect();
+    let mut outputs: HashSet<String> = graph.outputs.iter().map(|v| v.name.clone()).collect();
+    let mut extra = Vec::new();
+    for name in keep {
+        if !inputs.contains(name.as_str())
+            && produced.contains(name.as_str())
+            && outputs.insert(name.clone())
+        {
+            let ty = graph
+                .type_of(&name)
+                .unwrap_or_else(|| TypeInfo::unknown_shape(DType::F32));
+            extra.push(ValueInfo::new(&name, ty));
+        }
+    }
+    graph.outputs.extend(extra);
+    Session::new(
+        &m,
+        &SessionOptions {
+            threads: 1,
+            plan: PlanOptions {
+                fuse_activations: true,
+                fuse_quantized: false,
+                fuse_qdq_products: false,
+            },
+        },
+    )
+}
+
+/// Tensors of `names` whose min and max can be read off a max pool of them: the output of a
+/// Relu whose only reader is a MaxPool with windows that cover every input element (so the
+/// largest value survives the pool) and no Indices output. Observing the pool's output
+/// instead lets the session run Conv + Relu + MaxPool as one step, never writing the
+/// four-times-larger unpooled tensor, and hands the observer a quarter of the values. The
+/// smallest value does not survive, but a Relu output's range starts at 0, which every
+/// activation grid contains anyway. Maps each such tensor to the pool's output.
+fn pool_proxies(graph: &Graph, names: &[String]) -> HashMap<String, String> {
+    let graph_outputs: HashSet<&str> = graph.outputs.iter().map(|v| v.name.as_str()).collect();
+    let mut proxies = HashMap::new();
+    for name in names {
+        let from_relu = graph
+            .nodes
+            .iter()
+            .any(|n| n.op_type == "Relu" && n.domain.is_empty() && n.outputs.first() == Some(name));
+        if !from_relu || graph_outputs.contains(name.as_str()) {
+            continue;
+        }
+        let mut readers = graph
+            .nodes
+            .iter()
+            .filter(|n| n.inputs.iter().any(|i| i == name));
+        let (Some(pool), None) = (readers.next(), readers.next()) else {
+            continue;
+        };
+        let sole_input = pool.inputs.iter().filter(|i| *i == name).count() == 1;
+        let single_output = pool.outputs.iter().skip(1).all(String::is_empty);
+        if pool.op_type != "MaxPool"
+            || !pool.domain.is_empty()
+            || pool.inputs.first() != Some(name)
+            || !sole_input
+            || !single_output
+        {
+            continue;
+        }
+        let Some(out) = pool.outputs.first().filter(|o| !o.is_empty()) else {
+            continue;
+        };
+        if covers_every_element(graph, name, pool) {
+            proxies.insert(name.clone(), out.clone());
+        }
+    }
+    proxies
+}
+
+/// Whether every element of `input` (NCHW with known H and W) lies in some window of `pool`,
+/// resolved exactly as the kernel resolves them.
+fn covers_every_element(graph: &Graph, input: &str, pool: &crate::ir::Node) -> bool {
+    let Some(dims) = graph.type_of(input).and_then(|t| t.shape) else {
+        return false;
+    };
+    let [_, _, Dim::Known(h), Dim::Known(w)] = dims[..] else {
+        return false;
+    };
+    let Ok(window) = crate::ops::nn::PoolWindow::parse(pool) else {
+        return false;
+    };
+    let Ok(shape) = window.resolve(&[1, 1, h, w]) else {
+        return false;
+    };
+    let g = &shape.geom;
+    let (oh, ow) = (shape.out_shape[2], shape.out_shape[3]);
+    let axis = |len: usize, out: usize, a: usize| {
+        let mut hit = vec![false; len];
+        for o in 0..out {
+            for t in 0..g.kernel[a] {
+                // Window positions in padded coordinates; pads hold no input element.
+                let p = o * g.stride[a] + t * g.dilation[a];
+                if let Some(i) = p.checked_sub(g.pads[a]).filter(|&i| i < len) {
+                    hit[i] = true;
+                }
+            }
+        }
+        hit.iter().all(|&x| x)
+    };
+    axis(h, oh, 0) && axis(w, ow, 1)
 }
 
 /// One observed tensor's state and whose turn it is: calls for batch `k` wait until batch
@@ -208,15 +346,14 @@ struct Lane<S> {
 }
 
 /// Shared state of the threads of one [`stream`].
-struct Flow<'a, S> {
+struct Flow<S> {
     lanes: Vec<Lane<S>>,
-    index: HashMap<&'a str, usize>,
     done: AtomicUsize,
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
 }
 
-impl<S> Flow<'_, S> {
+impl<S> Flow<S> {
     /// Records the first error and wakes every waiting thread so all of them stop.
     fn fail(&self, e: Error) {
         if let Ok(mut slot) = self.error.lock() {
@@ -232,13 +369,7 @@ impl<S> Flow<'_, S> {
 
     /// Waits for batch `k`'s turn on lane `i`, feeds `values` (if any) and passes the turn on.
     /// False when the stream failed.
-    fn take_turn(
-        &self,
-        i: usize,
-        k: usize,
-        values: Option<&[f32]>,
-        visit: &(dyn Fn(&mut S, &[f32]) -> Result<()> + Sync),
-    ) -> bool {
+    fn take_turn(&self, i: usize, k: usize, values: Option<&[f32]>, visit: &Visit<S>) -> bool {
         let lane = &self.lanes[i];
         let Ok(mut g) = lane.turn.lock() else {
             return false;
@@ -259,6 +390,11 @@ impl<S> Flow<'_, S> {
         g.0 = k + 1;
         drop(g);
         lane.ready.notify_all();
+        self.check(result)
+    }
+
+    /// True for `Ok`; records an error and returns false.
+    fn check(&self, result: Result<()>) -> bool {
         match result {
             Ok(()) => true,
             Err(e) => {
@@ -269,15 +405,34 @@ impl<S> Flow<'_, S> {
     }
 }
 
-/// Runs `source` (at most `limit` samples) in batches of `batch` through `obs`, calling
-/// `visit` with the state of `names[i]` and its values in each batch (the graph input
-/// included). Up to `obs.workers` batches run at once, each on its own thread; every
-/// tensor's batches are visited in batch order, so streaming statistics come out exactly as
-/// in a sequential pass, and memory stays bounded by the batches in flight. Returns the
-/// states and the number of samples.
+/// Adds one batch of a tensor's values to its state.
+type Visit<S> = dyn Fn(&mut S, &[f32]) -> Result<()> + Sync;
+
+/// How the states of a [`stream`] take the batches.
+enum Feed<'f, S> {
+    /// One state per tensor, fed the batches in order: for statistics whose result depends
+    /// on the order (re-binning histograms, floating-point sums).
+    InOrder(&'f Visit<S>),
+    /// One state per tensor and thread, fed the batches that thread runs, combined in thread
+    /// order at the end: for statistics that come out the same in any order (min and max).
+    /// No thread ever waits for another's batch.
+    Merged(&'f Visit<S>, &'f (dyn Fn(&mut S, S) + Sync)),
+}
+
+/// What one thread sees of the stream's states for one batch: `(tensor, values)`, with no
+/// values for a tensor the run did not show; false when the stream failed.
+type Sink<'s> = dyn FnMut(usize, Option<&[f32]>) -> bool + Send + 's;
+
+/// Runs `source` (at most `limit` samples) in batches of `batch` through `session` on
+/// `workers` threads, feeding each state of `states` the values of its tensor of `names`
+/// (the graph input included; a tensor in `alias` is seen through the value it maps to).
+/// Up to `workers` batches run at once, each on its own thread; with [`Feed::InOrder`]
+/// every tensor's batches are visited in batch order, so streaming statistics come out
+/// exactly as in a sequential pass. Memory stays bounded by the batches in flight. Returns
+/// the states and the number of samples.
 #[allow(clippy::too_many_arguments)]
-fn stream<S: Send>(
-    obs: &Observing,
+fn stream<S: Send + Sync + Clone>(
+    (session, workers, alias): (&Session, usize, &HashMap<String, String>),
     source: &dyn BatchSource,
     names: &[String],
     states: Vec<S>,
@@ -285,7 +440,7 @@ fn stream<S: Send>(
     batch: usize,
     phase: &'static str,
     progress: &mut dyn FnMut(CalibProgress),
-    visit: &(dyn Fn(&mut S, &[f32]) -> Result<()> + Sync),
+    feed: Feed<S>,
 ) -> Result<(Vec<S>, usize)> {
     let total = limit.map_or(source.len(), |l| l.min(source.len()));
     if total == 0 {
@@ -294,10 +449,19 @@ fn stream<S: Send>(
             source.name()
         )));
     }
-    let session = &obs.session;
     let input = input_name(session)?;
     let batch = batch.max(1);
     let batches = total.div_ceil(batch);
+    // Observed value -> the states that see it.
+    let mut index: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in names.iter().enumerate() {
+        let seen_as = alias.get(n).unwrap_or(n);
+        index.entry(seen_as.as_str()).or_default().push(i);
+    }
+    let initial = match feed {
+        Feed::Merged(..) => Some(states.clone()),
+        Feed::InOrder(_) => None,
+    };
     let flow = Flow {
         lanes: states
             .into_iter()
@@ -306,34 +470,30 @@ fn stream<S: Send>(
                 ready: Condvar::new(),
             })
             .collect(),
-        index: names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.as_str(), i))
-            .collect(),
         done: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
     };
     // Batch `k` through the session; false when the stream failed.
-    let run_batch = |k: usize, x: Tensor| -> bool {
+    let run_batch = |x: Tensor, sink: &mut Sink| -> bool {
         let mut seen = vec![false; flow.lanes.len()];
-        if let (Some(&i), Ok(v)) = (flow.index.get(input.as_str()), x.as_f32()) {
-            if !flow.take_turn(i, k, Some(v), visit) {
-                return false;
+        if let (Some(lanes), Ok(v)) = (index.get(input.as_str()), x.as_f32()) {
+            for &i in lanes {
+                if !sink(i, Some(v)) {
+                    return false;
+                }
+                seen[i] = true;
             }
-            seen[i] = true;
         }
         let count = x.shape().first().copied().unwrap_or(0);
         let mut ok = true;
         let ran = session.run_observed(&[(input.as_str(), x)], &mut |name, t| {
-            if !ok {
-                return;
-            }
-            if let (Some(&i), Ok(v)) = (flow.index.get(name), t.as_f32()) {
-                if !seen[i] {
-                    seen[i] = true;
-                    ok = flow.take_turn(i, k, Some(v), visit);
+            if let (Some(lanes), Ok(v)) = (index.get(name), t.as_f32()) {
+                for &i in lanes {
+                    if ok && !seen[i] {
+                        seen[i] = true;
+                        ok = sink(i, Some(v));
+                    }
                 }
             }
         });
@@ -348,7 +508,7 @@ fn stream<S: Send>(
         }
         // Tensors this run did not show still pass the turn on.
         for (i, _) in seen.iter().enumerate().filter(|(_, s)| !**s) {
-            ok = ok && flow.take_turn(i, k, None, visit);
+            ok = ok && sink(i, None);
         }
         flow.done.fetch_add(count, Ordering::SeqCst);
         ok
@@ -376,20 +536,43 @@ fn stream<S: Send>(
             }
         }
     };
-    let work = |report: &mut dyn FnMut(usize)| {
+    // One thread's share of the batches; returns its own states under `Feed::Merged`.
+    let work = |report: &mut dyn FnMut(usize)| -> Option<Vec<S>> {
+        let mut own = initial.clone();
         while let Some((k, x)) = claim() {
-            if !run_batch(k, x) {
-                return;
+            let ok = match (&feed, own.as_mut()) {
+                (Feed::Merged(visit, _), Some(own)) => run_batch(x, &mut |i, values| {
+                    values.is_none_or(|v| flow.check(visit(&mut own[i], v)))
+                }),
+                (Feed::InOrder(visit), _) | (Feed::Merged(visit, _), None) => {
+                    run_batch(x, &mut |i, values| flow.take_turn(i, k, values, *visit))
+                }
+            };
+            if !ok {
+                break;
             }
             report(flow.done.load(Ordering::SeqCst));
         }
+        own
     };
-    let workers = obs.workers.clamp(1, batches);
+    let workers = workers.clamp(1, batches);
+    let mut parts = Vec::with_capacity(workers);
     std::thread::scope(|scope| {
-        for _ in 1..workers {
-            scope.spawn(|| work(&mut |_| {}));
+        let others: Vec<_> = (1..workers)
+            .map(|_| scope.spawn(|| work(&mut |_| {})))
+            .collect();
+        parts.push(work(&mut |done| {
+            progress(CalibProgress { phase, done, total })
+        }));
+        for h in others {
+            match h.join() {
+                Ok(p) => parts.push(p),
+                Err(_) => flow.fail(Error::Data(format!(
+                    "calibration on {}: a worker thread panicked",
+                    source.name()
+                ))),
+            }
         }
-        work(&mut |done| progress(CalibProgress { phase, done, total }));
     });
     if let Some(e) = flow.error.into_inner().ok().flatten() {
         return Err(e);
@@ -405,7 +588,7 @@ fn stream<S: Send>(
         done: total,
         total,
     });
-    let states = flow
+    let mut states: Vec<S> = flow
         .lanes
         .into_iter()
         .map(|l| match l.turn.into_inner() {
@@ -413,6 +596,13 @@ fn stream<S: Send>(
             Err(p) => p.into_inner().1,
         })
         .collect();
+    if let Feed::Merged(_, merge) = feed {
+        for part in parts.into_iter().flatten() {
+            for (s, p) in states.iter_mut().zip(part) {
+                merge(s, p);
+            }
+        }
+    }
     Ok((states, total))
 }
 
@@ -458,8 +648,21 @@ pub fn calibrate(
         .iter()
         .map(|n| Obs::new(n, method))
         .collect::<Result<_>>()?;
+    // Min and max come out the same in any batch order, and through a covering max pool.
+    let min_max = matches!(method, ActivationCalib::MinMax | ActivationCalib::None);
+    let no_alias = HashMap::new();
+    let (session, alias) = match min_max {
+        true => obs.pooled()?,
+        false => (obs.direct()?, &no_alias),
+    };
+    let visit = |o: &mut Obs, v: &[f32]| o.observe(v);
+    let merge = |a: &mut Obs, b: Obs| a.merge(b);
+    let feed = match min_max {
+        true => Feed::Merged(&visit, &merge),
+        false => Feed::InOrder(&visit),
+    };
     let (observers, samples) = stream(
-        obs,
+        (session, obs.workers, alias),
         source,
         names,
         observers,
@@ -467,19 +670,30 @@ pub fn calibrate(
         batch,
         "calibrate",
         progress,
-        &|o: &mut Obs, v: &[f32]| o.observe(v),
+        feed,
     )?;
-    // Threshold searches (KL tries ~2000 candidates per tensor) run on the same threads.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(obs.workers)
-        .build()
-        .map_err(|e| Error::Data(format!("cannot start {} threads: {e}", obs.workers)))?;
-    let ranges: Vec<Result<Range>> = pool.install(|| {
-        observers
-            .par_iter()
-            .map(|o| o.range(method, bits, scheme))
-            .collect()
-    });
+    let range = |(n, o): (&String, &Obs)| {
+        let r = o.range(method, bits, scheme)?;
+        // A Relu output seen through a max pool: the pool's smallest value only bounds the
+        // tensor's from above; 0 bounds it from below and keeps the range non-saturating.
+        Ok(match alias.contains_key(n) {
+            true => Range {
+                min: r.min.min(0.0),
+                ..r
+            },
+            false => r,
+        })
+    };
+    let ranges: Vec<Result<Range>> = if min_max {
+        names.iter().zip(&observers).map(range).collect()
+    } else {
+        // Threshold searches (KL tries ~2000 candidates per tensor) run on the same threads.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(obs.workers)
+            .build()
+            .map_err(|e| Error::Data(format!("cannot start {} threads: {e}", obs.workers)))?;
+        pool.install(|| names.par_iter().zip(&observers).map(range).collect())
+    };
     let ranges = names
         .iter()
         .cloned()
@@ -502,7 +716,7 @@ pub fn activation_sqnr(
     let names: Vec<String> = params.keys().cloned().collect();
     let acc: Vec<(QParams, f64, f64)> = params.values().map(|p| (*p, 0.0, 0.0)).collect();
     let (acc, _) = stream(
-        obs,
+        (obs.direct()?, obs.workers, &HashMap::new()),
         source,
         &names,
         acc,
@@ -510,7 +724,7 @@ pub fn activation_sqnr(
         batch,
         "measure",
         progress,
-        &|a: &mut (QParams, f64, f64), v: &[f32]| {
+        Feed::InOrder(&|a: &mut (QParams, f64, f64), v: &[f32]| {
             let p = a.0;
             let (mut s, mut n) = (0f64, 0f64);
             for &x in v {
@@ -521,7 +735,7 @@ pub fn activation_sqnr(
             a.1 += s;
             a.2 += n;
             Ok(())
-        },
+        }),
     )?;
     Ok(names
         .into_iter()
@@ -535,4 +749,203 @@ pub fn activation_sqnr(
             (k, db)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::preprocess::Preprocess;
+    use crate::ir::{Attr, Node};
+    use crate::quant::test_rng::Rng;
+
+    /// Samples held in memory.
+    struct Memory {
+        x: Vec<f32>,
+        shape: Vec<usize>,
+    }
+
+    impl BatchSource for Memory {
+        fn name(&self) -> &str {
+            "memory"
+        }
+        fn len(&self) -> usize {
+            self.x.len() / self.shape.iter().product::<usize>()
+        }
+        fn sample_shape(&self) -> Option<Vec<usize>> {
+            Some(self.shape.clone())
+        }
+        fn preprocess(&self) -> Option<&Preprocess> {
+            None
+        }
+        fn batch(&self, start: usize, count: usize) -> Result<(Tensor, Vec<i64>)> {
+            let per: usize = self.shape.iter().product();
+            let n = count.min(self.len() - start);
+            let mut shape = vec![n];
+            shape.extend(&self.shape);
+            let x = self.x[start * per..(start + n) * per].to_vec();
+            Ok((Tensor::from_f32(shape, x)?, vec![0; n]))
+        }
+    }
+
+    /// x [N, 2, side, side] -> Conv 3x3 (pad 1) -> Relu -> MaxPool -> Flatten -> Gemm -> y,
+    /// with no declared intermediate types (the proxy search infers them).
+    fn conv_relu_pool(side: usize, pool: Node) -> Model {
+        let mut rng = Rng::new(3);
+        let ints = |v: &[i64]| Attr::Ints(v.to_vec());
+        let mut graph = Graph {
+            inputs: vec![ValueInfo::new(
+                "x",
+                TypeInfo::new(
+                    DType::F32,
+                    vec![
+                        Dim::Sym("N".into()),
+                        Dim::Known(2),
+                        Dim::Known(side),
+                        Dim::Known(side),
+                    ],
+                ),
+            )],
+            outputs: vec![ValueInfo::new("y", TypeInfo::unknown_shape(DType::F32))],
+            nodes: vec![
+                Node::new(
+                    "conv",
+                    "Conv",
+                    vec!["x".into(), "w".into(), "b".into()],
+                    vec!["c".into()],
+                )
+                .with_attr("pads", ints(&[1, 1, 1, 1])),
+                Node::new("relu", "Relu", vec!["c".into()], vec!["r".into()]),
+                pool,
+                Node::new("flat", "Flatten", vec!["p".into()], vec!["f".into()]),
+                Node::new(
+                    "fc",
+                    "Gemm",
+                    vec!["f".into(), "fw".into()],
+                    vec!["y".into()],
+                )
+                .with_attr("transB", Attr::Int(1)),
+            ],
+            ..Graph::default()
+        };
+        let mut weight = |graph: &mut Graph, name: &str, shape: Vec<usize>| {
+            let n = shape.iter().product();
+            let v = (0..n).map(|_| rng.gaussian() * 0.5).collect();
+            graph
+                .initializers
+                .insert(name.into(), Tensor::from_f32(shape, v).unwrap());
+        };
+        weight(&mut graph, "w", vec![4, 2, 3, 3]);
+        weight(&mut graph, "b", vec![4]);
+        // The Gemm's width is the pool's output size.
+        let mut head = Model::new(graph.clone(), 13);
+        head.graph.nodes.truncate(3);
+        crate::passes::infer_shapes(&mut head).unwrap();
+        let flat = match head.graph.value_info["p"].shape.as_deref() {
+            Some([_, c, h, w]) => [c, h, w]
+                .iter()
+                .map(|d| match d {
+                    Dim::Known(n) => *n,
+                    _ => panic!("unknown pool output dim"),
+                })
+                .product::<usize>(),
+            _ => panic!("no pool output shape"),
+        };
+        weight(&mut graph, "fw", vec![3, flat]);
+        Model::new(graph, 13)
+    }
+
+    fn max_pool(kernel: i64, stride: i64) -> Node {
+        Node::new("pool", "MaxPool", vec!["r".into()], vec!["p".into()])
+            .with_attr("kernel_shape", Attr::Ints(vec![kernel, kernel]))
+            .with_attr("strides", Attr::Ints(vec![stride, stride]))
+    }
+
+    #[test]
+    fn a_relu_is_seen_through_a_max_pool_only_when_the_pool_sees_every_element() {
+        let names = ["x".to_string(), "r".to_string(), "y".to_string()];
+        let proxies = |side, pool| {
+            let model = conv_relu_pool(side, pool);
+            let obs = Observing::new(&model, &names, 1).unwrap();
+            let (session, proxies) = obs.pooled().unwrap();
+            (session.step_labels().join(" "), proxies.clone())
+        };
+        let want = HashMap::from([("r".to_string(), "p".to_string())]);
+        let (labels, got) = proxies(8, max_pool(2, 2));
+        assert_eq!(got, want);
+        assert!(labels.starts_with("Conv+Relu+MaxPool"), "{labels}");
+        // Overlapping windows (3 wide, stride 2) over 9 columns cover every one.
+        assert_eq!(proxies(9, max_pool(3, 2)).1, want);
+        // Stride 2 over an odd side leaves the last row and column out; stride 3 over
+        // 2-wide windows skips every third.
+        assert!(proxies(9, max_pool(2, 2)).1.is_empty());
+        assert!(proxies(9, max_pool(2, 3)).1.is_empty());
+        // Ceil mode adds the window over the last row and column.
+        let ceil = max_pool(2, 2).with_attr("ceil_mode", Attr::Int(1));
+        assert_eq!(proxies(9, ceil).1, want);
+        // Average pooling keeps no maximum.
+        let avg = Node::new("pool", "AveragePool", vec!["r".into()], vec!["p".into()])
+            .with_attr("kernel_shape", Attr::Ints(vec![2, 2]))
+            .with_attr("strides", Attr::Ints(vec![2, 2]));
+        assert!(proxies(8, avg).1.is_empty());
+    }
+
+    #[test]
+    fn min_max_through_the_pool_matches_the_direct_pass() {
+        let model = conv_relu_pool(8, max_pool(2, 2));
+        let mut rng = Rng::new(5);
+        let shape = vec![2, 8, 8];
+        let source = Memory {
+            x: (0..37 * 128).map(|_| rng.gaussian()).collect(),
+            shape,
+        };
+        let names: Vec<String> = ["x", "r", "y"].iter().map(|s| s.to_string()).collect();
+        let scheme = QScheme::new(8, false, false).unwrap();
+        let run = |threads| {
+            let obs = Observing::new(&model, &names, threads).unwrap();
+            let (ranges, n) = calibrate(
+                &obs,
+                &source,
+                &names,
+                ActivationCalib::MinMax,
+                8,
+                &scheme,
+                None,
+                5,
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(n, 37);
+            ranges
+        };
+        let ranges = run(1);
+        assert_eq!(ranges, run(3));
+        // Every value of every tensor, in order, through the unfused session.
+        let obs = Observing::new(&model, &names, 1).unwrap();
+        let states = names.iter().map(|n| MinMax::new(n)).collect();
+        let (direct, _) = stream(
+            (obs.direct().unwrap(), 2, &HashMap::new()),
+            &source,
+            &names,
+            states,
+            None,
+            5,
+            "test",
+            &mut |_| {},
+            Feed::InOrder(&|m: &mut MinMax, v: &[f32]| m.observe(v)),
+        )
+        .unwrap();
+        for (name, m) in names.iter().zip(&direct) {
+            let want = m.range().unwrap();
+            let got = ranges[name];
+            assert_eq!(got.max, want.max, "{name}");
+            match name.as_str() {
+                "r" => assert_eq!(got.min, 0.0),
+                _ => assert_eq!(got.min, want.min, "{name}"),
+            }
+            assert_eq!(
+                got.params(&scheme, name).unwrap(),
+                want.params(&scheme, name).unwrap()
+            );
+        }
+    }
 }
