@@ -54,6 +54,17 @@ pub fn open_data(
     Ok(dataset::open_dataset(spec, split, preprocess)?)
 }
 
+/// As [`open_data`] where labels are not needed: images without a label in their names are
+/// fine.
+pub fn open_calibration_data(
+    spec: &str,
+    split: &str,
+    preprocess: Option<&Preprocess>,
+) -> Result<Box<dyn BatchSource>> {
+    let split: Split = split.parse()?;
+    Ok(dataset::open_unlabelled(spec, split, preprocess)?)
+}
+
 pub fn run(args: Args) -> Result<()> {
     let model = load_model(&args.model)?;
     let pre = choose_preprocess(args.preprocess.as_deref(), &model)?;

@@ -12,7 +12,7 @@ use lithe::passes::quantize::{
 use lithe::runtime::{Session, SessionOptions};
 
 use super::common::{load_model, progress};
-use super::eval::{choose_preprocess, open_data};
+use super::eval::{choose_preprocess, open_calibration_data, open_data};
 
 /// Model metadata naming the data set a model was trained on (the default calibration set).
 const DATASET_METADATA_KEY: &str = "lithe.dataset";
@@ -208,7 +208,7 @@ pub fn run(args: Args) -> Result<()> {
         None
     } else {
         Some(
-            open_data(&calib_spec, &args.calib_split, pre.as_ref())
+            open_calibration_data(&calib_spec, &args.calib_split, pre.as_ref())
                 .with_context(|| format!("cannot open calibration data '{calib_spec}'"))?,
         )
     };

@@ -118,6 +118,25 @@ pub fn open_dataset(
     split: Split,
     preprocess: Option<&Preprocess>,
 ) -> Result<Box<dyn BatchSource>> {
+    open_dataset_with(spec, split, preprocess, true)
+}
+
+/// As [`open_dataset`] for uses that need no labels (calibration): a folder of images whose
+/// names carry no number is read with the label -1.
+pub fn open_unlabelled(
+    spec: &str,
+    split: Split,
+    preprocess: Option<&Preprocess>,
+) -> Result<Box<dyn BatchSource>> {
+    open_dataset_with(spec, split, preprocess, false)
+}
+
+fn open_dataset_with(
+    spec: &str,
+    split: Split,
+    preprocess: Option<&Preprocess>,
+    labels_required: bool,
+) -> Result<Box<dyn BatchSource>> {
     let pre = preprocess.cloned();
     match spec.to_ascii_lowercase().as_str() {
         "mnist" => return Ok(Box::new(IdxDataset::mnist(split, pre)?)),
@@ -139,7 +158,12 @@ pub fn open_dataset(
         )));
     }
     if path.is_dir() || spec.contains('*') {
-        return Ok(Box::new(ImageDirDataset::open(path, split, pre)?));
+        return Ok(Box::new(ImageDirDataset::open_with(
+            path,
+            split,
+            pre,
+            labels_required,
+        )?));
     }
     Err(Error::Data(format!(
         "data set '{spec}' not found: expected mnist, fashion-mnist, an .npz file or an image directory"
@@ -431,6 +455,17 @@ impl ImageDirDataset {
         split: Split,
         preprocess: Option<Preprocess>,
     ) -> Result<ImageDirDataset> {
+        Self::open_with(path, split, preprocess, true)
+    }
+
+    /// As [`ImageDirDataset::open`]; unless `labels_required`, files without a number in
+    /// their names get the label -1 (calibration needs images, not labels).
+    pub fn open_with(
+        path: &Path,
+        split: Split,
+        preprocess: Option<Preprocess>,
+        labels_required: bool,
+    ) -> Result<ImageDirDataset> {
         let preprocess = preprocess.unwrap_or_default();
         preprocess.validate()?;
         let (dir, pattern) = match path.file_name().and_then(|n| n.to_str()) {
@@ -452,13 +487,15 @@ impl ImageDirDataset {
         let (files, classes) = if !top.is_empty() || pattern.is_some() {
             let mut files = Vec::with_capacity(top.len());
             for f in top {
-                let label = label_from_name(&f).ok_or_else(|| {
-                    Error::Data(format!(
-                        "{}: no number in the file name to use as its label (name files like \
+                let label = label_from_name(&f)
+                    .or((!labels_required).then_some(-1))
+                    .ok_or_else(|| {
+                        Error::Data(format!(
+                            "{}: no number in the file name to use as its label (name files like \
                          cat_12_3.png for label 3, or use class subfolders)",
-                        f.display()
-                    ))
-                })?;
+                            f.display()
+                        ))
+                    })?;
                 files.push((f, label));
             }
             (files, None)
@@ -1033,6 +1070,14 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("nolabel.png"), "{e}");
+        // ... unless only the images are wanted (calibration).
+        let plain = dir.0.join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        write_png(&plain.join("page.png"), 2, 2, 0);
+        write_png(&plain.join("cat_7.png"), 2, 2, 0);
+        let unlabelled = open_unlabelled(plain.to_str().unwrap(), Split::Test, None).unwrap();
+        assert_eq!(unlabelled.batch(0, 2).unwrap().1, vec![7, -1]);
+        assert!(open_dataset(plain.to_str().unwrap(), Split::Test, None).is_err());
         let e = ImageDirDataset::open(&dir.0.join("zz*.png"), Split::Test, None)
             .err()
             .unwrap()
