@@ -362,10 +362,15 @@ impl NpzArchive {
                     "member '{name}.npy': stored sizes disagree ({compressed} vs {size})"
                 )));
             }
-            let mut buf = vec![0u8; size as usize];
+            // Bounded by the file's length (checked above); read into spare capacity rather
+            // than a zeroed buffer, so each page is written once.
+            let mut buf = Vec::with_capacity(size as usize);
             raw.take(size)
-                .read_exact(&mut buf)
+                .read_to_end(&mut buf)
                 .map_err(|e| self.io(e))?;
+            if buf.len() as u64 != size {
+                return Err(self.err(format!("member '{name}.npy' is truncated")));
+            }
             buf
         } else {
             // Deflate expands at most ~1032:1, which bounds what an honest member can claim

@@ -337,13 +337,14 @@ fn write_vec<T: Copy, const N: usize>(
     w: &mut dyn Write,
     conv: impl Fn(T) -> [u8; N],
 ) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(CHUNK.min(v.len() * N));
+    // Converting into fixed-size slots vectorizes; growing a Vec element by element did not.
+    let mut buf = vec![0u8; CHUNK.min(v.len() * N)];
     for chunk in v.chunks(CHUNK / N) {
-        buf.clear();
-        for &x in chunk {
-            buf.extend_from_slice(&conv(x));
+        let bytes = &mut buf[..chunk.len() * N];
+        for (o, &x) in bytes.chunks_exact_mut(N).zip(chunk) {
+            o.copy_from_slice(&conv(x));
         }
-        w.write_all(&buf)?;
+        w.write_all(bytes)?;
     }
     Ok(())
 }
