@@ -11,6 +11,8 @@
 //!   (`x_test`/`y_test` style names select a split).
 
 use std::fmt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -19,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::data::idx::{read_idx_labels, IdxImageStream};
 use crate::data::image::{read_image, Image};
-use crate::data::npz::NpzArchive;
+use crate::data::npz::{NpzArchive, StoredArray};
 use crate::data::preprocess::{Channels, Preprocess};
 use crate::error::{Error, Result};
 use crate::ir::{checked_numel, DType, Tensor, TensorData};
@@ -648,10 +650,73 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 /// as they are; a preprocess spec only applies to u8 images).
 pub struct NpzDataset {
     name: String,
-    x: Tensor,
+    x: Samples,
     labels: Vec<i64>,
     layout: NpzLayout,
     preprocess: Preprocess,
+}
+
+/// Where an [`NpzDataset`]'s samples come from.
+enum Samples {
+    /// Decoded whole: compressed members, and types or layouts that need converting.
+    Memory(Tensor),
+    /// An uncompressed f32 or u8 array, read a batch at a time from the file (a pass over
+    /// the first samples reads only those, and memory does not grow with the set).
+    File {
+        path: PathBuf,
+        file: Mutex<File>,
+        array: StoredArray,
+    },
+}
+
+impl Samples {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Samples::Memory(t) => t.shape(),
+            Samples::File { array, .. } => &array.shape,
+        }
+    }
+
+    /// Samples `s .. e` (in range), `per` elements each.
+    fn read(&self, s: usize, e: usize, per: usize) -> Result<TensorData> {
+        match self {
+            Samples::Memory(t) => match t.data() {
+                TensorData::F32(v) => Ok(TensorData::F32(v[s * per..e * per].to_vec())),
+                TensorData::U8(v) => Ok(TensorData::U8(v[s * per..e * per].to_vec())),
+                other => Err(Error::Data(format!(
+                    "unexpected array type {}",
+                    other.dtype()
+                ))),
+            },
+            Samples::File { path, file, array } => {
+                let size = array.dtype.size_of();
+                let mut bytes = vec![0u8; (e - s) * per * size];
+                let mut f = file
+                    .lock()
+                    .map_err(|_| Error::Data(format!("{}: reader poisoned", path.display())))?;
+                let at = array.offset + (s * per * size) as u64;
+                f.seek(SeekFrom::Start(at))
+                    .and_then(|_| f.read_exact(&mut bytes))
+                    .map_err(|err| match err.kind() {
+                        std::io::ErrorKind::UnexpectedEof => Error::Data(format!(
+                            "{}: the file was truncated while it was being read",
+                            path.display()
+                        )),
+                        _ => Error::io(path, err),
+                    })?;
+                drop(f);
+                Ok(match array.dtype {
+                    DType::F32 => TensorData::F32(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect(),
+                    ),
+                    _ => TensorData::U8(bytes),
+                })
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -686,7 +751,14 @@ impl NpzDataset {
                 "no label array (y, labels or y_{split}); arrays: {names:?}"
             ))
         })?;
-        let x = archive.read(&xname)?;
+        let x = match archive.stored_array(&xname)? {
+            Some(array) => Samples::File {
+                path: path.to_path_buf(),
+                file: Mutex::new(File::open(path).map_err(|e| Error::io(path, e))?),
+                array,
+            },
+            None => Samples::Memory(archive.read(&xname)?),
+        };
         let y = archive.read(&yname)?;
         let n = *x
             .shape()
@@ -706,10 +778,16 @@ impl NpzDataset {
             )));
         }
         let s = x.shape().to_vec();
-        let (layout, x) = match x.dtype() {
-            DType::F32 => (NpzLayout::Float, x),
-            DType::F16 | DType::F64 => (NpzLayout::Float, x.to_f32()),
-            DType::U8 => {
+        let dtype = match &x {
+            Samples::Memory(t) => t.dtype(),
+            Samples::File { array, .. } => array.dtype,
+        };
+        let (layout, x) = match (dtype, x) {
+            (DType::F32, x) => (NpzLayout::Float, x),
+            (DType::F16 | DType::F64, Samples::Memory(t)) => {
+                (NpzLayout::Float, Samples::Memory(t.to_f32()))
+            }
+            (DType::U8, x) => {
                 let layout = match s.len() {
                     3 => NpzLayout::Gray,
                     4 if matches!(s[3], 1 | 3 | 4) => NpzLayout::Nhwc,
@@ -722,7 +800,7 @@ impl NpzDataset {
                 };
                 (layout, x)
             }
-            other => {
+            (other, _) => {
                 return Err(err(format!(
                     "'{xname}' is {other}; expected u8 images or float inputs"
                 )))
@@ -752,7 +830,7 @@ impl NpzDataset {
         })
     }
 
-    /// The u8 sample `i` as an image.
+    /// Sample `i` of the u8 samples `px` as an image.
     fn image(&self, i: usize, px: &[u8]) -> Image {
         let s = self.x.shape();
         let (h, w, c, planar) = match self.layout {
@@ -808,18 +886,15 @@ impl BatchSource for NpzDataset {
     fn batch(&self, start: usize, count: usize) -> Result<(Tensor, Vec<i64>)> {
         let (s, e) = clamp_range(start, count, self.len(), &self.name)?;
         let labels = self.labels[s..e].to_vec();
-        match self.x.data() {
+        let per: usize = self.x.shape()[1..].iter().product();
+        match self.x.read(s, e, per)? {
             TensorData::F32(v) => {
-                let per: usize = self.x.shape()[1..].iter().product();
                 let mut shape = self.x.shape().to_vec();
                 shape[0] = e - s;
-                Ok((
-                    Tensor::from_f32(shape, v[s * per..e * per].to_vec())?,
-                    labels,
-                ))
+                Ok((Tensor::from_f32(shape, v)?, labels))
             }
             TensorData::U8(px) => {
-                let images: Vec<Image> = (s..e).map(|i| self.image(i, px)).collect();
+                let images: Vec<Image> = (0..e - s).map(|i| self.image(i, &px)).collect();
                 let mut x = self.preprocess.apply_batch(&images)?;
                 if images.is_empty() {
                     let mut shape = vec![0];
