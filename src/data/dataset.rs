@@ -690,30 +690,37 @@ impl Samples {
             },
             Samples::File { path, file, array } => {
                 let size = array.dtype.size_of();
-                let mut bytes = vec![0u8; (e - s) * per * size];
+                let len = (e - s) * per;
                 let mut f = file
                     .lock()
                     .map_err(|_| Error::Data(format!("{}: reader poisoned", path.display())))?;
                 let at = array.offset + (s * per * size) as u64;
-                f.seek(SeekFrom::Start(at))
-                    .and_then(|_| f.read_exact(&mut bytes))
-                    .map_err(|err| match err.kind() {
-                        std::io::ErrorKind::UnexpectedEof => Error::Data(format!(
-                            "{}: the file was truncated while it was being read",
-                            path.display()
-                        )),
-                        _ => Error::io(path, err),
-                    })?;
-                drop(f);
-                Ok(match array.dtype {
-                    DType::F32 => TensorData::F32(
-                        bytes
+                let io = |err: std::io::Error| match err.kind() {
+                    std::io::ErrorKind::UnexpectedEof => Error::Data(format!(
+                        "{}: the file was truncated while it was being read",
+                        path.display()
+                    )),
+                    _ => Error::io(path, err),
+                };
+                f.seek(SeekFrom::Start(at)).map_err(io)?;
+                if array.dtype == DType::U8 {
+                    let mut px = vec![0u8; len];
+                    f.read_exact(&mut px).map_err(io)?;
+                    return Ok(TensorData::U8(px));
+                }
+                // Converted through a small buffer, so the batch is the only large write.
+                let mut out = Vec::with_capacity(len);
+                let mut buf = [0u8; 16 << 10];
+                while out.len() < len {
+                    let n = ((len - out.len()) * 4).min(buf.len());
+                    f.read_exact(&mut buf[..n]).map_err(io)?;
+                    out.extend(
+                        buf[..n]
                             .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                            .collect(),
-                    ),
-                    _ => TensorData::U8(bytes),
-                })
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    );
+                }
+                Ok(TensorData::F32(out))
             }
         }
     }
