@@ -1123,6 +1123,55 @@ mod tests {
     }
 
     #[test]
+    fn stored_npz_samples_are_read_a_batch_at_a_time() {
+        let dir = TempDir::new("ds");
+        let p = dir.path("f.npz");
+        let x: Vec<f32> = (0..7 * 3).map(|i| i as f32 * 0.25 - 2.0).collect();
+        let arrays = [
+            (
+                "x".to_string(),
+                Tensor::from_f32(vec![7, 3], x.clone()).unwrap(),
+            ),
+            (
+                "y".to_string(),
+                Tensor::from_i64(vec![7], (0..7).collect()).unwrap(),
+            ),
+        ];
+        write_npz(&p, &arrays).unwrap();
+        let ds = NpzDataset::open(&p, Split::Test, None).unwrap();
+        assert!(matches!(ds.x, Samples::File { .. }));
+        let (b, y) = ds.batch(2, 3).unwrap();
+        assert_eq!(b.shape(), &[3, 3]);
+        assert_eq!(b.as_f32().unwrap(), &x[6..15]);
+        assert_eq!(y, vec![2, 3, 4]);
+
+        // A corrupt element fails the CRC check at open, not silently later.
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = bytes
+            .windows(4)
+            .position(|w| w == (-1.75f32).to_le_bytes())
+            .unwrap();
+        bytes[at] ^= 1;
+        let bad = dir.path("bad.npz");
+        std::fs::write(&bad, &bytes).unwrap();
+        let e = NpzDataset::open(&bad, Split::Test, None).err().unwrap();
+        assert!(e.to_string().contains("CRC"), "{e}");
+
+        // A file cut short after opening is an error naming it.
+        let cut = dir.path("cut.npz");
+        std::fs::copy(&p, &cut).unwrap();
+        let ds = NpzDataset::open(&cut, Split::Test, None).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&cut)
+            .unwrap()
+            .set_len(60)
+            .unwrap();
+        let e = ds.batch(0, 7).err().unwrap().to_string();
+        assert!(e.contains("cut.npz"), "{e}");
+    }
+
+    #[test]
     fn npz_sets_with_split_names_and_layouts() {
         let dir = TempDir::new("ds");
         let p = dir.path("set.npz");
