@@ -565,7 +565,7 @@ fn unsupported_types_name_tensor_and_type() {
             name: Some("odd".into()),
             data_type: Some(code),
             dims: vec![1],
-            raw_data: Some(vec![0; 8]),
+            raw_data: Some(vec![0; 8].into()),
             ..Default::default()
         };
         expect_err(

@@ -11,6 +11,8 @@
 //!   (`x_test`/`y_test` style names select a split).
 
 use std::fmt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -19,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::data::idx::{read_idx_labels, IdxImageStream};
 use crate::data::image::{read_image, Image};
-use crate::data::npz::NpzArchive;
+use crate::data::npz::{NpzArchive, StoredArray};
 use crate::data::preprocess::{Channels, Preprocess};
 use crate::error::{Error, Result};
 use crate::ir::{checked_numel, DType, Tensor, TensorData};
@@ -685,10 +687,80 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 /// as they are; a preprocess spec only applies to u8 images).
 pub struct NpzDataset {
     name: String,
-    x: Tensor,
+    x: Samples,
     labels: Vec<i64>,
     layout: NpzLayout,
     preprocess: Preprocess,
+}
+
+/// Where an [`NpzDataset`]'s samples come from.
+enum Samples {
+    /// Decoded whole: compressed members, and types or layouts that need converting.
+    Memory(Tensor),
+    /// An uncompressed f32 or u8 array, read a batch at a time from the file (a pass over
+    /// the first samples reads only those, and memory does not grow with the set).
+    File {
+        path: PathBuf,
+        file: Mutex<File>,
+        array: StoredArray,
+    },
+}
+
+impl Samples {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Samples::Memory(t) => t.shape(),
+            Samples::File { array, .. } => &array.shape,
+        }
+    }
+
+    /// Samples `s .. e` (in range), `per` elements each.
+    fn read(&self, s: usize, e: usize, per: usize) -> Result<TensorData> {
+        match self {
+            Samples::Memory(t) => match t.data() {
+                TensorData::F32(v) => Ok(TensorData::F32(v[s * per..e * per].to_vec())),
+                TensorData::U8(v) => Ok(TensorData::U8(v[s * per..e * per].to_vec())),
+                other => Err(Error::Data(format!(
+                    "unexpected array type {}",
+                    other.dtype()
+                ))),
+            },
+            Samples::File { path, file, array } => {
+                let size = array.dtype.size_of();
+                let len = (e - s) * per;
+                let mut f = file
+                    .lock()
+                    .map_err(|_| Error::Data(format!("{}: reader poisoned", path.display())))?;
+                let at = array.offset + (s * per * size) as u64;
+                let io = |err: std::io::Error| match err.kind() {
+                    std::io::ErrorKind::UnexpectedEof => Error::Data(format!(
+                        "{}: the file was truncated while it was being read",
+                        path.display()
+                    )),
+                    _ => Error::io(path, err),
+                };
+                f.seek(SeekFrom::Start(at)).map_err(io)?;
+                if array.dtype == DType::U8 {
+                    let mut px = vec![0u8; len];
+                    f.read_exact(&mut px).map_err(io)?;
+                    return Ok(TensorData::U8(px));
+                }
+                // Converted through a small buffer, so the batch is the only large write.
+                let mut out = Vec::with_capacity(len);
+                let mut buf = [0u8; 16 << 10];
+                while out.len() < len {
+                    let n = ((len - out.len()) * 4).min(buf.len());
+                    f.read_exact(&mut buf[..n]).map_err(io)?;
+                    out.extend(
+                        buf[..n]
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    );
+                }
+                Ok(TensorData::F32(out))
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -723,7 +795,14 @@ impl NpzDataset {
                 "no label array (y, labels or y_{split}); arrays: {names:?}"
             ))
         })?;
-        let x = archive.read(&xname)?;
+        let x = match archive.stored_array(&xname)? {
+            Some(array) => Samples::File {
+                path: path.to_path_buf(),
+                file: Mutex::new(File::open(path).map_err(|e| Error::io(path, e))?),
+                array,
+            },
+            None => Samples::Memory(archive.read(&xname)?),
+        };
         let y = archive.read(&yname)?;
         let n = *x
             .shape()
@@ -743,10 +822,16 @@ impl NpzDataset {
             )));
         }
         let s = x.shape().to_vec();
-        let (layout, x) = match x.dtype() {
-            DType::F32 => (NpzLayout::Float, x),
-            DType::F16 | DType::F64 => (NpzLayout::Float, x.to_f32()),
-            DType::U8 => {
+        let dtype = match &x {
+            Samples::Memory(t) => t.dtype(),
+            Samples::File { array, .. } => array.dtype,
+        };
+        let (layout, x) = match (dtype, x) {
+            (DType::F32, x) => (NpzLayout::Float, x),
+            (DType::F16 | DType::F64, Samples::Memory(t)) => {
+                (NpzLayout::Float, Samples::Memory(t.to_f32()))
+            }
+            (DType::U8, x) => {
                 let layout = match s.len() {
                     3 => NpzLayout::Gray,
                     4 if matches!(s[3], 1 | 3 | 4) => NpzLayout::Nhwc,
@@ -759,7 +844,7 @@ impl NpzDataset {
                 };
                 (layout, x)
             }
-            other => {
+            (other, _) => {
                 return Err(err(format!(
                     "'{xname}' is {other}; expected u8 images or float inputs"
                 )))
@@ -789,7 +874,7 @@ impl NpzDataset {
         })
     }
 
-    /// The u8 sample `i` as an image.
+    /// Sample `i` of the u8 samples `px` as an image.
     fn image(&self, i: usize, px: &[u8]) -> Image {
         let s = self.x.shape();
         let (h, w, c, planar) = match self.layout {
@@ -845,18 +930,15 @@ impl BatchSource for NpzDataset {
     fn batch(&self, start: usize, count: usize) -> Result<(Tensor, Vec<i64>)> {
         let (s, e) = clamp_range(start, count, self.len(), &self.name)?;
         let labels = self.labels[s..e].to_vec();
-        match self.x.data() {
+        let per: usize = self.x.shape()[1..].iter().product();
+        match self.x.read(s, e, per)? {
             TensorData::F32(v) => {
-                let per: usize = self.x.shape()[1..].iter().product();
                 let mut shape = self.x.shape().to_vec();
                 shape[0] = e - s;
-                Ok((
-                    Tensor::from_f32(shape, v[s * per..e * per].to_vec())?,
-                    labels,
-                ))
+                Ok((Tensor::from_f32(shape, v)?, labels))
             }
             TensorData::U8(px) => {
-                let images: Vec<Image> = (s..e).map(|i| self.image(i, px)).collect();
+                let images: Vec<Image> = (0..e - s).map(|i| self.image(i, &px)).collect();
                 let mut x = self.preprocess.apply_batch(&images)?;
                 if images.is_empty() {
                     let mut shape = vec![0];
@@ -1083,6 +1165,55 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("no .png/.jpg images"), "{e}");
+    }
+
+    #[test]
+    fn stored_npz_samples_are_read_a_batch_at_a_time() {
+        let dir = TempDir::new("ds");
+        let p = dir.path("f.npz");
+        let x: Vec<f32> = (0..7 * 3).map(|i| i as f32 * 0.25 - 2.0).collect();
+        let arrays = [
+            (
+                "x".to_string(),
+                Tensor::from_f32(vec![7, 3], x.clone()).unwrap(),
+            ),
+            (
+                "y".to_string(),
+                Tensor::from_i64(vec![7], (0..7).collect()).unwrap(),
+            ),
+        ];
+        write_npz(&p, &arrays).unwrap();
+        let ds = NpzDataset::open(&p, Split::Test, None).unwrap();
+        assert!(matches!(ds.x, Samples::File { .. }));
+        let (b, y) = ds.batch(2, 3).unwrap();
+        assert_eq!(b.shape(), &[3, 3]);
+        assert_eq!(b.as_f32().unwrap(), &x[6..15]);
+        assert_eq!(y, vec![2, 3, 4]);
+
+        // A corrupt element fails the CRC check at open, not silently later.
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = bytes
+            .windows(4)
+            .position(|w| w == (-1.75f32).to_le_bytes())
+            .unwrap();
+        bytes[at] ^= 1;
+        let bad = dir.path("bad.npz");
+        std::fs::write(&bad, &bytes).unwrap();
+        let e = NpzDataset::open(&bad, Split::Test, None).err().unwrap();
+        assert!(e.to_string().contains("CRC"), "{e}");
+
+        // A file cut short after opening is an error naming it.
+        let cut = dir.path("cut.npz");
+        std::fs::copy(&p, &cut).unwrap();
+        let ds = NpzDataset::open(&cut, Split::Test, None).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&cut)
+            .unwrap()
+            .set_len(60)
+            .unwrap();
+        let e = ds.batch(0, 7).err().unwrap().to_string();
+        assert!(e.contains("cut.npz"), "{e}");
     }
 
     #[test]

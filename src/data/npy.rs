@@ -31,8 +31,9 @@ pub fn write_npy(path: impl AsRef<Path>, tensor: &Tensor) -> Result<()> {
     write_atomic_with(path, |w| write_npy_to(w, tensor))
 }
 
-/// Decodes the bytes of a `.npy` file; `name` identifies it in error messages.
-pub fn decode_npy(bytes: &[u8], name: &str) -> Result<Tensor> {
+/// A `.npy` array's header and where its data starts, from the first bytes of the file
+/// (at least the whole header).
+fn parse_prefix(bytes: &[u8], name: &str) -> Result<(Header, usize)> {
     let err = |msg: String| Error::Data(format!("{name}: {msg}"));
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err(err("not a .npy file (bad magic)".into()));
@@ -73,6 +74,30 @@ pub fn decode_npy(bytes: &[u8], name: &str) -> Result<Tensor> {
         raw.iter().map(|&b| b as char).collect()
     };
     let header = parse_header(&text).map_err(|m| err(format!("bad header: {m}")))?;
+    Ok((header, data_start))
+}
+
+/// Where the data of a little-endian, C-order f32 or u8 array lies in a `.npy` file, read
+/// from its first bytes: `(shape, dtype, data offset, data bytes)`. `None` for every other
+/// array (and for a header that is not all in `prefix`): those are decoded whole.
+pub(crate) fn raw_layout(prefix: &[u8]) -> Option<(Vec<usize>, DType, usize, usize)> {
+    let (header, data_start) = parse_prefix(prefix, "").ok()?;
+    let dtype = match header.elem {
+        Elem::F32 => DType::F32,
+        Elem::U8 => DType::U8,
+        _ => return None,
+    };
+    if header.fortran_order && header.shape.len() > 1 {
+        return None;
+    }
+    let numel = checked_numel(&header.shape, dtype.size_of()).ok()?;
+    Some((header.shape, dtype, data_start, numel * dtype.size_of()))
+}
+
+/// Decodes the bytes of a `.npy` file; `name` identifies it in error messages.
+pub fn decode_npy(bytes: &[u8], name: &str) -> Result<Tensor> {
+    let err = |msg: String| Error::Data(format!("{name}: {msg}"));
+    let (header, data_start) = parse_prefix(bytes, name)?;
     let elem = header.elem;
     let numel = checked_numel(&header.shape, elem.size()).map_err(|e| err(e.to_string()))?;
     let nbytes = numel * elem.size();
@@ -207,15 +232,17 @@ impl Elem {
 
     /// `bytes.len()` is a multiple of the element size (checked by the caller).
     fn decode(self, bytes: &[u8]) -> TensorData {
-        // Filling a preallocated buffer vectorizes (a collect over chunks did not: 1 GB/s).
-        fn le<T: Copy + Default, const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-            let mut out = vec![T::default(); bytes.len() / N];
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
-                let mut a = [0u8; N];
-                a.copy_from_slice(c);
-                *o = f(a);
-            }
-            out
+        // A collect over exact chunks vectorizes (about 50 GB/s for f32 with rustc 1.95) and,
+        // unlike filling a zeroed buffer, writes the output once.
+        fn le<T, const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+            bytes
+                .chunks_exact(N)
+                .map(|c| {
+                    let mut a = [0u8; N];
+                    a.copy_from_slice(c);
+                    f(a)
+                })
+                .collect()
         }
         match self {
             Elem::F16 => TensorData::F16(le(bytes, u16::from_le_bytes)),

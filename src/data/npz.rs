@@ -13,10 +13,10 @@ use flate2::read::DeflateDecoder;
 use flate2::Crc;
 
 use crate::data::atomic::write_atomic_with;
-use crate::data::npy::{decode_npy, encode_npy};
+use crate::data::npy::{decode_npy, encode_npy, raw_layout};
 use crate::error::{Error, Result};
 use crate::ir::tensor::MAX_TENSOR_BYTES;
-use crate::ir::Tensor;
+use crate::ir::{DType, Tensor};
 
 const LOCAL_SIG: u32 = 0x0403_4b50;
 const CENTRAL_SIG: u32 = 0x0201_4b50;
@@ -157,6 +157,16 @@ struct Entry {
     compressed: u64,
     size: u64,
     local_offset: u64,
+}
+
+/// An uncompressed array of an `.npz`, located in the file (see [`NpzArchive::stored_array`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredArray {
+    /// File offset of the first element.
+    pub offset: u64,
+    pub shape: Vec<usize>,
+    /// `F32` (little-endian) or `U8`.
+    pub dtype: DType,
 }
 
 /// An open `.npz` file whose arrays can be read one at a time, so a caller that needs two
@@ -333,10 +343,54 @@ impl NpzArchive {
         Ok((le64(&end, 32), le64(&end, 40), le64(&end, 48)))
     }
 
-    fn member_bytes(&mut self, idx: usize) -> Result<Vec<u8>> {
-        let (local_offset, compressed, size, method, crc_expect) = {
+    /// Where the data of an uncompressed f32 or u8 array (little-endian, C order) lies in the
+    /// file, for reading it a slice at a time: `None` when `name` is compressed, of another
+    /// type or layout, or absent (read those with [`NpzArchive::read`]). The member's CRC is
+    /// checked now, streaming, without holding its data.
+    pub fn stored_array(&mut self, name: &str) -> Result<Option<StoredArray>> {
+        let Some(idx) = self.entries.iter().position(|e| e.name == name) else {
+            return Ok(None);
+        };
+        let (compressed, size, method, crc_expect) = {
             let e = &self.entries[idx];
-            (e.local_offset, e.compressed, e.size, e.method, e.crc)
+            (e.compressed, e.size, e.method, e.crc)
+        };
+        if method != 0 || compressed != size {
+            return Ok(None);
+        }
+        let start = self.member_start(idx)?;
+        // numpy's headers are a few hundred bytes; a longer one is decoded the general way.
+        let prefix = self.read_at(start, size.min(4096) as usize)?;
+        let Some((shape, dtype, data_start, nbytes)) = raw_layout(&prefix) else {
+            return Ok(None);
+        };
+        if (data_start + nbytes) as u64 > size {
+            return Ok(None);
+        }
+        self.file
+            .seek(SeekFrom::Start(start))
+            .map_err(|e| self.io(e))?;
+        let mut crc = flate2::CrcReader::new((&mut self.file).take(size));
+        let copied = std::io::copy(&mut crc, &mut std::io::sink());
+        let sum = crc.crc().sum();
+        if copied.map_err(|e| self.io(e))? != size {
+            return Err(self.err(format!("member '{name}.npy' is truncated")));
+        }
+        if sum != crc_expect {
+            return Err(self.err(format!("member '{name}.npy': CRC mismatch (corrupt file)")));
+        }
+        Ok(Some(StoredArray {
+            offset: start + data_start as u64,
+            shape,
+            dtype,
+        }))
+    }
+
+    /// File offset of member `idx`'s data, checked to lie within the file.
+    fn member_start(&mut self, idx: usize) -> Result<u64> {
+        let (local_offset, compressed) = {
+            let e = &self.entries[idx];
+            (e.local_offset, e.compressed)
         };
         let name = self.entries[idx].name.clone();
         let local = self.read_at(local_offset, 30)?;
@@ -352,6 +406,16 @@ impl NpzArchive {
         {
             return Err(self.err(format!("member '{name}.npy' is truncated")));
         }
+        Ok(data_start)
+    }
+
+    fn member_bytes(&mut self, idx: usize) -> Result<Vec<u8>> {
+        let (compressed, size, method, crc_expect) = {
+            let e = &self.entries[idx];
+            (e.compressed, e.size, e.method, e.crc)
+        };
+        let name = self.entries[idx].name.clone();
+        let data_start = self.member_start(idx)?;
         self.file
             .seek(SeekFrom::Start(data_start))
             .map_err(|e| self.io(e))?;
@@ -362,10 +426,15 @@ impl NpzArchive {
                     "member '{name}.npy': stored sizes disagree ({compressed} vs {size})"
                 )));
             }
-            let mut buf = vec![0u8; size as usize];
+            // Bounded by the file's length (checked above); read into spare capacity rather
+            // than a zeroed buffer, so each page is written once.
+            let mut buf = Vec::with_capacity(size as usize);
             raw.take(size)
-                .read_exact(&mut buf)
+                .read_to_end(&mut buf)
                 .map_err(|e| self.io(e))?;
+            if buf.len() as u64 != size {
+                return Err(self.err(format!("member '{name}.npy' is truncated")));
+            }
             buf
         } else {
             // Deflate expands at most ~1032:1, which bounds what an honest member can claim

@@ -38,10 +38,10 @@ pub fn load_model(path: &Path) -> Result<Model> {
             meta.len()
         )));
     }
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let proto = decode_proto(&bytes, path)?;
-    // The file image is not needed once decoded; free it before tensors are converted.
-    drop(bytes);
+    // Decoded from a `Bytes` image, each tensor's raw_data is a view of it rather than a copy;
+    // the image is freed once the last tensor has been converted.
+    let bytes = prost::bytes::Bytes::from(fs::read(path).map_err(|e| Error::io(path, e))?);
+    let proto = decode_proto(bytes, path)?;
     let base = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -60,7 +60,7 @@ pub fn decode_model(
     lower_model(proto, base_dir, path_for_errors).map_err(one_line_error)
 }
 
-fn decode_proto(bytes: &[u8], path: &Path) -> Result<ModelProto> {
+fn decode_proto(bytes: impl prost::bytes::Buf, path: &Path) -> Result<ModelProto> {
     ModelProto::decode(bytes).map_err(|e| Error::Decode {
         path: path.to_path_buf(),
         msg: one_line(&e.to_string()),

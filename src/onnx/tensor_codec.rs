@@ -34,7 +34,7 @@ pub fn tensor_from_proto(proto: &TensorProto, base_dir: Option<&Path>) -> Result
 /// Converts a tensor into a `TensorProto` with little-endian `raw_data`.
 pub fn tensor_to_proto(name: &str, tensor: &Tensor) -> TensorProto {
     TensorProto {
-        raw_data: Some(to_le_bytes(tensor.data())),
+        raw_data: Some(to_le_bytes(tensor.data()).into()),
         ..tensor_header(name, tensor)
     }
 }
@@ -49,12 +49,11 @@ pub fn load_tensor_pb(path: &Path) -> Result<(String, Tensor)> {
             msg: "not a regular file".into(),
         });
     }
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let proto = TensorProto::decode(bytes.as_slice()).map_err(|e| Error::Decode {
+    let bytes = prost::bytes::Bytes::from(fs::read(path).map_err(|e| Error::io(path, e))?);
+    let proto = TensorProto::decode(bytes).map_err(|e| Error::Decode {
         path: path.to_path_buf(),
         msg: one_line(&e.to_string()),
     })?;
-    drop(bytes);
     let tensor = tensor_from_proto(&proto, path.parent()).map_err(one_line_error)?;
     Ok((proto.name().to_string(), tensor))
 }
@@ -192,7 +191,7 @@ pub(crate) fn decode_tensor(
                 raw.len()
             )));
         }
-        read_le(dtype, numel, &mut raw.as_slice()).map_err(|e| err(e.to_string()))?
+        from_le_bytes(dtype, raw)
     } else {
         typed_field_data(proto, dtype, numel).map_err(|m| err(format!("{m} (shape {shape:?})")))?
     };
@@ -264,6 +263,30 @@ pub(crate) fn read_le(dtype: DType, numel: usize, r: &mut dyn Read) -> io::Resul
     })
 }
 
+/// [`read_le`] of bytes already in memory (a whole number of `dtype` elements), in one pass.
+fn from_le_bytes(dtype: DType, raw: &[u8]) -> TensorData {
+    fn conv<T, const N: usize>(raw: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+        raw.chunks_exact(N)
+            .map(|c| {
+                let mut a = [0u8; N];
+                a.copy_from_slice(c);
+                f(a)
+            })
+            .collect()
+    }
+    match dtype {
+        DType::F32 => TensorData::F32(conv(raw, f32::from_le_bytes)),
+        DType::F16 => TensorData::F16(conv(raw, u16::from_le_bytes)),
+        DType::F64 => TensorData::F64(conv(raw, f64::from_le_bytes)),
+        DType::I8 => TensorData::I8(conv(raw, i8::from_le_bytes)),
+        DType::U8 => TensorData::U8(raw.to_vec()),
+        DType::I16 => TensorData::I16(conv(raw, i16::from_le_bytes)),
+        DType::I32 => TensorData::I32(conv(raw, i32::from_le_bytes)),
+        DType::I64 => TensorData::I64(conv(raw, i64::from_le_bytes)),
+        DType::Bool => TensorData::Bool(raw.iter().map(|&b| b != 0).collect()),
+    }
+}
+
 fn read_vec<T, const N: usize>(
     numel: usize,
     r: &mut dyn Read,
@@ -314,13 +337,14 @@ fn write_vec<T: Copy, const N: usize>(
     w: &mut dyn Write,
     conv: impl Fn(T) -> [u8; N],
 ) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(CHUNK.min(v.len() * N));
+    // Converting into fixed-size slots vectorizes; growing a Vec element by element did not.
+    let mut buf = vec![0u8; CHUNK.min(v.len() * N)];
     for chunk in v.chunks(CHUNK / N) {
-        buf.clear();
-        for &x in chunk {
-            buf.extend_from_slice(&conv(x));
+        let bytes = &mut buf[..chunk.len() * N];
+        for (o, &x) in bytes.chunks_exact_mut(N).zip(chunk) {
+            o.copy_from_slice(&conv(x));
         }
-        w.write_all(&buf)?;
+        w.write_all(bytes)?;
     }
     Ok(())
 }
@@ -403,7 +427,7 @@ mod tests {
             name: Some("many\ndims".into()),
             data_type: Some(1),
             dims: vec![1; 100_000],
-            raw_data: Some(vec![]),
+            raw_data: Some(Default::default()),
             ..TensorProto::default()
         };
         let e = one_line_error(tensor_from_proto(&p, None).unwrap_err()).to_string();

@@ -84,8 +84,17 @@ fn compile(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
     let packed_b = match ctx.constant(1) {
         Some(b) => {
             let (k, n) = dims2(node, b.shape(), at.trans_b, "B")?;
-            let v = b.to_f32_vec();
-            let m = MatRef::row_major(&v, b.shape()[0], b.shape()[1])?;
+            // Packed straight from the weight's own buffer: a copy first would fault in a
+            // weight-sized block of fresh pages per session.
+            let owned;
+            let v = match b.as_f32() {
+                Ok(v) => v,
+                Err(_) => {
+                    owned = b.to_f32_vec();
+                    &owned
+                }
+            };
+            let m = MatRef::row_major(v, b.shape()[0], b.shape()[1])?;
             let m = if at.trans_b { m.t() } else { m };
             debug_assert_eq!((m.rows(), m.cols()), (k, n));
             Some(PackedB::new(m))

@@ -73,7 +73,6 @@ fn linear_result(
             Tensor::new(w.shape().to_vec(), TensorData::I8(v))?
         }
     };
-    let fake = q.dequantize_tensor(&codes, name)?;
     let x = w.as_f32()?;
     let (scales, zero_points, axis) = match &q {
         Quantization::PerTensor(p) => (vec![p.scale], vec![p.zero_point], None),
@@ -85,7 +84,7 @@ fn linear_result(
     };
     let params = scales.len() * 5;
     Ok(EncodedWeight {
-        sqnr_db: sqnr_db(x, fake.as_f32()?)?,
+        sqnr_db: codes_sqnr_db(&q, &codes, x, name)?,
         detail,
         bytes_before: w.size_in_bytes(),
         bytes_after: w.numel() + params,
@@ -98,6 +97,56 @@ fn linear_result(
         },
     })
 }
+
+/// [`sqnr_db`] of `x` against its i8 `codes` dequantized, a slab of rows at a time: the same
+/// sums in the same order, without a weight-sized f32 copy (fresh pages cost more than the
+/// arithmetic).
+fn codes_sqnr_db(q: &Quantization, codes: &Tensor, x: &[f32], name: &str) -> Result<f64> {
+    let TensorData::I8(c) = codes.data() else {
+        return sqnr_db(x, q.dequantize_tensor(codes, name)?.as_f32()?);
+    };
+    let shape = codes.shape();
+    let (rows, row_len) = match shape.split_first() {
+        Some((&n, rest)) if n > 0 => (n, rest.iter().product::<usize>()),
+        _ => return sqnr_db(x, q.dequantize_tensor(codes, name)?.as_f32()?),
+    };
+    if x.len() != c.len() || c.len() != rows * row_len {
+        return sqnr_db(x, q.dequantize_tensor(codes, name)?.as_f32()?);
+    }
+    let slab = (SQNR_SLAB / row_len.max(1)).clamp(1, rows);
+    let mut buf = vec![0f32; slab * row_len];
+    let (mut sig, mut noise) = (0f64, 0f64);
+    for r0 in (0..rows).step_by(slab) {
+        let r1 = (r0 + slab).min(rows);
+        let mut sub_shape = shape.to_vec();
+        sub_shape[0] = r1 - r0;
+        let (lo, hi) = (r0 * row_len, r1 * row_len);
+        let out = &mut buf[..hi - lo];
+        match q {
+            Quantization::PerChannel(pc) if pc.axis == 0 => {
+                let sub = Quantization::PerChannel(PerChannel {
+                    axis: 0,
+                    params: pc.params.get(r0..r1).map(<[_]>::to_vec).unwrap_or_default(),
+                });
+                sub.dequantize(&c[lo..hi], &sub_shape, out, name)?
+            }
+            _ => q.dequantize(&c[lo..hi], &sub_shape, out, name)?,
+        }
+        for (&a, &b) in x[lo..hi].iter().zip(out.iter()) {
+            let (a, b) = (f64::from(a), f64::from(b));
+            sig += a * a;
+            noise += (a - b) * (a - b);
+        }
+    }
+    Ok(if noise == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (sig / noise).log10()
+    })
+}
+
+/// Elements dequantized at once by [`codes_sqnr_db`] (whole rows, at least one).
+const SQNR_SLAB: usize = 16 << 10;
 
 fn codebook_result(
     w: &Tensor,
