@@ -123,8 +123,8 @@ pub fn open_dataset(
     open_dataset_with(spec, split, preprocess, true)
 }
 
-/// As [`open_dataset`] for uses that need no labels (calibration): a folder of images whose
-/// names carry no number is read with the label -1.
+/// As [`open_dataset`] for uses that need no labels (calibration): images whose file names
+/// carry no number and `.npz` archives without a label array read with the label -1.
 pub fn open_unlabelled(
     spec: &str,
     split: Split,
@@ -153,7 +153,12 @@ fn open_dataset_with(
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
         {
-            return Ok(Box::new(NpzDataset::open(path, split, pre)?));
+            return Ok(Box::new(NpzDataset::open_with(
+                path,
+                split,
+                pre,
+                labels_required,
+            )?));
         }
         return Err(Error::Data(format!(
             "{spec}: a data set file must be an .npz (for a single image, use a directory)"
@@ -777,6 +782,17 @@ enum NpzLayout {
 
 impl NpzDataset {
     pub fn open(path: &Path, split: Split, preprocess: Option<Preprocess>) -> Result<NpzDataset> {
+        Self::open_with(path, split, preprocess, true)
+    }
+
+    /// As [`NpzDataset::open`]; unless `labels_required`, an archive without a label array
+    /// reads with the label -1 for every sample (calibration needs inputs, not labels).
+    pub fn open_with(
+        path: &Path,
+        split: Split,
+        preprocess: Option<Preprocess>,
+        labels_required: bool,
+    ) -> Result<NpzDataset> {
         let err = |msg: String| Error::Data(format!("{}: {msg}", path.display()));
         let mut archive = NpzArchive::open(path)?;
         let pick = |bases: &[&str], ar: &NpzArchive| -> Option<String> {
@@ -790,11 +806,12 @@ impl NpzDataset {
                 "no image array (x, images, inputs or x_{split}); arrays: {names:?}"
             ))
         })?;
-        let yname = pick(&["y", "labels"], &archive).ok_or_else(|| {
-            err(format!(
+        let yname = pick(&["y", "labels"], &archive);
+        if yname.is_none() && labels_required {
+            return Err(err(format!(
                 "no label array (y, labels or y_{split}); arrays: {names:?}"
-            ))
-        })?;
+            )));
+        }
         let x = match archive.stored_array(&xname)? {
             Some(array) => Samples::File {
                 path: path.to_path_buf(),
@@ -803,24 +820,30 @@ impl NpzDataset {
             },
             None => Samples::Memory(archive.read(&xname)?),
         };
-        let y = archive.read(&yname)?;
         let n = *x
             .shape()
             .first()
             .ok_or_else(|| err(format!("'{xname}' is a scalar, not a set of samples")))?;
-        if y.dtype().is_float() {
-            return Err(err(format!(
-                "labels '{yname}' are {}, not integers",
-                y.dtype()
-            )));
-        }
-        let labels = y.to_i64_vec().map_err(|e| err(e.to_string()))?;
-        if y.rank() > 2 || labels.len() != n {
-            return Err(err(format!(
-                "labels '{yname}' {:?} do not match the {n} samples of '{xname}'",
-                y.shape()
-            )));
-        }
+        let labels = match &yname {
+            Some(yname) => {
+                let y = archive.read(yname)?;
+                if y.dtype().is_float() {
+                    return Err(err(format!(
+                        "labels '{yname}' are {}, not integers",
+                        y.dtype()
+                    )));
+                }
+                let labels = y.to_i64_vec().map_err(|e| err(e.to_string()))?;
+                if y.rank() > 2 || labels.len() != n {
+                    return Err(err(format!(
+                        "labels '{yname}' {:?} do not match the {n} samples of '{xname}'",
+                        y.shape()
+                    )));
+                }
+                labels
+            }
+            None => vec![-1; n],
+        };
         let s = x.shape().to_vec();
         let dtype = match &x {
             Samples::Memory(t) => t.dtype(),
@@ -866,7 +889,10 @@ impl NpzDataset {
         });
         preprocess.validate()?;
         Ok(NpzDataset {
-            name: format!("{} ({xname}, {yname})", path.display()),
+            name: match &yname {
+                Some(y) => format!("{} ({xname}, {y})", path.display()),
+                None => format!("{} ({xname})", path.display()),
+            },
             x,
             labels,
             layout,
@@ -1189,6 +1215,16 @@ mod tests {
         assert_eq!(b.shape(), &[3, 3]);
         assert_eq!(b.as_f32().unwrap(), &x[6..15]);
         assert_eq!(y, vec![2, 3, 4]);
+
+        // Without labels: an error for evaluation and training, -1 for calibration.
+        let unlabelled = dir.path("x_only.npz");
+        write_npz(&unlabelled, &arrays[..1]).unwrap();
+        let e = NpzDataset::open(&unlabelled, Split::Test, None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no label array"), "{e}");
+        let calib = open_unlabelled(unlabelled.to_str().unwrap(), Split::Test, None).unwrap();
+        assert_eq!(calib.batch(5, 9).unwrap().1, vec![-1, -1]);
 
         // A corrupt element fails the CRC check at open, not silently later.
         let mut bytes = std::fs::read(&p).unwrap();
