@@ -60,34 +60,11 @@ unsafe fn pack_a_panel_avx2(chunk: &mut [f32], src: &[&[f32]; MR], kc: usize) {
     let mut p = 0;
     while p + 8 <= kc {
         let r: [__m256; MR] = std::array::from_fn(|i| _mm256_loadu_ps(src[i].as_ptr().add(p)));
-        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        // Rows 6 and 7 are zero: their unpacks are zero too.
-        let u4 = _mm256_shuffle_ps::<0x44>(t4, z);
-        let u5 = _mm256_shuffle_ps::<0xEE>(t4, z);
-        let u6 = _mm256_shuffle_ps::<0x44>(t5, z);
-        let u7 = _mm256_shuffle_ps::<0xEE>(t5, z);
-        // Column q: rows 0..6 then two zeros. Stored MR apart in order, so each store's two
-        // extra floats are overwritten by the next; the last block's eighth column is
-        // stored without them.
-        let cols = [
-            _mm256_permute2f128_ps::<0x20>(u0, u4),
-            _mm256_permute2f128_ps::<0x20>(u1, u5),
-            _mm256_permute2f128_ps::<0x20>(u2, u6),
-            _mm256_permute2f128_ps::<0x20>(u3, u7),
-            _mm256_permute2f128_ps::<0x31>(u0, u4),
-            _mm256_permute2f128_ps::<0x31>(u1, u5),
-            _mm256_permute2f128_ps::<0x31>(u2, u6),
-            _mm256_permute2f128_ps::<0x31>(u3, u7),
-        ];
+        // Rows 6 and 7 are zero. Column q: rows 0..6 then two zeros. Stored MR apart in
+        // order, so each store's two extra floats are overwritten by the next; the last
+        // block's eighth column is stored without them.
+        let cols =
+            crate::kernels::simd::avx::transpose8x8([r[0], r[1], r[2], r[3], r[4], r[5], z, z]);
         for (q, c) in cols.iter().enumerate().take(7) {
             _mm256_storeu_ps(d.add((p + q) * MR), *c);
         }
