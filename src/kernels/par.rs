@@ -34,6 +34,29 @@ pub fn sequential<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `unit` on each pair of matching chunks of `x` (`in_len` long) and `out` (`out_len`
+/// long): as parallel tasks, each confined to its own thread ([`sequential`]), when
+/// `parallel`, else in order on this thread. Stops at the first error.
+pub fn for_each_unit<E: Send>(
+    x: &[f32],
+    in_len: usize,
+    out: &mut [f32],
+    out_len: usize,
+    parallel: bool,
+    unit: impl Fn((&[f32], &mut [f32])) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    use rayon::prelude::*;
+    if parallel {
+        x.par_chunks(in_len)
+            .zip(out.par_chunks_mut(out_len))
+            .try_for_each(|p| sequential(|| unit(p)))
+    } else {
+        x.chunks(in_len)
+            .zip(out.chunks_mut(out_len))
+            .try_for_each(unit)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,6 @@
 //! the result is scattered back to NCHW. Single-pixel outputs (squeeze-excite blocks,
 //! classifier heads) go further: one product `out^T = W x^T` covers the whole batch.
 
-use rayon::prelude::*;
-
 use super::layout::Phased;
 use super::{small_k, Conv2d, PoolStage, PAR_MIN_MACS};
 use crate::error::Result;
@@ -147,15 +145,7 @@ pub(super) fn run(
                 pool2d(&p.geom, p.kind, t, [planes, oh, ow], o)
             })
         };
-        if per_unit {
-            x.par_chunks(in_len)
-                .zip(out.par_chunks_mut(out_len))
-                .try_for_each(|p| crate::kernels::par::sequential(|| unit(p)))
-        } else {
-            x.chunks(in_len)
-                .zip(out.chunks_mut(out_len))
-                .try_for_each(unit)
-        }
+        crate::kernels::par::for_each_unit(x, in_len, out, out_len, per_unit, unit)
     })
 }
 

@@ -562,15 +562,7 @@ pub(super) fn run(
             pool2d(&p.geom, p.kind, t, [planes, oh, ow], o)
         })
     };
-    if par_units {
-        x.par_chunks(in_len)
-            .zip(out.par_chunks_mut(out_len))
-            .try_for_each(|p| crate::kernels::par::sequential(|| unit(p)))
-    } else {
-        x.chunks(in_len)
-            .zip(out.chunks_mut(out_len))
-            .try_for_each(unit)
-    }
+    crate::kernels::par::for_each_unit(x, in_len, out, out_len, par_units, unit)
 }
 
 /// Copies NCHW images into zero-padded channel-last planes (`[y][x][cp_in]`).
