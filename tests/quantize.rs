@@ -6,7 +6,7 @@
 mod common;
 
 use common::{argmax_rows, python, repo, run_ort, run_ort_with, tmp_dir};
-use lithe::data::dataset::{open_dataset, BatchSource, Split};
+use lithe::data::dataset::{open_dataset, BatchSource, Split, TensorSource};
 use lithe::data::Preprocess;
 use lithe::eval::evaluate;
 use lithe::ir::{Model, Tensor};
@@ -245,32 +245,8 @@ fn every_scheme_runs_in_onnx_runtime() {
 }
 
 /// An in-memory batch source for edge cases.
-struct Memory {
-    x: Vec<f32>,
-    shape: Vec<usize>,
-}
-
-impl BatchSource for Memory {
-    fn name(&self) -> &str {
-        "memory"
-    }
-    fn len(&self) -> usize {
-        self.shape[0]
-    }
-    fn sample_shape(&self) -> Option<Vec<usize>> {
-        Some(self.shape[1..].to_vec())
-    }
-    fn preprocess(&self) -> Option<&Preprocess> {
-        None
-    }
-    fn batch(&self, start: usize, count: usize) -> lithe::Result<(Tensor, Vec<i64>)> {
-        let per: usize = self.shape[1..].iter().product();
-        let end = (start + count).min(self.len());
-        let mut shape = self.shape.clone();
-        shape[0] = end - start;
-        let t = Tensor::from_f32(shape, self.x[start * per..end * per].to_vec())?;
-        Ok((t, vec![0; end - start]))
-    }
+fn memory(x: Vec<f32>, shape: Vec<usize>) -> TensorSource {
+    TensorSource::new("memory", Tensor::from_f32(shape, x).expect("tensor"), None).expect("source")
 }
 
 fn with_weight(model: &Model, f: impl Fn(&mut [f32])) -> Model {
@@ -291,10 +267,7 @@ fn with_weight(model: &Model, f: impl Fn(&mut [f32])) -> Model {
 #[test]
 fn bad_input_is_a_clear_error_or_safe() {
     let model = mnist_model();
-    let zeros = Memory {
-        x: vec![0.0; 4 * 784],
-        shape: vec![4, 1, 28, 28],
-    };
+    let zeros = memory(vec![0.0; 4 * 784], vec![4, 1, 28, 28]);
     let quiet = |m: &Model, src: &dyn BatchSource, c: &QuantizeConfig| {
         quantize(m, Some(src), c, &mut |_| {})
     };
@@ -331,18 +304,12 @@ fn bad_input_is_a_clear_error_or_safe() {
     // NaN / infinity in calibration data: the error names the input.
     let mut x = vec![0.5; 4 * 784];
     x[784 * 2 + 5] = f32::INFINITY;
-    let bad = Memory {
-        x,
-        shape: vec![4, 1, 28, 28],
-    };
+    let bad = memory(x, vec![4, 1, 28, 28]);
     let err = quiet(&model, &bad, &config).unwrap_err().to_string();
     assert!(err.contains("input") && err.contains("sample 2"), "{err}");
 
     // Empty calibration set.
-    let empty = Memory {
-        x: vec![],
-        shape: vec![0, 1, 28, 28],
-    };
+    let empty = memory(vec![], vec![0, 1, 28, 28]);
     let err = quiet(&model, &empty, &config).unwrap_err().to_string();
     assert!(err.contains("empty"), "{err}");
 

@@ -8,10 +8,10 @@ mod common;
 use common::{argmax_rows, python, run_ort, shared};
 use std::path::PathBuf;
 
-use lithe::data::dataset::BatchSource;
+use lithe::data::dataset::TensorSource;
 use lithe::data::image::{read_image, Image};
 use lithe::data::Preprocess;
-use lithe::ir::{DType, Model, Tensor, TypeInfo, ValueInfo};
+use lithe::ir::{DType, Model, TypeInfo, ValueInfo};
 use lithe::passes::quantize::{quantize, ActivationCalib, QuantFormat, QuantizeConfig};
 use lithe::runtime::{Session, SessionOptions};
 
@@ -73,31 +73,6 @@ fn page_windows(img: &Image) -> Vec<Image> {
     out
 }
 
-struct Batch(Tensor);
-
-impl BatchSource for Batch {
-    fn name(&self) -> &str {
-        "photos and rotations"
-    }
-    fn len(&self) -> usize {
-        self.0.shape()[0]
-    }
-    fn sample_shape(&self) -> Option<Vec<usize>> {
-        Some(self.0.shape()[1..].to_vec())
-    }
-    fn preprocess(&self) -> Option<&Preprocess> {
-        None
-    }
-    fn batch(&self, start: usize, count: usize) -> lithe::Result<(Tensor, Vec<i64>)> {
-        let per: usize = self.0.shape()[1..].iter().product();
-        let end = (start + count).min(self.len());
-        let mut shape = self.0.shape().to_vec();
-        shape[0] = end - start;
-        let v = self.0.as_f32()?[start * per..end * per].to_vec();
-        Ok((Tensor::from_f32(shape, v)?, vec![0; end - start]))
-    }
-}
-
 /// Top-1 class of each row of 4 orientation probabilities.
 fn top1(p: &[f32]) -> Vec<usize> {
     p.chunks(4)
@@ -133,7 +108,7 @@ fn pplcnet_int8_agrees_with_f32_on_rotated_photos() {
     }
     let x = pre.apply_batch(&images).expect("preprocess");
     let n = images.len();
-    let source = Batch(x.clone());
+    let source = TensorSource::new("photos and rotations", x.clone(), None).expect("source");
     // MSE ranges: on this model they beat KL (26/36) and min/max (30/36) in agreement. The
     // first two blocks (stem conv, depthwise + pointwise, depthwise) stay f32: with all layers
     // int8 agreement is 34/36 but one clear decision flips; excluding each layer in turn showed

@@ -430,6 +430,60 @@ impl BatchSource for IdxDataset {
     }
 }
 
+/// Samples already in memory: an f32 tensor `[N, ...]`, labelled or not (-1).
+pub struct TensorSource {
+    name: String,
+    x: Tensor,
+    labels: Vec<i64>,
+}
+
+impl TensorSource {
+    /// `x` holds one sample per index of its first axis; `labels`, when given, one per sample.
+    pub fn new(name: impl Into<String>, x: Tensor, labels: Option<Vec<i64>>) -> Result<Self> {
+        let name = name.into();
+        x.as_f32()?;
+        let n = *x
+            .shape()
+            .first()
+            .ok_or_else(|| Error::Data(format!("{name}: a scalar is not a set of samples")))?;
+        let labels = labels.unwrap_or_else(|| vec![-1; n]);
+        if labels.len() != n {
+            return Err(Error::Data(format!(
+                "{name}: {} labels for {n} samples",
+                labels.len()
+            )));
+        }
+        Ok(TensorSource { name, x, labels })
+    }
+}
+
+impl BatchSource for TensorSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn sample_shape(&self) -> Option<Vec<usize>> {
+        Some(self.x.shape()[1..].to_vec())
+    }
+
+    fn preprocess(&self) -> Option<&Preprocess> {
+        None
+    }
+
+    fn batch(&self, start: usize, count: usize) -> Result<(Tensor, Vec<i64>)> {
+        let (s, e) = clamp_range(start, count, self.len(), &self.name)?;
+        let per: usize = self.x.shape()[1..].iter().product();
+        let mut shape = self.x.shape().to_vec();
+        shape[0] = e - s;
+        let x = Tensor::from_f32(shape, self.x.as_f32()?[s * per..e * per].to_vec())?;
+        Ok((x, self.labels[s..e].to_vec()))
+    }
+}
+
 /// `start .. start + count` clamped to `len`; a start past the end is an error.
 fn clamp_range(start: usize, count: usize, len: usize, name: &str) -> Result<(usize, usize)> {
     if start > len {
@@ -1191,6 +1245,22 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("no .png/.jpg images"), "{e}");
+    }
+
+    #[test]
+    fn tensor_source_batches_and_labels() {
+        let x = Tensor::from_f32(vec![3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let s = TensorSource::new("t", x.clone(), Some(vec![4, 5, 6])).unwrap();
+        assert_eq!(s.sample_shape(), Some(vec![2]));
+        let (b, y) = s.batch(1, 9).unwrap();
+        assert_eq!(
+            (b.shape(), b.as_f32().unwrap(), y),
+            (&[2, 2][..], &[3.0, 4.0, 5.0, 6.0][..], vec![5, 6])
+        );
+        assert!(s.batch(4, 1).is_err());
+        let plain = TensorSource::new("t", x.clone(), None).unwrap();
+        assert_eq!(plain.batch(0, 1).unwrap().1, vec![-1]);
+        assert!(TensorSource::new("t", x, Some(vec![0])).is_err());
     }
 
     #[test]

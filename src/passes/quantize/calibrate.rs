@@ -754,38 +754,9 @@ pub fn activation_sqnr(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::preprocess::Preprocess;
+    use crate::data::dataset::TensorSource;
     use crate::ir::{Attr, Node};
     use crate::quant::test_rng::Rng;
-
-    /// Samples held in memory.
-    struct Memory {
-        x: Vec<f32>,
-        shape: Vec<usize>,
-    }
-
-    impl BatchSource for Memory {
-        fn name(&self) -> &str {
-            "memory"
-        }
-        fn len(&self) -> usize {
-            self.x.len() / self.shape.iter().product::<usize>()
-        }
-        fn sample_shape(&self) -> Option<Vec<usize>> {
-            Some(self.shape.clone())
-        }
-        fn preprocess(&self) -> Option<&Preprocess> {
-            None
-        }
-        fn batch(&self, start: usize, count: usize) -> Result<(Tensor, Vec<i64>)> {
-            let per: usize = self.shape.iter().product();
-            let n = count.min(self.len() - start);
-            let mut shape = vec![n];
-            shape.extend(&self.shape);
-            let x = self.x[start * per..(start + n) * per].to_vec();
-            Ok((Tensor::from_f32(shape, x)?, vec![0; n]))
-        }
-    }
 
     /// x [N, 2, side, side] -> Conv 3x3 (pad 1) -> Relu -> MaxPool -> Flatten -> Gemm -> y,
     /// with no declared intermediate types (the proxy search infers them).
@@ -893,11 +864,13 @@ mod tests {
     fn min_max_through_the_pool_matches_the_direct_pass() {
         let model = conv_relu_pool(8, max_pool(2, 2));
         let mut rng = Rng::new(5);
-        let shape = vec![2, 8, 8];
-        let source = Memory {
-            x: (0..37 * 128).map(|_| rng.gaussian()).collect(),
-            shape,
-        };
+        let x = (0..37 * 128).map(|_| rng.gaussian()).collect();
+        let source = TensorSource::new(
+            "memory",
+            Tensor::from_f32(vec![37, 2, 8, 8], x).unwrap(),
+            None,
+        )
+        .unwrap();
         let names: Vec<String> = ["x", "r", "y"].iter().map(|s| s.to_string()).collect();
         let scheme = QScheme::new(8, false, false).unwrap();
         let run = |threads| {
