@@ -19,6 +19,7 @@ pub mod conv_grad;
 pub mod gemm;
 pub mod par;
 pub mod pool;
+pub mod pool_codes;
 pub mod qgemm;
 pub mod scratch;
 pub mod simd;

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::ir::{DType, Node, Tensor, TensorData};
 use crate::kernels::pool::{Pool2dGeom, PoolKind};
+use crate::kernels::pool_codes::{max_2x2_planes, CodeOrder};
 use crate::ops::nn::PoolWindow;
 use crate::ops::{node_error, required, Kernel, RunCtx};
 
@@ -24,6 +25,7 @@ const PAR_MIN_POOL: usize = 1 << 15;
 
 /// An 8-bit quantized element type, addressed by its bit pattern.
 trait Code: Copy + Ord + Send + Sync + 'static {
+    const ORDER: CodeOrder;
     fn bits(self) -> u8;
     fn from_bits(b: u8) -> Self;
     fn slice(data: &TensorData) -> Option<&[Self]>;
@@ -31,6 +33,7 @@ trait Code: Copy + Ord + Send + Sync + 'static {
 }
 
 impl Code for u8 {
+    const ORDER: CodeOrder = CodeOrder::Unsigned;
     fn bits(self) -> u8 {
         self
     }
@@ -49,6 +52,7 @@ impl Code for u8 {
 }
 
 impl Code for i8 {
+    const ORDER: CodeOrder = CodeOrder::Signed;
     fn bits(self) -> u8 {
         self as u8
     }
@@ -445,7 +449,16 @@ impl Kernel for MaxPoolLutKernel {
             let n: usize = shape.iter().product();
             let mut out = vec![O::from_bits(0); n];
             let empty = O::from_bits(k.empty);
-            if k.identity {
+            let (oh, ow) = g.out_hw(dims[1], dims[2])?;
+            let floor_halves = (oh, ow) == (dims[1] / 2, dims[2] / 2);
+            if k.identity && I::ORDER == O::ORDER && is_plain_2x2(g) && floor_halves {
+                if !max_2x2_planes(bytes(src), dims, I::ORDER, bytes_mut(&mut out)) {
+                    return Err(Error::Shape(format!(
+                        "integer max pool: input has {} values for {dims:?}",
+                        src.len()
+                    )));
+                }
+            } else if k.identity {
                 max_pool_codes(g, src, dims, &mut out, |c| O::from_bits(c.bits()), empty)?;
             } else {
                 max_pool_codes(g, src, dims, &mut out, |c| k.table.get(c), empty)?;
@@ -500,13 +513,7 @@ fn max_pool_codes<I: Code, O: Copy + Send + Sync>(
         out.fill(empty);
         return Ok(());
     }
-    if g.kernel == [2, 2]
-        && g.stride == [2, 2]
-        && g.dilation == [1, 1]
-        && g.pads == [0; 4]
-        && h % 2 == 0
-        && w % 2 == 0
-    {
+    if is_plain_2x2(g) && h % 2 == 0 && w % 2 == 0 {
         max_2x2(x, w, out, &map);
         return Ok(());
     }
@@ -590,6 +597,11 @@ fn max_pool_codes<I: Code, O: Copy + Send + Sync>(
         }
     }
     Ok(())
+}
+
+/// A 2x2 window, stride 2, no dilation or padding.
+fn is_plain_2x2(g: &Pool2dGeom) -> bool {
+    g.kernel == [2, 2] && g.stride == [2, 2] && g.dilation == [1, 1] && g.pads == [0; 4]
 }
 
 /// The common 2x2 / stride 2 window without padding on even extents: output row `r` (of
