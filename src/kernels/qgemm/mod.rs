@@ -27,8 +27,8 @@ pub use requant::{
     QuantizedMultiplier, Requant,
 };
 pub use wx::{
-    qgemm_wx, qgemm_wx_rows, quad_word, row_offsets, vnni_available, ElemKind, PackedW, WxElem,
-    WxStage, WX_MR,
+    qgemm_wx, qgemm_wx_rows, quad_word, row_offsets, vnni_available, Columns, ElemKind, PackedW,
+    WxElem, WxStage, WX_MR,
 };
 
 use crate::error::{Error, Result};

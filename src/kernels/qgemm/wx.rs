@@ -5,8 +5,8 @@
 //! call. Rows are output channels and columns pixels, so results land in NCHW with no
 //! transpose, and each row's requantization parameters are scalars.
 //!
-//! The fast micro-kernel is AVX-512 VNNI `vpdpbusd` on 256-bit registers: u8 x s8 with four
-//! products summed straight into i32, so unlike `vpmaddubsw` nothing saturates at i16, and the
+//! The fast micro-kernel is AVX-512 VNNI `vpdpbusd`, a tile row's 16 columns in one 512-bit
+//! register: u8 x s8 with four products summed straight into i32, so unlike `vpmaddubsw` nothing saturates at i16, and the
 //! result is exact whenever the true sum fits in i32. The requantization (or i32 store) is done
 //! on the registers before they leave the kernel. The portable kernel computes the same
 //! integers and the same rounding, so both are bit-identical.
@@ -22,7 +22,7 @@ use crate::quant::linear::round_to_code;
 
 /// Rows (output channels) of a micro-tile.
 pub const WX_MR: usize = 8;
-/// Columns (pixels) of a micro-tile: two 256-bit registers of i32.
+/// Columns (pixels) of a micro-tile: one 512-bit register of i32 (two 256-bit ones on AVX2).
 pub const WX_NR: usize = 16;
 /// Columns packed at a time: `K x 256` bytes of `X` stay in L2 while every row panel of `W`
 /// passes over them.
@@ -187,6 +187,58 @@ pub enum WxStage<'a> {
     },
 }
 
+/// Where column `j` of `X` lies within each of its rows: the first `keep` of every `stride`
+/// bytes, `(j / keep) * stride + j % keep`. A stride-1 convolution read from wider padded
+/// planes keeps the `ow` valid pixels of each `wq`-wide row, so the GEMM computes and stores
+/// only real outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Columns {
+    pub keep: usize,
+    pub stride: usize,
+}
+
+impl Columns {
+    /// Consecutive columns.
+    pub fn dense() -> Columns {
+        Columns {
+            keep: usize::MAX,
+            stride: usize::MAX,
+        }
+    }
+
+    pub fn at(&self, j: usize) -> usize {
+        if self.keep == usize::MAX {
+            j
+        } else {
+            j / self.keep * self.stride + j % self.keep
+        }
+    }
+
+    /// The places of columns `j0..j0 + width` (the last repeated to fill [`WX_NR`]), stepping
+    /// through the rows without a division per column.
+    fn run(&self, j0: usize, width: usize) -> [usize; WX_NR] {
+        if self.keep == usize::MAX {
+            return std::array::from_fn(|j| j0 + j.min(width - 1));
+        }
+        let (mut row, mut col) = (j0 / self.keep, j0 % self.keep);
+        let mut at = [0; WX_NR];
+        for (j, a) in at.iter_mut().enumerate() {
+            *a = row * self.stride + col;
+            if j + 1 < width {
+                col += 1;
+                if col == self.keep {
+                    (row, col) = (row + 1, 0);
+                }
+            }
+        }
+        at
+    }
+
+    fn valid(&self) -> bool {
+        self.keep == usize::MAX || (self.keep > 0 && self.keep <= self.stride)
+    }
+}
+
 /// An element type the kernel can store.
 pub trait WxElem: Copy + Default + Send + Sync {
     const KIND: ElemKind;
@@ -281,13 +333,24 @@ pub fn qgemm_wx<T: WxElem>(
         for (i, s) in starts.iter_mut().enumerate() {
             *s = i * n;
         }
-        qgemm_wx_rows(backend, w, x, starts, n, offsets, stage, row0, out)
+        qgemm_wx_rows(
+            backend,
+            w,
+            x,
+            starts,
+            n,
+            Columns::dense(),
+            offsets,
+            stage,
+            row0,
+            out,
+        )
     })
 }
 
-/// As [`qgemm_wx`] with row `k` of `X` being `x[starts[k]..starts[k] + n]`: rows may overlap
-/// or sit anywhere in `x`, so a stride-1 convolution can read shifted windows of its padded
-/// input planes in place of an im2col copy.
+/// As [`qgemm_wx`] with column `j` of row `k` of `X` being `x[starts[k] + columns.at(j)]`:
+/// rows may overlap or sit anywhere in `x`, so a stride-1 convolution can read shifted
+/// windows of its padded input planes in place of an im2col copy.
 #[allow(clippy::too_many_arguments)]
 pub fn qgemm_wx_rows<T: WxElem>(
     backend: Backend,
@@ -295,6 +358,7 @@ pub fn qgemm_wx_rows<T: WxElem>(
     x: &[u8],
     starts: &[usize],
     n: usize,
+    columns: Columns,
     offsets: &[i32],
     stage: WxStage,
     row0: usize,
@@ -305,9 +369,12 @@ pub fn qgemm_wx_rows<T: WxElem>(
         return Ok(());
     }
     let rows = out.len() / n;
-    let in_bounds = starts
-        .iter()
-        .all(|&s| s.checked_add(n).is_some_and(|e| e <= x.len()));
+    let span = columns.at(n - 1).checked_add(1);
+    let in_bounds = columns.valid()
+        && starts.iter().all(|&s| {
+            span.and_then(|e| s.checked_add(e))
+                .is_some_and(|e| e <= x.len())
+        });
     if starts.len() != w.k
         || !in_bounds
         || !out.len().is_multiple_of(n)
@@ -335,7 +402,7 @@ pub fn qgemm_wx_rows<T: WxElem>(
     let quads = w.quads;
     let with_colsums = w.has_zero_points();
     if n < NARROW {
-        narrow(micro, w, x, starts, n, offsets, stage, row0, out);
+        narrow(micro, w, x, starts, n, columns, offsets, stage, row0, out);
         return Ok(());
     }
     let nc = NC.min(n.div_ceil(WX_NR) * WX_NR);
@@ -343,10 +410,11 @@ pub fn qgemm_wx_rows<T: WxElem>(
         let mut colsums = [0i32; NC];
         for c0 in (0..n).step_by(NC) {
             let cols = NC.min(n - c0);
-            pack_x(x, starts, c0, cols, packed);
+            pack_x(x, starts, columns, c0, cols, packed);
             if with_colsums {
                 for (j, s) in colsums[..cols].iter_mut().enumerate() {
-                    *s = starts.iter().map(|&r| i32::from(x[r + c0 + j])).sum();
+                    let at = columns.at(c0 + j);
+                    *s = starts.iter().map(|&r| i32::from(x[r + at])).sum();
                 }
             }
             for r in (0..rows).step_by(WX_MR) {
@@ -406,6 +474,7 @@ fn narrow<T: WxElem>(
     x: &[u8],
     starts: &[usize],
     n: usize,
+    columns: Columns,
     offsets: &[i32],
     stage: WxStage,
     row0: usize,
@@ -415,86 +484,127 @@ fn narrow<T: WxElem>(
     scratch::with_u8(w.quads * 4, |col| {
         for j in 0..n {
             col.fill(0);
+            let at = columns.at(j);
             for (d, &s) in col.iter_mut().zip(starts) {
-                *d = x[s + j];
+                *d = x[s + at];
             }
             let colsum: i32 = col.iter().map(|&v| i32::from(v)).sum();
             let col_words: &[u8] = col;
-            for r in (0..rows).step_by(WX_MR) {
+            // Up to GEMV_PANELS row panels share each load of the column.
+            for r in (0..rows).step_by(GEMV_PANELS * WX_MR) {
                 let m0 = row0 + r;
-                let a = w.panel(m0 / WX_MR);
-                let mut acc = [0i32; WX_MR];
+                let panels = (rows - r).div_ceil(WX_MR).min(GEMV_PANELS);
+                let first = m0 / WX_MR;
+                let mut acc = [[0i32; WX_MR]; GEMV_PANELS];
                 match micro {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Micro::Vnni` is only chosen after `vnni_available`; `a` holds
-                    // `quads * MR` words and `col_words` `quads * 4` bytes.
-                    Micro::Vnni => unsafe { gemv_vnni(w.quads, a, col_words, &mut acc) },
+                    // SAFETY: `Micro::Vnni` is only chosen after `vnni_available`; the panels
+                    // `first..first + panels` exist (row `m0 + 8 (panels - 1) < M`), each
+                    // `quads * MR` words, and `col_words` holds `quads * 4` bytes.
+                    Micro::Vnni => unsafe {
+                        let a =
+                            &w.data[first * w.quads * WX_MR..(first + panels) * w.quads * WX_MR];
+                        gemv_vnni(w.quads, a, panels, col_words, &mut acc)
+                    },
                     _ => {
-                        for (q, four) in col_words.chunks_exact(4).enumerate() {
-                            for (r, v) in acc.iter_mut().enumerate() {
-                                let wb = a[q * WX_MR + r].to_le_bytes();
-                                let s: i32 = (0..4)
-                                    .map(|t| i32::from(four[t]) * i32::from(wb[t] as i8))
-                                    .sum();
-                                *v = v.wrapping_add(s);
+                        for (p, acc) in acc.iter_mut().enumerate().take(panels) {
+                            let a = w.panel(first + p);
+                            for (q, four) in col_words.chunks_exact(4).enumerate() {
+                                for (r, v) in acc.iter_mut().enumerate() {
+                                    let wb = a[q * WX_MR + r].to_le_bytes();
+                                    let s: i32 = (0..4)
+                                        .map(|t| i32::from(four[t]) * i32::from(wb[t] as i8))
+                                        .sum();
+                                    *v = v.wrapping_add(s);
+                                }
                             }
                         }
                     }
                 }
                 let colsums = [colsum; WX_NR];
-                let tile = Tile {
-                    quads: w.quads,
-                    rows: WX_MR.min(rows - r),
-                    cols: 1,
-                    m0,
-                    offsets,
-                    zero_points: &w.zero_points,
-                    colsums: w.has_zero_points().then_some(&colsums[..]),
-                    stage,
-                };
-                for (i, &raw) in acc.iter().enumerate().take(tile.rows) {
-                    out[(r + i) * n + j] = T::from_i32(tile.finish(i, 0, raw));
+                for (p, acc) in acc.iter().enumerate().take(panels) {
+                    let r = r + p * WX_MR;
+                    let tile = Tile {
+                        quads: w.quads,
+                        rows: WX_MR.min(rows - r),
+                        cols: 1,
+                        m0: row0 + r,
+                        offsets,
+                        zero_points: &w.zero_points,
+                        colsums: w.has_zero_points().then_some(&colsums[..]),
+                        stage,
+                    };
+                    for (i, &raw) in acc.iter().enumerate().take(tile.rows) {
+                        out[(r + i) * n + j] = T::from_i32(tile.finish(i, 0, raw));
+                    }
                 }
             }
         }
     });
 }
 
+/// Row panels a matrix-vector product runs side by side.
+const GEMV_PANELS: usize = 4;
+
+/// `acc[p]` = panel `p` (of `panels`, consecutive in `a`) times the column.
+///
 /// # Safety
-/// AVX-512 F, VL and VNNI; `a` holds `quads * MR` words and `col` `quads * 4` bytes.
+/// AVX-512 F, VL and VNNI; `a` holds `panels * quads * MR` words, `panels <= GEMV_PANELS`, and
+/// `col` holds `quads * 4` bytes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512vnni")]
-unsafe fn gemv_vnni(quads: usize, a: &[i32], col: &[u8], acc: &mut [i32; WX_MR]) {
+unsafe fn gemv_vnni(
+    quads: usize,
+    a: &[i32],
+    panels: usize,
+    col: &[u8],
+    acc: &mut [[i32; WX_MR]; GEMV_PANELS],
+) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= quads * WX_MR && col.len() >= quads * 4);
-    // SAFETY: reads stay inside `a` and `col` by the contract; the store writes 8 i32.
+    debug_assert!(panels <= GEMV_PANELS && a.len() >= panels * quads * WX_MR);
+    debug_assert!(col.len() >= quads * 4);
+    // SAFETY: reads stay inside `a` and `col` by the contract; the stores write 8 i32 each.
     unsafe {
-        // Two accumulators hide the instruction's latency.
-        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        // Two accumulators per panel (even and odd quads) hide the instruction's latency.
+        let mut s = [[_mm256_setzero_si256(); 2]; GEMV_PANELS];
         let cp = col.as_ptr() as *const i32;
         let ap = a.as_ptr() as *const __m256i;
         let mut q = 0;
         while q + 1 < quads {
             let x0 = _mm256_set1_epi32(cp.add(q).read_unaligned());
             let x1 = _mm256_set1_epi32(cp.add(q + 1).read_unaligned());
-            s0 = _mm256_dpbusd_epi32(s0, x0, _mm256_loadu_si256(ap.add(q)));
-            s1 = _mm256_dpbusd_epi32(s1, x1, _mm256_loadu_si256(ap.add(q + 1)));
+            for (p, sp) in s.iter_mut().enumerate().take(panels) {
+                let pa = ap.add(p * quads);
+                sp[0] = _mm256_dpbusd_epi32(sp[0], x0, _mm256_loadu_si256(pa.add(q)));
+                sp[1] = _mm256_dpbusd_epi32(sp[1], x1, _mm256_loadu_si256(pa.add(q + 1)));
+            }
             q += 2;
         }
         if q < quads {
             let x0 = _mm256_set1_epi32(cp.add(q).read_unaligned());
-            s0 = _mm256_dpbusd_epi32(s0, x0, _mm256_loadu_si256(ap.add(q)));
+            for (p, sp) in s.iter_mut().enumerate().take(panels) {
+                let pa = ap.add(p * quads);
+                sp[0] = _mm256_dpbusd_epi32(sp[0], x0, _mm256_loadu_si256(pa.add(q)));
+            }
         }
-        _mm256_storeu_si256(acc.as_mut_ptr() as *mut __m256i, _mm256_add_epi32(s0, s1));
+        for (sp, out) in s.iter().zip(acc.iter_mut()).take(panels) {
+            _mm256_storeu_si256(
+                out.as_mut_ptr() as *mut __m256i,
+                _mm256_add_epi32(sp[0], sp[1]),
+            );
+        }
     }
 }
 
-/// Packs columns `[c0, c0 + cols)` of `X` (row `k` at `x[starts[k]..]`) into panels of
-/// [`WX_NR`] columns: for each group of four rows, each column's four bytes together.
-fn pack_x(x: &[u8], starts: &[usize], c0: usize, cols: usize, out: &mut [u8]) {
+/// Packs columns `[c0, c0 + cols)` of `X` (row `k` at `x[starts[k]..]`, columns placed by
+/// `columns`) into panels of [`WX_NR`] columns: for each group of four rows, each column's
+/// four bytes together.
+fn pack_x(x: &[u8], starts: &[usize], columns: Columns, c0: usize, cols: usize, out: &mut [u8]) {
     let k = starts.len();
     let quads = k.div_ceil(4);
     let panel_len = quads * 4 * WX_NR;
+    let last_start = starts.iter().copied().max().unwrap_or(0);
+    let gather_ok = ssse3_available();
     for (p, panel) in out
         .chunks_exact_mut(panel_len)
         .take(cols.div_ceil(WX_NR))
@@ -505,23 +615,168 @@ fn pack_x(x: &[u8], starts: &[usize], c0: usize, cols: usize, out: &mut [u8]) {
         if width < WX_NR || !k.is_multiple_of(4) {
             panel.fill(0);
         }
-        let full_quads = if width == WX_NR { k / 4 } else { 0 };
+        let at = columns.run(j0, width);
+        let base = at[0];
+        let span = at[WX_NR - 1] - base + 1;
+        // Whole quads of full panels go through the SIMD transposes: straight from 16
+        // consecutive bytes, or gathered from a window of at most 32 by two byte shuffles
+        // (whose loads must stay inside `x`).
+        let gather = gather_ok
+            && span > WX_NR
+            && span <= 2 * WX_NR
+            && last_start + base + 2 * WX_NR <= x.len();
+        let full_quads = if width == WX_NR && (span == WX_NR || gather) {
+            k / 4
+        } else {
+            0
+        };
         #[cfg(target_arch = "x86_64")]
-        for q in 0..full_quads {
-            let rows: [&[u8]; 4] = std::array::from_fn(|i| {
-                let s = starts[4 * q + i] + j0;
-                &x[s..s + WX_NR]
-            });
-            transpose_quad_sse2(rows, &mut panel[q * 4 * WX_NR..(q + 1) * 4 * WX_NR]);
+        if span == WX_NR {
+            for q in 0..full_quads {
+                let rows: [&[u8]; 4] = std::array::from_fn(|i| {
+                    let s = starts[4 * q + i] + base;
+                    &x[s..s + WX_NR]
+                });
+                transpose_quad_sse2(rows, &mut panel[q * 4 * WX_NR..(q + 1) * 4 * WX_NR]);
+            }
+        } else if full_quads > 0 {
+            let index: [u8; WX_NR] = std::array::from_fn(|j| (at[j] - base) as u8);
+            // SAFETY: SSSE3 was detected (`gather`); every row start plus `base` has 32 bytes
+            // of `x` after it (`last_start + base + 32 <= x.len()`), and the panel holds
+            // `full_quads * 64` bytes.
+            unsafe { gather_quads_ssse3(x, &starts[..4 * full_quads], base, &index, panel) };
         }
         #[cfg(not(target_arch = "x86_64"))]
         let full_quads = 0;
-        for (kk, &start) in starts.iter().enumerate().skip(4 * full_quads) {
-            let src = &x[start + j0..start + j0 + width];
-            let base = (kk / 4) * 4 * WX_NR + kk % 4;
-            for (j, &v) in src.iter().enumerate() {
-                panel[base + 4 * j] = v;
+        // Columns a whole row apart with each group of four rows consecutive (a batch of
+        // vectors, `X` transposed): a column's four bytes are one word.
+        let words = if full_quads == 0 && columns.keep == 1 {
+            (0..k / 4)
+                .take_while(|&q| (1..4).all(|i| starts[4 * q + i] == starts[4 * q] + i))
+                .count()
+        } else {
+            0
+        };
+        #[cfg(target_arch = "x86_64")]
+        let gathered = if words > 0
+            && avx2_available()
+            && last_start + at[WX_NR - 1] + 4 <= x.len()
+            && i32::try_from(at[WX_NR - 1]).is_ok()
+        {
+            let firsts: Vec<usize> = (0..words).map(|q| starts[4 * q]).collect();
+            // SAFETY: AVX2 was detected; every word read, `x[first + at[j]..][..4]`, lies
+            // inside `x` (checked above with the largest start and column), the offsets fit
+            // i32, and the panel holds `words * 64` bytes.
+            unsafe { gather_words_avx2(x, &firsts, &at, panel) };
+            words
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let gathered = 0;
+        for q in gathered..words {
+            let start = starts[4 * q];
+            for (j, &a) in at.iter().enumerate().take(width) {
+                let slot = q * 4 * WX_NR + 4 * j;
+                panel[slot..slot + 4].copy_from_slice(&x[start + a..start + a + 4]);
             }
+        }
+        let full_quads = full_quads.max(words);
+        for (kk, &start) in starts.iter().enumerate().skip(4 * full_quads) {
+            let slot = (kk / 4) * 4 * WX_NR + kk % 4;
+            for (j, &a) in at.iter().enumerate().take(width) {
+                panel[slot + 4 * j] = x[start + a];
+            }
+        }
+    }
+}
+
+/// Quad `q` of the panel: for each of the 16 columns, the word `x[firsts[q] + at[j]..][..4]`.
+///
+/// # Safety
+/// AVX2; every such word lies inside `x`, each `at[j]` fits i32, and `out` holds
+/// `64 * firsts.len()` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_words_avx2(x: &[u8], firsts: &[usize], at: &[usize; WX_NR], out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    debug_assert!(out.len() >= 64 * firsts.len());
+    let lo: [i32; 8] = std::array::from_fn(|j| at[j] as i32);
+    let hi: [i32; 8] = std::array::from_fn(|j| at[8 + j] as i32);
+    // SAFETY: the gathers read the words the contract places inside `x`; the stores write
+    // 64 bytes per quad inside `out`.
+    unsafe {
+        let (lo, hi) = (
+            _mm256_loadu_si256(lo.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(hi.as_ptr() as *const __m256i),
+        );
+        for (q, &first) in firsts.iter().enumerate() {
+            let base = x.as_ptr().add(first) as *const i32;
+            let o = out.as_mut_ptr().add(64 * q) as *mut __m256i;
+            _mm256_storeu_si256(o, _mm256_i32gather_epi32::<1>(base, lo));
+            _mm256_storeu_si256(o.add(1), _mm256_i32gather_epi32::<1>(base, hi));
+        }
+    }
+}
+
+fn ssse3_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("ssse3")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// As [`transpose_quad_sse2`] for each group of four `starts`, with each row's 16 bytes
+/// picked from the 32 at `x[start + base..]` by `index` (two `pshufb`, one per half, merged).
+///
+/// # Safety
+/// SSSE3; `x` holds 32 bytes from every `start + base`, `index` values are below 32 and `out`
+/// holds `16 * starts.len()` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn gather_quads_ssse3(
+    x: &[u8],
+    starts: &[usize],
+    base: usize,
+    index: &[u8; WX_NR],
+    out: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(out.len() >= 16 * starts.len());
+    debug_assert!(starts.iter().all(|&s| s + base + 32 <= x.len()));
+    // SAFETY: the loads read 32 bytes from each `start + base` and 16 of `index`, the stores
+    // write `16 * starts.len()` bytes of `out`, as the contract says.
+    unsafe {
+        let idx = _mm_loadu_si128(index.as_ptr() as *const __m128i);
+        // Indices 16..31 belong to the high half: the low half's shuffle zeroes them (bit 7
+        // set), the high half's takes them less 16 and zeroes the others.
+        let high = _mm_cmpgt_epi8(idx, _mm_set1_epi8(15));
+        let lo_idx = _mm_or_si128(idx, high);
+        let hi_idx = _mm_or_si128(
+            _mm_sub_epi8(idx, _mm_set1_epi8(16)),
+            _mm_andnot_si128(high, _mm_set1_epi8(-128)),
+        );
+        let xp = x.as_ptr().add(base);
+        let row = |s: usize| {
+            let p = xp.add(s) as *const __m128i;
+            _mm_or_si128(
+                _mm_shuffle_epi8(_mm_loadu_si128(p), lo_idx),
+                _mm_shuffle_epi8(_mm_loadu_si128(p.add(1)), hi_idx),
+            )
+        };
+        for (q, four) in starts.chunks_exact(4).enumerate() {
+            let (a0, a1, a2, a3) = (row(four[0]), row(four[1]), row(four[2]), row(four[3]));
+            let (t0, t1) = (_mm_unpacklo_epi8(a0, a1), _mm_unpackhi_epi8(a0, a1));
+            let (t2, t3) = (_mm_unpacklo_epi8(a2, a3), _mm_unpackhi_epi8(a2, a3));
+            let o = out.as_mut_ptr().add(64 * q) as *mut __m128i;
+            _mm_storeu_si128(o, _mm_unpacklo_epi16(t0, t2));
+            _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(t0, t2));
+            _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(t1, t3));
+            _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(t1, t3));
         }
     }
 }
@@ -738,72 +993,53 @@ impl Tile<'_> {
         use std::arch::x86_64::*;
         debug_assert!(a.len() >= self.quads * WX_MR && b.len() >= self.quads * 4 * WX_NR);
         debug_assert!(self.rows == 0 || dst.len() >= (self.rows - 1) * ld + self.cols);
+        // A quad of the panel's 16 columns is one 512-bit register, so a row's 16 sums are
+        // one accumulator and its output stage one pass (half the instructions of two
+        // 256-bit halves, for the same multiply throughput).
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [[_mm256_setzero_si256(); 2]; WX_MR];
+        let mut acc = [_mm512_setzero_si512(); WX_MR];
         for q in 0..self.quads {
             // SAFETY: q < quads, so the reads stay inside `a` and `b` (the contract above).
             unsafe {
-                let b0 = _mm256_loadu_si256(bp.add(q * 64) as *const __m256i);
-                let b1 = _mm256_loadu_si256(bp.add(q * 64 + 32) as *const __m256i);
+                let bq = _mm512_loadu_si512(bp.add(q * 64) as *const __m512i);
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let wv = _mm256_set1_epi32(*ap.add(q * WX_MR + r));
-                    row[0] = _mm256_dpbusd_epi32(row[0], b0, wv);
-                    row[1] = _mm256_dpbusd_epi32(row[1], b1, wv);
+                    let wv = _mm512_set1_epi32(*ap.add(q * WX_MR + r));
+                    *row = _mm512_dpbusd_epi32(*row, bq, wv);
                 }
             }
         }
-        let masks = [
-            (((1u32 << self.cols.min(8)) - 1) & 0xff) as __mmask8,
-            (((1u32 << self.cols.saturating_sub(8)) - 1) & 0xff) as __mmask8,
-        ];
+        let mask = ((1u32 << self.cols.min(WX_NR)) - 1) as __mmask16;
         let colsums = self.colsums.map(|cs| {
             // SAFETY: `colsums` holds WX_NR values (the caller passes a full panel).
-            unsafe {
-                [
-                    _mm256_loadu_si256(cs.as_ptr() as *const __m256i),
-                    _mm256_loadu_si256(cs.as_ptr().add(8) as *const __m256i),
-                ]
-            }
+            unsafe { _mm512_loadu_si512(cs.as_ptr() as *const __m512i) }
         });
         let dp = dst.as_mut_ptr();
-        for (r, row) in acc.iter().enumerate().take(self.rows) {
+        for (r, &v) in acc.iter().enumerate().take(self.rows) {
             let m = self.m0 + r;
-            let off = _mm256_set1_epi32(self.offsets[m]);
-            for (h, &v) in row.iter().enumerate() {
-                let mut v = _mm256_add_epi32(v, off);
-                if let Some(cs) = &colsums {
-                    let zw = _mm256_set1_epi32(self.zero_points[m]);
-                    v = _mm256_sub_epi32(v, _mm256_mullo_epi32(zw, cs[h]));
-                }
-                // SAFETY: the masked stores write only columns `< cols` of row `r`, inside
-                // `dst` by the contract.
-                unsafe {
-                    let p = dp.add(r * ld + 8 * h);
-                    match (self.stage, T::KIND) {
-                        (WxStage::Int32, _) => {
-                            _mm256_mask_storeu_epi32(p as *mut i32, masks[h], v);
-                        }
-                        (
-                            WxStage::Requant {
-                                scales,
-                                zero_point,
-                                lo,
-                                hi,
-                            },
-                            _,
-                        ) => {
-                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scales[m]));
-                            let f = _mm256_min_ps(
-                                _mm256_max_ps(f, _mm256_set1_ps(lo)),
-                                _mm256_set1_ps(hi),
-                            );
-                            // Round half to even: the default MXCSR mode, as `round_to_code`.
-                            let q = _mm256_add_epi32(
-                                _mm256_cvtps_epi32(f),
-                                _mm256_set1_epi32(zero_point),
-                            );
-                            _mm256_mask_cvtepi32_storeu_epi8(p as *mut i8, masks[h], q);
-                        }
+            let mut v = _mm512_add_epi32(v, _mm512_set1_epi32(self.offsets[m]));
+            if let Some(cs) = colsums {
+                let zw = _mm512_set1_epi32(self.zero_points[m]);
+                v = _mm512_sub_epi32(v, _mm512_mullo_epi32(zw, cs));
+            }
+            // SAFETY: the masked stores write only columns `< cols` of row `r`, inside `dst`
+            // by the contract.
+            unsafe {
+                let p = dp.add(r * ld);
+                match self.stage {
+                    WxStage::Int32 => _mm512_mask_storeu_epi32(p as *mut i32, mask, v),
+                    WxStage::Requant {
+                        scales,
+                        zero_point,
+                        lo,
+                        hi,
+                    } => {
+                        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(scales[m]));
+                        let f =
+                            _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                        // Round half to even: the default MXCSR mode, as `round_to_code`.
+                        let q =
+                            _mm512_add_epi32(_mm512_cvtps_epi32(f), _mm512_set1_epi32(zero_point));
+                        _mm512_mask_cvtepi32_storeu_epi8(p as *mut i8, mask, q);
                     }
                 }
             }
@@ -957,6 +1193,88 @@ mod tests {
         .is_err());
         assert!(PackedW::new(&w, m, k + 1, &[0]).is_err());
         assert!(PackedW::new(&w, m, k, &[0, 1]).is_err());
+    }
+
+    /// Rows anywhere in `x` with columns placed by a [`Columns`] map give the GEMM of the
+    /// gathered matrix: kept runs of a wider row (shifted convolution windows) and columns a
+    /// whole row apart (a batch of vectors).
+    #[test]
+    fn placed_columns_match_the_gathered_matrix() {
+        let mut rng = Rng::new(17);
+        for (m, k, n, columns) in [
+            (
+                16,
+                36,
+                121,
+                Columns {
+                    keep: 11,
+                    stride: 13,
+                },
+            ),
+            (8, 9, 40, Columns { keep: 5, stride: 9 }),
+            (
+                24,
+                64,
+                37,
+                Columns {
+                    keep: 37,
+                    stride: 40,
+                },
+            ),
+            (
+                9,
+                3136,
+                64,
+                Columns {
+                    keep: 1,
+                    stride: 3136,
+                },
+            ),
+            (
+                8,
+                10,
+                20,
+                Columns {
+                    keep: 1,
+                    stride: 10,
+                },
+            ),
+            (
+                8,
+                12,
+                3,
+                Columns {
+                    keep: 1,
+                    stride: 12,
+                },
+            ),
+        ] {
+            let rows_apart = columns.keep == 1;
+            let starts: Vec<usize> = if rows_apart {
+                (0..k).collect()
+            } else {
+                (0..k).map(|r| 7 * r + r % 3).collect()
+            };
+            let len = starts[k - 1] + columns.at(n - 1) + 1 + if rows_apart { 0 } else { 40 };
+            let x: Vec<u8> = (0..len).map(|_| rng.range_i32(0, 255) as u8).collect();
+            let dense: Vec<u8> = (0..k * n)
+                .map(|i| x[starts[i / n] + columns.at(i % n)])
+                .collect();
+            let w: Vec<i8> = (0..m * k).map(|_| rng.range_i32(-128, 127) as i8).collect();
+            for zw in [vec![0], (0..m).map(|r| r as i32 - 4).collect()] {
+                let pw = PackedW::new(&w, m, k, &zw).unwrap();
+                let offs = row_offsets(&pw, 9, None);
+                for be in backends() {
+                    let mut want = vec![0i32; m * n];
+                    qgemm_wx(be, &pw, &dense, n, &offs, WxStage::Int32, 0, &mut want).unwrap();
+                    let mut got = vec![0i32; m * n];
+                    let stage = WxStage::Int32;
+                    qgemm_wx_rows(be, &pw, &x, &starts, n, columns, &offs, stage, 0, &mut got)
+                        .unwrap();
+                    assert_eq!(got, want, "{be:?} {m}x{k}x{n} {columns:?}");
+                }
+            }
+        }
     }
 
     #[test]

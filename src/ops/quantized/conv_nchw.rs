@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::engine::OutputStage;
 use crate::error::{Error, Result};
 use crate::kernels::conv::{Conv2d, Conv2dGeom};
-use crate::kernels::qgemm::{self, Backend, ElemKind, PackedW, WxElem, WxStage, WX_MR};
+use crate::kernels::qgemm::{self, Backend, Columns, ElemKind, PackedW, WxElem, WxStage, WX_MR};
 use crate::kernels::{par, scratch};
 use crate::quant::linear::{code_bounds, round_to_code};
 
@@ -138,7 +138,8 @@ impl WxConv {
         let split_rows = if n >= threads { 1 } else { threads };
         let image = |img: usize, out_img: &mut [T]| -> Result<()> {
             for (grp, packed) in self.packed.iter().enumerate() {
-                let planes = &x[(img * g.c_in + grp * cin_g) * h * w..][..cin_g * h * w];
+                let input = &x[(img * g.c_in + grp * cin_g) * h * w..];
+                let planes = &input[..cin_g * h * w];
                 let dst = &mut out_img[grp * cout_g * ohw..(grp + 1) * cout_g * ohw];
                 let job = Gemm {
                     backend: self.backend,
@@ -149,7 +150,9 @@ impl WxConv {
                 };
                 match Lowering::of(g, [oh, ow]) {
                     Lowering::Direct => job.run(planes, h * w, dst)?,
-                    Lowering::Shifted => job.run_shifted(g, planes, [h, w], [oh, ow], x_zp, dst)?,
+                    Lowering::Shifted => {
+                        job.run_shifted(g, input, planes.len(), [h, w], [oh, ow], x_zp, dst)?
+                    }
                     Lowering::Im2col => {
                         let k = packed.k();
                         scratch::with_u8(k * ohw, |cols| {
@@ -193,48 +196,55 @@ impl WxConv {
         for (grp, packed) in self.packed.iter().enumerate() {
             let k = packed.k();
             let mut y = vec![T::default(); cout_g * cols_n];
-            scratch::with_u8(k * cols_n, |cols| -> Result<()> {
-                let planes =
-                    |img: usize| &x[(img * g.c_in + grp * cin_g) * h * w..][..cin_g * h * w];
-                match Lowering::of(g, [oh, ow]) {
-                    // A fully connected layer: the batch's `[n, K]` transposed.
-                    Lowering::Direct if ohw == 1 => {
-                        for (kk, row) in cols.chunks_exact_mut(cols_n).enumerate() {
-                            for (img, d) in row.iter_mut().enumerate() {
-                                *d = x[img * g.c_in + grp * cin_g + kk];
-                            }
-                        }
-                    }
-                    Lowering::Direct => {
-                        for img in 0..n {
-                            for (kk, src) in planes(img).chunks_exact(ohw).enumerate() {
-                                cols[kk * cols_n + img * ohw..][..ohw].copy_from_slice(src);
-                            }
-                        }
-                    }
-                    _ => {
-                        for img in 0..n {
-                            im2col_u8(
-                                g,
-                                planes(img),
-                                [h, w],
-                                [oh, ow],
-                                x_zp,
-                                &mut cols[img * ohw..],
-                                cols_n,
-                            );
-                        }
-                    }
-                }
-                let job = Gemm {
-                    backend: self.backend,
-                    packed,
-                    offsets: &offsets[grp],
-                    stage: self.stage_for(grp, cout_g),
-                    tasks: threads,
+            let job = Gemm {
+                backend: self.backend,
+                packed,
+                offsets: &offsets[grp],
+                stage: self.stage_for(grp, cout_g),
+                tasks: threads,
+            };
+            if ohw == 1 && matches!(Lowering::of(g, [oh, ow]), Lowering::Direct) {
+                // A fully connected layer: the batch's `[n, C]` rows are the columns, read in
+                // place (each image's channels of this group one row of `x` apart).
+                let columns = Columns {
+                    keep: 1,
+                    stride: g.c_in,
                 };
-                job.run(cols, cols_n, &mut y)
-            })?;
+                scratch::with_usize(k, |starts| {
+                    for (kk, s) in starts.iter_mut().enumerate() {
+                        *s = grp * cin_g + kk;
+                    }
+                    job.run_rows(x, starts, cols_n, columns, &mut y)
+                })?;
+            } else {
+                scratch::with_u8(k * cols_n, |cols| -> Result<()> {
+                    let planes =
+                        |img: usize| &x[(img * g.c_in + grp * cin_g) * h * w..][..cin_g * h * w];
+                    match Lowering::of(g, [oh, ow]) {
+                        Lowering::Direct => {
+                            for img in 0..n {
+                                for (kk, src) in planes(img).chunks_exact(ohw).enumerate() {
+                                    cols[kk * cols_n + img * ohw..][..ohw].copy_from_slice(src);
+                                }
+                            }
+                        }
+                        _ => {
+                            for img in 0..n {
+                                im2col_u8(
+                                    g,
+                                    planes(img),
+                                    [h, w],
+                                    [oh, ow],
+                                    x_zp,
+                                    &mut cols[img * ohw..],
+                                    cols_n,
+                                );
+                            }
+                        }
+                    }
+                    job.run(cols, cols_n, &mut y)
+                })?;
+            }
             for (img, o) in out.chunks_exact_mut(g.c_out * ohw).enumerate() {
                 let o = &mut o[grp * cout_g * ohw..(grp + 1) * cout_g * ohw];
                 for (c, dst) in o.chunks_exact_mut(ohw).enumerate() {
@@ -292,7 +302,7 @@ impl Gemm<'_> {
             for (i, s) in starts.iter_mut().enumerate() {
                 *s = i * n;
             }
-            self.run_rows(x, starts, n, dst)
+            self.run_rows(x, starts, n, Columns::dense(), dst)
         })
     }
 
@@ -301,6 +311,7 @@ impl Gemm<'_> {
         x: &[u8],
         starts: &[usize],
         n: usize,
+        columns: Columns,
         dst: &mut [T],
     ) -> Result<()> {
         let m = self.packed.m();
@@ -312,6 +323,7 @@ impl Gemm<'_> {
                 x,
                 starts,
                 n,
+                columns,
                 self.offsets,
                 self.stage,
                 row0,
@@ -336,7 +348,8 @@ impl Gemm<'_> {
     fn run_shifted<T: WxElem>(
         &self,
         g: &Conv2dGeom,
-        planes: &[u8],
+        input: &[u8],
+        planes_len: usize,
         [h, w]: [usize; 2],
         [oh, ow]: [usize; 2],
         zx: u8,
@@ -347,10 +360,41 @@ impl Gemm<'_> {
         let [sh, sw] = g.stride;
         let [hq, wq] = shifted_extent(g, [oh, ow]);
         let phase_len = hq * wq;
-        let c = planes.len() / (h * w).max(1);
-        // The last tap's row reads `(kw - 1) dw / sw` bytes past its phase.
-        let slack = (kw - 1) * dw / sw;
-        let wide = oh * wq;
+        let planes = &input[..planes_len];
+        let c = planes_len / (h * w).max(1);
+        // The last tap's row reads `(kw - 1) dw / sw` bytes past its phase, and the packing
+        // gathers columns with 32-byte loads.
+        let slack = (kw - 1) * dw / sw + 32;
+        let mut gemm = |phases: &[u8]| {
+            scratch::with_usize(c * kh * kw, |starts| {
+                let mut taps = starts.iter_mut();
+                for ci in 0..c {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let phase = (ky * dh % sh) * sw + kx * dw % sw;
+                            if let Some(s) = taps.next() {
+                                *s = (ci * sh * sw + phase) * phase_len
+                                    + (ky * dh / sh) * wq
+                                    + kx * dw / sw;
+                            }
+                        }
+                    }
+                }
+                // Each output row reads the first `ow` of `wq` phase columns.
+                let columns = Columns {
+                    keep: ow,
+                    stride: wq,
+                };
+                self.run_rows(phases, starts, oh * ow, columns, dst)
+            })
+        };
+        // Unpadded with stride 1, the one phase is the input plane itself: read in place when
+        // the bytes after the planes (the next image's) cover the slack.
+        if [sh, sw] == [1, 1] && g.pads == [0; 4] && [hq, wq] == [h, w] {
+            if let Some(in_place) = input.get(..planes_len + slack) {
+                return gemm(in_place);
+            }
+        }
         scratch::with_u8(c * sh * sw * phase_len + slack, |phases| {
             let mut used = vec![false; sh * sw];
             for ky in 0..kh {
@@ -379,24 +423,7 @@ impl Gemm<'_> {
                 }
             }
             phases[c * sh * sw * phase_len..].fill(zx);
-            scratch::with_usize(c * kh * kw, |starts| {
-                for (i, s) in starts.iter_mut().enumerate() {
-                    let (ci, ky, kx) = (i / (kh * kw), i / kw % kh, i % kw);
-                    let phase = (ky * dh % sh) * sw + kx * dw % sw;
-                    *s = (ci * sh * sw + phase) * phase_len + (ky * dh / sh) * wq + kx * dw / sw;
-                }
-                if wq == ow {
-                    return self.run_rows(phases, starts, wide, dst);
-                }
-                let mut y = vec![T::default(); self.packed.m() * wide];
-                self.run_rows(phases, starts, wide, &mut y)?;
-                for (d, s) in dst.chunks_exact_mut(oh * ow).zip(y.chunks_exact(wide)) {
-                    for (dr, sr) in d.chunks_exact_mut(ow).zip(s.chunks_exact(wq)) {
-                        dr.copy_from_slice(&sr[..ow]);
-                    }
-                }
-                Ok(())
-            })
+            gemm(phases)
         })
     }
 }
