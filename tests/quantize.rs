@@ -85,7 +85,17 @@ fn qoperator_model_is_bit_exact_with_onnx_runtime() {
         lithe::onnx::save_model(&q, &path, &Default::default()).expect("save");
         let feeds = vec![("input".to_string(), x.clone())];
         let theirs = run_ort(&py, &path, &feeds, &format!("{format:?}"));
-        let ours = session(&q).run(&[("input", x.clone())]).expect("run");
+        let ours_session = session(&q);
+        if format == QuantFormat::QOperator {
+            // The max pools run on the codes, each inside the convolution before it.
+            let labels = ours_session.step_labels();
+            let fused = labels
+                .iter()
+                .filter(|l| **l == "QLinearConv+MaxPool")
+                .count();
+            assert_eq!(fused, 2, "{labels:?}");
+        }
+        let ours = ours_session.run(&[("input", x.clone())]).expect("run");
         let (a, b) = (ours[0].1.to_f32_vec(), theirs[0].1.to_f32_vec());
         let hits = |p: Vec<usize>| {
             p.iter()

@@ -204,17 +204,22 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             fused_activation: fused.map(|(_, a)| a),
         };
         // A pooling node reading the (activated) output can join the step too.
-        let pooled = match options.fuse_activations && node.op_type == "Conv" {
-            true => {
+        let pool_compiler = match node.op_type.as_str() {
+            "Conv" => Some(ops::nn::compile_conv_pool as PoolCompiler),
+            "QLinearConv" => Some(ops::quantized::compile_qlinear_pool as PoolCompiler),
+            _ => None,
+        };
+        let pooled = match pool_compiler.filter(|_| options.fuse_activations) {
+            Some(compile_pool) => {
                 let tail = fused.map_or(node, |(j, _)| &graph.nodes[j]);
                 match sole_pool_reader(model, tail, &readers, &graph_outputs) {
-                    Some(p) => ops::nn::compile_conv_pool(&ctx, &graph.nodes[p])
+                    Some(p) => compile_pool(&ctx, &graph.nodes[p])
                         .map_err(|e| e.at_node(node))?
                         .map(|k| (p, k)),
                     None => None,
                 }
             }
-            false => None,
+            None => None,
         };
         let (kernel, pool) = match pooled {
             Some((p, k)) => (k, Some(p)),
@@ -309,6 +314,9 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
         outputs,
     })
 }
+
+/// Compiles a convolution with the pooling node that reads it, or `None` when they do not fuse.
+type PoolCompiler = fn(&ops::CompileCtx, &Node) -> Result<Option<Box<dyn ops::Kernel>>>;
 
 /// The MaxPool / AveragePool node that is the only reader of `node`'s only output (which is
 /// not a graph output), reading it as its data input and producing just one output.

@@ -17,6 +17,7 @@
 
 use super::Backend;
 use crate::error::{Error, Result};
+use crate::kernels::pool_codes::CodeOrder;
 use crate::kernels::scratch;
 use crate::quant::linear::round_to_code;
 
@@ -243,6 +244,9 @@ impl Columns {
 pub trait WxElem: Copy + Default + Send + Sync {
     const KIND: ElemKind;
     fn from_i32(v: i32) -> Self;
+    /// 8-bit codes as their bytes, with the order that compares them; `None` for i32.
+    fn code_bytes(v: &[Self]) -> Option<(&[u8], CodeOrder)>;
+    fn code_bytes_mut(v: &mut [Self]) -> Option<&mut [u8]>;
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -257,6 +261,12 @@ impl WxElem for u8 {
     fn from_i32(v: i32) -> u8 {
         v as u8
     }
+    fn code_bytes(v: &[u8]) -> Option<(&[u8], CodeOrder)> {
+        Some((v, CodeOrder::Unsigned))
+    }
+    fn code_bytes_mut(v: &mut [u8]) -> Option<&mut [u8]> {
+        Some(v)
+    }
 }
 
 impl WxElem for i8 {
@@ -264,12 +274,27 @@ impl WxElem for i8 {
     fn from_i32(v: i32) -> i8 {
         v as i8
     }
+    fn code_bytes(v: &[i8]) -> Option<(&[u8], CodeOrder)> {
+        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid.
+        let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len()) };
+        Some((bytes, CodeOrder::Signed))
+    }
+    fn code_bytes_mut(v: &mut [i8]) -> Option<&mut [u8]> {
+        // SAFETY: as in `code_bytes`; every byte written is a valid i8.
+        Some(unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len()) })
+    }
 }
 
 impl WxElem for i32 {
     const KIND: ElemKind = ElemKind::I32;
     fn from_i32(v: i32) -> i32 {
         v
+    }
+    fn code_bytes(_: &[i32]) -> Option<(&[u8], CodeOrder)> {
+        None
+    }
+    fn code_bytes_mut(_: &mut [i32]) -> Option<&mut [u8]> {
+        None
     }
 }
 

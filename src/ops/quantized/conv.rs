@@ -8,8 +8,11 @@ use super::prepared;
 use super::window::ConvAttrs;
 use crate::error::Result;
 use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
-use crate::kernels::qgemm::float_scales;
+use crate::kernels::conv::Conv2dGeom;
+use crate::kernels::pool_codes::max_2x2_planes;
+use crate::kernels::qgemm::{float_scales, WxElem};
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
+use crate::quant::QStore;
 
 pub const QLINEAR_CONV: OpDef = OpDef {
     op_type: "QLinearConv",
@@ -74,6 +77,8 @@ struct Prepared {
     x_zp: u8,
     x_signed: bool,
     out_dtype: DType,
+    /// A 2x2 / stride-2 MaxPool (floor mode, no padding) of the output joins the step.
+    pooled: bool,
 }
 
 /// The input zero point as u8 (shifted for i8 inputs).
@@ -185,6 +190,7 @@ fn prepare_qlinear(
         x_zp: zx,
         x_signed,
         out_dtype: yp.dtype,
+        pooled: false,
     })
 }
 
@@ -214,6 +220,7 @@ fn prepare_integer(
         x_zp: zx,
         x_signed,
         out_dtype: DType::I32,
+        pooled: false,
     })
 }
 
@@ -260,6 +267,9 @@ impl Prepared {
                 ))
             }
         };
+        if self.pooled {
+            return self.run_pooled(node, xs, xu8, &geom, [oh, ow]);
+        }
         let out_shape: Vec<usize> = if xs.len() == 3 {
             vec![n, geom.c_out, ow]
         } else {
@@ -310,20 +320,120 @@ impl Prepared {
     }
 }
 
-fn compile_qlinear(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    prepared::compile(ctx, false, |node, _, inputs| {
-        prepare_qlinear(
-            node,
-            required(inputs, 1)?,
-            present(inputs, 2),
-            required(inputs, 3)?,
-            required(inputs, 4)?,
-            present(inputs, 5),
-            required(inputs, 6)?,
-            present(inputs, 7),
-            present(inputs, 8),
+impl Prepared {
+    /// The convolution and its 2x2 max pool: fused per image on the GEMM engine, else the
+    /// whole output convolved and then pooled.
+    fn run_pooled(
+        &self,
+        node: &Node,
+        xs: &[usize],
+        xu8: &[u8],
+        geom: &Conv2dGeom,
+        [oh, ow]: [usize; 2],
+    ) -> Result<Tensor> {
+        let &[n, _, h, w] = xs else {
+            return Err(node_error(
+                node,
+                "a fused 2x2 max pool needs a 2-D convolution",
+            ));
+        };
+        let err = |e: crate::error::Error| node_error(node, e.to_string());
+        let full = crate::ir::checked_numel(&[n, geom.c_out, oh, ow], 4).map_err(err)?;
+        let len = n * geom.c_out * (oh / 2) * (ow / 2);
+        let (cv, dims) = (&self.conv, [n, h, w]);
+        fn go<T: QStore + WxElem>(
+            cv: &IntConv,
+            x: &[u8],
+            x_zp: u8,
+            dims: [usize; 3],
+            [full, len]: [usize; 2],
+            g: &Conv2dGeom,
+            [oh, ow]: [usize; 2],
+        ) -> Result<Vec<T>> {
+            let mut out = vec![T::default(); len];
+            if cv.run_pooled(x, x_zp, dims, g.pads, &mut out)? {
+                return Ok(out);
+            }
+            let mut y = vec![T::default(); full];
+            cv.run(x, x_zp, dims, g.pads, &mut y)?;
+            let planes = dims[0] * g.c_out;
+            let pooled = match (T::code_bytes(&y), T::code_bytes_mut(&mut out)) {
+                (Some((s, order)), Some(d)) => max_2x2_planes(s, [planes, oh, ow], order, d),
+                _ => false,
+            };
+            if !pooled {
+                return Err(crate::error::Error::Shape(
+                    "a fused max pool needs 8-bit output codes".into(),
+                ));
+            }
+            Ok(out)
+        }
+        let sizes = [full, len];
+        let data = match self.out_dtype {
+            DType::U8 => TensorData::U8(
+                go::<u8>(cv, xu8, self.x_zp, dims, sizes, geom, [oh, ow]).map_err(err)?,
+            ),
+            DType::I8 => TensorData::I8(
+                go::<i8>(cv, xu8, self.x_zp, dims, sizes, geom, [oh, ow]).map_err(err)?,
+            ),
+            other => {
+                return Err(node_error(
+                    node,
+                    format!("a fused max pool needs 8-bit outputs, not {other}"),
+                ))
+            }
+        };
+        Tensor::new(vec![n, geom.c_out, oh / 2, ow / 2], data)
+    }
+}
+
+/// `QLinearConv` whose output only a `MaxPool` reads, when that pool is a plain 2x2 window
+/// with stride 2 (no padding or dilation, floor mode, no indices): the two run as one step,
+/// each image pooled while its output is in cache. Max pooling commutes with the monotone
+/// requantization, so the result is the two nodes' exactly. `None` for any other pool.
+pub fn compile_qlinear_pool(ctx: &CompileCtx, pool: &Node) -> Result<Option<Box<dyn Kernel>>> {
+    if ctx.node.op_type != "QLinearConv" || pool.op_type != "MaxPool" {
+        return Ok(None);
+    }
+    let ints = |key: &str| pool.attr_ints(key).ok().flatten();
+    let all = |key: &str, v: i64| ints(key).is_none_or(|a| a.iter().all(|&x| x == v));
+    let plain = ints("kernel_shape") == Some(&[2, 2][..])
+        && ints("strides") == Some(&[2, 2][..])
+        && all("pads", 0)
+        && all("dilations", 1)
+        && pool.attr_int_or("ceil_mode", 0).ok() == Some(0)
+        && matches!(
+            pool.attr_string("auto_pad").ok().flatten(),
+            None | Some("NOTSET") | Some("VALID")
         )
+        && pool.outputs.iter().skip(1).all(|o| o.is_empty());
+    if !plain {
+        return Ok(None);
+    }
+    prepared::compile(ctx, false, |node, dtype, inputs| {
+        let mut p = prepare_qlinear_from(node, dtype, inputs)?;
+        p.pooled = true;
+        Ok(p)
     })
+    .map(Some)
+}
+
+fn prepare_qlinear_from(node: &Node, _: DType, inputs: &[Option<&Tensor>]) -> Result<Prepared> {
+    prepare_qlinear(
+        node,
+        required(inputs, 1)?,
+        present(inputs, 2),
+        required(inputs, 3)?,
+        required(inputs, 4)?,
+        present(inputs, 5),
+        required(inputs, 6)?,
+        present(inputs, 7),
+        present(inputs, 8),
+    )
+}
+
+fn compile_qlinear(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
+    prepared::compile(ctx, false, prepare_qlinear_from)
 }
 
 fn compile_integer(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
@@ -346,12 +456,15 @@ impl prepared::Apply for Prepared {
 
 #[cfg(test)]
 mod tests {
-    use crate::ir::{Attr, Tensor, TensorData};
+    use super::compile_qlinear_pool;
+    use crate::ir::{Attr, Node, Tensor, TensorData};
     use crate::ops::testutil::run;
+    use crate::ops::{CompileCtx, RunCtx};
     use crate::quant::linear::round_half_even;
 
     use crate::quant::test_rng::Rng;
 
+    #[derive(Debug)]
     struct Case {
         n: usize,
         c_in: usize,
@@ -420,6 +533,52 @@ mod tests {
             }
         }
         (out, [oh, ow])
+    }
+
+    /// The convolution fused with a 2x2 / stride-2 MaxPool against the reference output
+    /// pooled: on the GEMM engine (pooled per image) and on any other (pooled afterwards).
+    fn check_pooled(
+        c: &Case,
+        attrs: &[(&str, Attr)],
+        inputs: &[Option<Tensor>],
+        want: &[i32],
+        [oh, ow]: [usize; 2],
+    ) {
+        let names: Vec<String> = (0..inputs.len()).map(|i| format!("in{i}")).collect();
+        let mut node = Node::new("conv", "QLinearConv", names, vec!["y".into()]);
+        for (k, v) in attrs {
+            node = node.with_attr(k, v.clone());
+        }
+        let ints = |v: &[i64]| Attr::Ints(v.to_vec());
+        let pool = Node::new("pool", "MaxPool", vec!["y".into()], vec!["z".into()])
+            .with_attr("kernel_shape", ints(&[2, 2]))
+            .with_attr("strides", ints(&[2, 2]));
+        let ctx = CompileCtx {
+            node: &node,
+            opset: 13,
+            input_types: vec![None; inputs.len()],
+            constants: (0..inputs.len())
+                .map(|i| if i == 0 { None } else { inputs[i].as_ref() })
+                .collect(),
+            fused_activation: None,
+        };
+        let kernel = compile_qlinear_pool(&ctx, &pool)
+            .unwrap()
+            .expect("a plain 2x2 pool fuses");
+        let feeds: Vec<Option<&Tensor>> = inputs.iter().map(|t| t.as_ref()).collect();
+        let got = kernel.run(&feeds, &mut RunCtx::default()).unwrap();
+        let (ph, pw) = (oh / 2, ow / 2);
+        let mut pooled = vec![0i64; c.n * c.c_out * ph * pw];
+        for (p, o) in pooled.iter_mut().enumerate() {
+            let (plane, y, x) = (p / (ph * pw), p / pw % ph, p % pw);
+            let at = |dy: usize, dx: usize| want[(plane * oh + 2 * y + dy) * ow + 2 * x + dx];
+            *o = i64::from(at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1)));
+        }
+        assert_eq!(got[0].shape(), &[c.n, c.c_out, ph, pw]);
+        assert_eq!(got[0].to_i64_vec().unwrap(), pooled, "pooled {c:?}");
+        // A pool that is not the plain 2x2 window is left to its own node.
+        let other = pool.clone().with_attr("pads", ints(&[0, 0, 1, 1]));
+        assert!(compile_qlinear_pool(&ctx, &other).unwrap().is_none());
     }
 
     fn check(c: Case, seed: u64, signed_x: bool, u8_w: bool, per_channel: bool) {
@@ -496,24 +655,21 @@ mod tests {
         };
         let t = |shape: Vec<usize>, d: TensorData| Some(Tensor::new(shape, d).unwrap());
         let zshape = if per_channel { vec![nz] } else { vec![] };
-        let out = run(
-            "QLinearConv",
-            13,
-            &attrs,
-            vec![
-                t(xshape, xt),
-                Some(Tensor::scalar_f32(xs)),
-                t(vec![], zxt),
-                t(wshape, wtd),
-                t(zshape.clone(), TensorData::F32(ws.clone())),
-                t(zshape, zwt),
-                Some(Tensor::scalar_f32(ys)),
-                t(vec![], TensorData::U8(vec![zy as u8])),
-                t(vec![c.c_out], TensorData::I32(bias.clone())),
-            ],
-            1,
-        )
-        .unwrap();
+        let inputs = vec![
+            t(xshape, xt),
+            Some(Tensor::scalar_f32(xs)),
+            t(vec![], zxt),
+            t(wshape, wtd),
+            t(zshape.clone(), TensorData::F32(ws.clone())),
+            t(zshape, zwt),
+            Some(Tensor::scalar_f32(ys)),
+            t(vec![], TensorData::U8(vec![zy as u8])),
+            t(vec![c.c_out], TensorData::I32(bias.clone())),
+        ];
+        if !one_d {
+            check_pooled(&c, &attrs, &inputs, &want, [oh, ow]);
+        }
+        let out = run("QLinearConv", 13, &attrs, inputs, 1).unwrap();
         let got: Vec<i32> = out[0]
             .to_i64_vec()
             .unwrap()

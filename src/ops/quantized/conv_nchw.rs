@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use super::engine::OutputStage;
 use crate::error::{Error, Result};
 use crate::kernels::conv::{Conv2d, Conv2dGeom};
+use crate::kernels::pool_codes::max_2x2_planes;
 use crate::kernels::qgemm::{self, Backend, Columns, ElemKind, PackedW, WxElem, WxStage, WX_MR};
 use crate::kernels::{par, scratch};
 use crate::quant::linear::{code_bounds, round_to_code};
@@ -109,6 +110,8 @@ impl WxConv {
         }
     }
 
+    /// With `pooled`, `out` receives the 2x2 / stride-2 max pool (floor mode) of the output
+    /// codes instead: each image is pooled from a per-thread buffer while still in cache.
     #[allow(clippy::too_many_arguments)]
     pub fn run<T: WxElem>(
         &self,
@@ -118,6 +121,7 @@ impl WxConv {
         x_zp: u8,
         [n, h, w]: [usize; 3],
         [oh, ow]: [usize; 2],
+        pooled: bool,
         out: &mut [T],
     ) -> Result<()> {
         let (cin_g, cout_g, ohw) = (g.c_in / g.groups, g.c_out / g.groups, oh * ow);
@@ -131,8 +135,23 @@ impl WxConv {
             })
             .collect();
         let threads = par::threads();
+        let per_image = g.c_out * ohw;
         if n > 1 && ohw < SMALL_IMAGE {
-            return self.run_batched(g, x, x_zp, [n, h, w], [oh, ow], &offsets, out, threads);
+            if !pooled {
+                return self.run_batched(g, x, x_zp, [n, h, w], [oh, ow], &offsets, out, threads);
+            }
+            let mut full = vec![T::default(); n * per_image];
+            self.run_batched(
+                g,
+                x,
+                x_zp,
+                [n, h, w],
+                [oh, ow],
+                &offsets,
+                &mut full,
+                threads,
+            )?;
+            return pool_codes(&full, [n * g.c_out, oh, ow], out);
         }
         // Whole images per thread when there are enough; else each image's rows are split.
         let split_rows = if n >= threads { 1 } else { threads };
@@ -164,15 +183,32 @@ impl WxConv {
             }
             Ok(())
         };
-        let per_image = g.c_out * ohw;
-        if threads > 1 && n > 1 {
-            out.par_chunks_mut(per_image)
-                .enumerate()
-                .try_for_each(|(img, o)| image(img, o))
+        let per_out = if pooled {
+            g.c_out * (oh / 2) * (ow / 2)
         } else {
-            out.chunks_mut(per_image)
+            per_image
+        };
+        if per_out == 0 {
+            return Ok(());
+        }
+        let buffer = || vec![T::default(); if pooled { per_image } else { 0 }];
+        let each = |buf: &mut Vec<T>, (img, o): (usize, &mut [T])| {
+            if pooled {
+                image(img, buf)?;
+                pool_codes(buf, [g.c_out, oh, ow], o)
+            } else {
+                image(img, o)
+            }
+        };
+        if threads > 1 && n > 1 {
+            out.par_chunks_mut(per_out)
                 .enumerate()
-                .try_for_each(|(img, o)| image(img, o))
+                .try_for_each_init(buffer, each)
+        } else {
+            let mut buf = buffer();
+            out.chunks_mut(per_out)
+                .enumerate()
+                .try_for_each(|c| each(&mut buf, c))
         }
     }
 
@@ -253,6 +289,23 @@ impl WxConv {
             }
         }
         Ok(())
+    }
+}
+
+/// 2x2 / stride-2 max pooling (floor mode) of 8-bit output codes `src` (`[planes, h, w]`).
+fn pool_codes<T: WxElem>(src: &[T], dims: [usize; 3], dst: &mut [T]) -> Result<()> {
+    let pooled = match (T::code_bytes(src), T::code_bytes_mut(dst)) {
+        (Some((s, order)), Some(d)) => max_2x2_planes(s, dims, order, d),
+        _ => false,
+    };
+    if pooled {
+        Ok(())
+    } else {
+        Err(Error::Shape(format!(
+            "pooled integer conv: {} codes of {dims:?} into {} (8-bit outputs only)",
+            src.len(),
+            dst.len()
+        )))
     }
 }
 
@@ -802,6 +855,7 @@ unsafe fn requant_exact_f32_avx512<T: WxElem>(
 mod tests {
     use super::super::engine::IntConv;
     use super::*;
+    use crate::kernels::pool_codes::{max_2x2_planes_reference, CodeOrder};
     use crate::kernels::testutil::conv_geom as geom;
     use crate::quant::test_rng::Rng;
 
@@ -900,6 +954,15 @@ mod tests {
                             fast.run(&x, x_zp, [n, h, wd], g.pads, &mut a).unwrap();
                             slow.run(&x, x_zp, [n, h, wd], g.pads, &mut b).unwrap();
                             assert_eq!(a, b, "case {case} u8, {n}x{h}x{wd}, {threads} threads");
+                            // Fused 2x2 max pool: the pooled output of the unfused run.
+                            let planes = [n * g.c_out, oh, ow];
+                            let mut want = vec![0u8; n * g.c_out * (oh / 2) * (ow / 2)];
+                            max_2x2_planes_reference(&b, planes, CodeOrder::Unsigned, &mut want);
+                            let mut got = vec![0u8; want.len()];
+                            let ran = fast.run_pooled(&x, x_zp, [n, h, wd], g.pads, &mut got);
+                            if ran.unwrap() {
+                                assert_eq!(got, want, "case {case} pooled, {n}x{h}x{wd}");
+                            }
                         }
                     }
                 });

@@ -227,6 +227,35 @@ impl IntConv {
         self.fast.is_some()
     }
 
+    /// As [`IntConv::run`] followed by a 2x2 / stride-2 max pool (floor mode) of the codes,
+    /// `out` being `[n, C_out, oh / 2, ow / 2]`, when the GEMM engine runs this convolution
+    /// (each image is pooled while in cache); `Ok(false)`, with nothing written, otherwise.
+    pub fn run_pooled<T: QStore + WxElem>(
+        &self,
+        x: &[u8],
+        x_zp: u8,
+        [n, h, w]: [usize; 3],
+        pads: [usize; 4],
+        out: &mut [T],
+    ) -> Result<bool> {
+        let Some(Fast::Gemm(c)) = &self.fast else {
+            return Ok(false);
+        };
+        let mut geom = self.geom.clone();
+        geom.pads = pads;
+        let (oh, ow) = geom.out_hw(h, w)?;
+        if x.len() != n * geom.c_in * h * w || out.len() != n * geom.c_out * (oh / 2) * (ow / 2) {
+            return Err(Error::Shape(format!(
+                "pooled integer conv: input of {} values or output of {} values does not fit {n} x {} x {h} x {w}",
+                x.len(),
+                out.len(),
+                geom.c_in
+            )));
+        }
+        c.run(&geom, &self.stage, x, x_zp, [n, h, w], [oh, ow], true, out)?;
+        Ok(true)
+    }
+
     /// Runs on `x` (`[n, C_in, h, w]` u8, zero point `x_zp`) into `out` (`[n, C_out, oh, ow]`)
     /// with padding `pads` (`[top, left, bottom, right]`, resolved per input size).
     pub fn run<T: QStore + WxElem>(
@@ -250,7 +279,9 @@ impl IntConv {
             )));
         }
         match &self.fast {
-            Some(Fast::Gemm(c)) => return c.run(g, &self.stage, x, x_zp, [n, h, w], [oh, ow], out),
+            Some(Fast::Gemm(c)) => {
+                return c.run(g, &self.stage, x, x_zp, [n, h, w], [oh, ow], false, out)
+            }
             Some(Fast::Depthwise(d)) => return d.run(x, x_zp, [n, h, w], pads, [oh, ow], out),
             Some(Fast::DepthwiseAvx2(d, f)) => {
                 return match f {

@@ -18,6 +18,7 @@ mod window;
 
 use super::OpDef;
 
+pub use conv::compile_qlinear_pool;
 pub use params::{dtype_range, read_qparams, QTensorParams};
 
 pub const OPS: &[OpDef] = &[

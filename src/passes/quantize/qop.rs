@@ -16,7 +16,7 @@ use super::edit::{
     act_param_inits, add_init, dequantize_node, node, quantize_nodes, remove_dead_nodes,
     zero_point_tensor, ActParams,
 };
-use super::plan::Plan;
+use super::plan::{is_pass_through, Plan};
 use super::weights::{Encoded, EncodedWeight};
 use crate::error::{Error, Result};
 use crate::ir::{Attr, DType, Graph, Model, Node, Tensor, TensorData};
@@ -220,13 +220,83 @@ pub fn build(
         }
         produced_quantized.insert(t.act_out.clone());
     }
+    // Data-movement ops between two quantized tensors on the same grid (max pooling,
+    // reshapes) run on the codes themselves, with no DequantizeLinear / QuantizeLinear
+    // around them: the values are the same, and an integer runtime (lithe, ONNX Runtime)
+    // can fuse the pool into the convolution before it.
+    // A chain of one or two such ops (MaxPool then Flatten, say) whose last output is the
+    // quantized tensor: the tensor between them gets codes of its own.
+    let opset = model.opset();
+    let codes_ok = |n: &Node| {
+        is_pass_through(n)
+            && match n.op_type.as_str() {
+                "MaxPool" => opset >= 12,
+                "Flatten" => opset >= 9,
+                _ => true,
+            }
+    };
+    let graph_outputs: HashSet<String> = g.outputs.iter().map(|v| v.name.clone()).collect();
+    let sole_reader = |g: &Graph, t: &str| {
+        let mut readers = g
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.inputs.iter().any(|i| i == t));
+        match (readers.next(), readers.next()) {
+            (Some((j, n)), None) if n.input(0) == Some(t) && !graph_outputs.contains(t) => Some(j),
+            _ => None,
+        }
+    };
+    let on_grid = |a: &str, b: &str| {
+        qname.contains_key(a)
+            && qname.contains_key(b)
+            && plan.shared.contains_key(b)
+            && acts.get(a).is_some()
+            && acts.get(a) == acts.get(b)
+    };
+    let mut on_codes: Vec<(usize, String, String)> = Vec::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if remove.contains(&i) || !codes_ok(n) {
+            continue;
+        }
+        let (Some(a), Some(b)) = (n.input(0), n.outputs.first()) else {
+            continue;
+        };
+        if on_grid(a, b) {
+            on_codes.push((i, qname[a].clone(), qname[b].clone()));
+            continue;
+        }
+        if qname.contains_key(b) || !qname.contains_key(a) {
+            continue;
+        }
+        let Some(j) = sole_reader(g, b).filter(|&j| codes_ok(&g.nodes[j])) else {
+            continue;
+        };
+        let Some(c) = g.nodes[j].outputs.first().filter(|c| on_grid(a, c)) else {
+            continue;
+        };
+        let mid = g.fresh_name(&format!("{b}_quantized"));
+        on_codes.push((i, qname[a].clone(), mid.clone()));
+        on_codes.push((j, mid, qname[c].clone()));
+    }
+    for (i, input, output) in on_codes {
+        let mut n = g.nodes[i].clone();
+        if let Some(b) = n.outputs.first() {
+            if qname.get(b) == Some(&output) {
+                produced_quantized.insert(b.clone());
+            }
+        }
+        n.inputs[0] = input;
+        n.outputs[0] = output;
+        new_nodes.push(n);
+        remove.insert(i);
+    }
     let mut i = 0;
     g.nodes.retain(|_| {
         i += 1;
         !remove.contains(&(i - 1))
     });
     // Quantized tensors: f32 readers see the dequantized value, as in the QDQ form.
-    let graph_outputs: HashSet<String> = g.outputs.iter().map(|v| v.name.clone()).collect();
     for tensor in &plan.tensors {
         let (p, s, z) = params_of(g, tensor)?;
         let q = qname[tensor].clone();
