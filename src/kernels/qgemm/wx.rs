@@ -630,6 +630,7 @@ fn pack_x(x: &[u8], starts: &[usize], columns: Columns, c0: usize, cols: usize, 
     let panel_len = quads * 4 * WX_NR;
     let last_start = starts.iter().copied().max().unwrap_or(0);
     let gather_ok = ssse3_available();
+    let vbmi = vbmi_available();
     for (p, panel) in out
         .chunks_exact_mut(panel_len)
         .take(cols.div_ceil(WX_NR))
@@ -637,8 +638,11 @@ fn pack_x(x: &[u8], starts: &[usize], columns: Columns, c0: usize, cols: usize, 
     {
         let j0 = c0 + p * WX_NR;
         let width = WX_NR.min(c0 + cols - j0);
-        if width < WX_NR || !k.is_multiple_of(4) {
+        if width < WX_NR {
             panel.fill(0);
+        } else if !k.is_multiple_of(4) {
+            // Only the last quad has rows past K.
+            panel[(quads - 1) * 4 * WX_NR..].fill(0);
         }
         let at = columns.run(j0, width);
         let base = at[0];
@@ -664,6 +668,10 @@ fn pack_x(x: &[u8], starts: &[usize], columns: Columns, c0: usize, cols: usize, 
                 });
                 transpose_quad_sse2(rows, &mut panel[q * 4 * WX_NR..(q + 1) * 4 * WX_NR]);
             }
+        } else if full_quads > 0 && vbmi {
+            // SAFETY: AVX-512 VBMI was detected (`vbmi`); every row start plus `base` has 32
+            // bytes of `x` after it (as for `gather`), and the panel holds `full_quads * 64`.
+            unsafe { gather_quads_vbmi(x, &starts[..4 * full_quads], base, &at, panel) };
         } else if full_quads > 0 {
             let index: [u8; WX_NR] = std::array::from_fn(|j| (at[j] - base) as u8);
             // SAFETY: SSSE3 was detected (`gather`); every row start plus `base` has 32 bytes
@@ -740,6 +748,53 @@ unsafe fn gather_words_avx2(x: &[u8], firsts: &[usize], at: &[usize; WX_NR], out
             let o = out.as_mut_ptr().add(64 * q) as *mut __m256i;
             _mm256_storeu_si256(o, _mm256_i32gather_epi32::<1>(base, lo));
             _mm256_storeu_si256(o.add(1), _mm256_i32gather_epi32::<1>(base, hi));
+        }
+    }
+}
+
+fn vbmi_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::kernels::simd::has_avx512() && std::is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// As [`gather_quads_ssse3`] with one two-table byte permute per quad: the four rows' 32-byte
+/// windows make 128 bytes, and `vpermt2b` picks each column's four bytes out of them, gathered
+/// and transposed at once.
+///
+/// # Safety
+/// AVX-512 F, BW and VBMI; `x` holds 32 bytes from every `start + base`, `at[j] - base < 32`,
+/// and `out` holds `16 * starts.len()` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn gather_quads_vbmi(
+    x: &[u8],
+    starts: &[usize],
+    base: usize,
+    at: &[usize; WX_NR],
+    out: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(out.len() >= 16 * starts.len());
+    debug_assert!(starts.iter().all(|&s| s + base + 32 <= x.len()));
+    // Byte `4 j + i` of a quad is row `i` (window `32 i` of the 128) at column `j`.
+    let index: [u8; 64] = std::array::from_fn(|b| (32 * (b % 4) + at[b / 4] - base) as u8);
+    // SAFETY: the loads read 32 bytes from each `start + base` and 64 of `index`, the stores
+    // write `16 * starts.len()` bytes of `out`, as the contract says.
+    unsafe {
+        let idx = _mm512_loadu_si512(index.as_ptr() as *const __m512i);
+        let xp = x.as_ptr().add(base);
+        let row = |s: usize| _mm256_loadu_si256(xp.add(s) as *const __m256i);
+        for (q, four) in starts.chunks_exact(4).enumerate() {
+            let lo = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(row(four[0])), row(four[1]));
+            let hi = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(row(four[2])), row(four[3]));
+            let quad = _mm512_permutex2var_epi8(lo, idx, hi);
+            _mm512_storeu_si512(out.as_mut_ptr().add(64 * q) as *mut __m512i, quad);
         }
     }
 }

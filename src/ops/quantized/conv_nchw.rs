@@ -505,6 +505,19 @@ pub(super) fn phase_plane(
     // Columns whose source lies inside the image: `0 <= sw c + b - left < w`.
     let lo = left.saturating_sub(b).div_ceil(sw).min(wq);
     let hi = (w + left).saturating_sub(b).div_ceil(sw).clamp(lo, wq);
+    if sw == 1 {
+        // The padding at once, then one copy per row: short rows (a 14-pixel plane) would
+        // otherwise spend more on three small calls each than on the bytes.
+        dst[..hq * wq].fill(zx);
+        for (r, row) in dst.chunks_exact_mut(wq).take(hq).enumerate() {
+            let y = (sh * r + a).wrapping_sub(top);
+            if y < h && hi > lo {
+                let first = lo + b - left;
+                row[lo..hi].copy_from_slice(&src[y * w + first..y * w + first + hi - lo]);
+            }
+        }
+        return;
+    }
     for (r, row) in dst.chunks_exact_mut(wq).take(hq).enumerate() {
         let y = (sh * r + a).wrapping_sub(top);
         if y >= h {
