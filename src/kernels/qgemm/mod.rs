@@ -28,7 +28,7 @@ pub use requant::{
 };
 pub use wx::{
     qgemm_wx, qgemm_wx_rows, quad_word, row_offsets, vnni_available, Columns, ElemKind, PackedW,
-    WxElem, WxStage, WX_MR,
+    WxElem, WxStage, WX_MR, WX_NR,
 };
 
 use crate::error::{Error, Result};

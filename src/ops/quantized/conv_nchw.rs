@@ -15,7 +15,9 @@ use super::engine::OutputStage;
 use crate::error::{Error, Result};
 use crate::kernels::conv::{Conv2d, Conv2dGeom};
 use crate::kernels::pool_codes::max_2x2_planes;
-use crate::kernels::qgemm::{self, Backend, Columns, ElemKind, PackedW, WxElem, WxStage, WX_MR};
+use crate::kernels::qgemm::{
+    self, Backend, Columns, ElemKind, PackedW, WxElem, WxStage, WX_MR, WX_NR,
+};
 use crate::kernels::{par, scratch};
 use crate::quant::linear::{code_bounds, round_to_code};
 
@@ -229,6 +231,16 @@ impl WxConv {
     ) -> Result<()> {
         let (cin_g, cout_g, ohw) = (g.c_in / g.groups, g.c_out / g.groups, oh * ow);
         let cols_n = n * ohw;
+        let fully_connected = ohw == 1 && matches!(Lowering::of(g, [oh, ow]), Lowering::Direct);
+        // Small products stay on one thread: splitting costs more than it saves.
+        let threads = if g.c_out * cin_g * cols_n >= PAR_MIN_MACS {
+            threads
+        } else {
+            1
+        };
+        if fully_connected && threads > 1 && n >= threads * WX_NR {
+            return self.run_vectors(g, x, offsets, n, out, threads);
+        }
         for (grp, packed) in self.packed.iter().enumerate() {
             let k = packed.k();
             let mut y = vec![T::default(); cout_g * cols_n];
@@ -239,18 +251,10 @@ impl WxConv {
                 stage: self.stage_for(grp, cout_g),
                 tasks: threads,
             };
-            if ohw == 1 && matches!(Lowering::of(g, [oh, ow]), Lowering::Direct) {
-                // A fully connected layer: the batch's `[n, C]` rows are the columns, read in
-                // place (each image's channels of this group one row of `x` apart).
-                let columns = Columns {
-                    keep: 1,
-                    stride: g.c_in,
-                };
+            if fully_connected {
                 scratch::with_usize(k, |starts| {
-                    for (kk, s) in starts.iter_mut().enumerate() {
-                        *s = grp * cin_g + kk;
-                    }
-                    job.run_rows(x, starts, cols_n, columns, &mut y)
+                    vector_rows(g, grp, 0, starts);
+                    job.run_rows(x, starts, cols_n, vector_columns(g), &mut y)
                 })?;
             } else {
                 scratch::with_u8(k * cols_n, |cols| -> Result<()> {
@@ -289,6 +293,67 @@ impl WxConv {
             }
         }
         Ok(())
+    }
+
+    /// A fully connected layer (1x1 pixels) with enough images: the images split across
+    /// threads, each running the GEMM on its own columns, so no thread packs another's.
+    #[allow(clippy::too_many_arguments)]
+    fn run_vectors<T: WxElem>(
+        &self,
+        g: &Conv2dGeom,
+        x: &[u8],
+        offsets: &[Vec<i32>],
+        n: usize,
+        out: &mut [T],
+        threads: usize,
+    ) -> Result<()> {
+        let cout_g = g.c_out / g.groups;
+        let per_task = n.div_ceil(threads).div_ceil(WX_NR) * WX_NR;
+        out.par_chunks_mut(per_task * g.c_out)
+            .enumerate()
+            .try_for_each(|(t, o)| -> Result<()> {
+                let count = o.len() / g.c_out;
+                for (grp, packed) in self.packed.iter().enumerate() {
+                    let job = Gemm {
+                        backend: self.backend,
+                        packed,
+                        offsets: &offsets[grp],
+                        stage: self.stage_for(grp, cout_g),
+                        tasks: 1,
+                    };
+                    let mut y = vec![T::default(); cout_g * count];
+                    scratch::with_usize(packed.k(), |starts| {
+                        vector_rows(g, grp, t * per_task, starts);
+                        job.run_rows(x, starts, count, vector_columns(g), &mut y)
+                    })?;
+                    for (img, o) in o.chunks_exact_mut(g.c_out).enumerate() {
+                        for (c, d) in o[grp * cout_g..(grp + 1) * cout_g].iter_mut().enumerate() {
+                            *d = y[c * count + img];
+                        }
+                    }
+                }
+                Ok(())
+            })
+    }
+}
+
+/// Multiply-accumulates below which a batched GEMM stays on one thread.
+const PAR_MIN_MACS: usize = 1 << 20;
+
+/// Row `kk` of a fully connected layer's GEMM operand, for the batch from image `first`:
+/// channel `kk` of group `grp`, read in place from `[n, C]` (a column per image).
+fn vector_rows(g: &Conv2dGeom, grp: usize, first: usize, starts: &mut [usize]) {
+    let cin_g = g.c_in / g.groups;
+    for (kk, s) in starts.iter_mut().enumerate() {
+        *s = first * g.c_in + grp * cin_g + kk;
+    }
+}
+
+/// The columns of a fully connected layer's operand: one image's channels per column.
+fn vector_columns(g: &Conv2dGeom) -> Columns {
+    Columns {
+        keep: 1,
+        stride: g.c_in,
     }
 }
 
