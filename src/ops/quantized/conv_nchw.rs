@@ -1047,6 +1047,41 @@ mod tests {
             }
         }
     }
+    /// A fully connected layer (1x1 pixels) over a batch large enough to split its images
+    /// across threads, against the HWC reference engine.
+    #[test]
+    fn batched_vectors_split_across_threads_match() {
+        let mut rng = Rng::new(9);
+        let g = geom(300, 40, 1, [1, 1], [1, 1], [1, 1], [0; 4]);
+        // 1.2M multiply-adds: above the threshold for threads.
+        let n = 100;
+        let w: Vec<i8> = (0..40 * 300)
+            .map(|_| rng.range_i32(-128, 127) as i8)
+            .collect();
+        let x: Vec<u8> = (0..n * 300).map(|_| rng.range_i32(0, 255) as u8).collect();
+        let stage = OutputStage::Requant {
+            scales: (0..40).map(|c| 3e-4 + c as f32 * 1e-5).collect(),
+            zero_point: 9,
+            qmin: 0,
+            qmax: 255,
+            bias: Some((0..40).map(|_| rng.range_i32(-3000, 3000)).collect()),
+        };
+        let fast = IntConv::with_fast_paths(g.clone(), &w, &[0], stage.clone(), true).unwrap();
+        let slow = IntConv::with_fast_paths(g.clone(), &w, &[0], stage, false).unwrap();
+        let mut want = vec![0u8; n * 40];
+        slow.run(&x, 17, [n, 1, 1], g.pads, &mut want).unwrap();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut got = vec![0u8; n * 40];
+            pool.install(|| fast.run(&x, 17, [n, 1, 1], g.pads, &mut got))
+                .unwrap();
+            assert_eq!(got, want, "{threads} threads");
+        }
+    }
+
     /// Every vector form of the exact-f32 requantization against the scalar rule.
     #[test]
     fn exact_f32_requantization_forms_agree() {
