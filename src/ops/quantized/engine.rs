@@ -241,19 +241,32 @@ impl IntConv {
         let Some(Fast::Gemm(c)) = &self.fast else {
             return Ok(false);
         };
+        let (geom, [oh, ow]) = self.checked_geom(x.len(), [n, h, w], pads, out.len(), true)?;
+        c.run(&geom, &self.stage, x, x_zp, [n, h, w], [oh, ow], true, out)?;
+        Ok(true)
+    }
+
+    /// The geometry with `pads` and the output extent, after checking the buffer sizes (the
+    /// output pooled 2x2 when `pooled`).
+    fn checked_geom(
+        &self,
+        x_len: usize,
+        [n, h, w]: [usize; 3],
+        pads: [usize; 4],
+        out_len: usize,
+        pooled: bool,
+    ) -> Result<(Conv2dGeom, [usize; 2])> {
         let mut geom = self.geom.clone();
         geom.pads = pads;
         let (oh, ow) = geom.out_hw(h, w)?;
-        if x.len() != n * geom.c_in * h * w || out.len() != n * geom.c_out * (oh / 2) * (ow / 2) {
+        let out_pixels = if pooled { (oh / 2) * (ow / 2) } else { oh * ow };
+        if x_len != n * geom.c_in * h * w || out_len != n * geom.c_out * out_pixels {
             return Err(Error::Shape(format!(
-                "pooled integer conv: input of {} values or output of {} values does not fit {n} x {} x {h} x {w}",
-                x.len(),
-                out.len(),
+                "integer conv: input of {x_len} values or output of {out_len} values does not fit {n} x {} x {h} x {w}",
                 geom.c_in
             )));
         }
-        c.run(&geom, &self.stage, x, x_zp, [n, h, w], [oh, ow], true, out)?;
-        Ok(true)
+        Ok((geom, [oh, ow]))
     }
 
     /// Runs on `x` (`[n, C_in, h, w]` u8, zero point `x_zp`) into `out` (`[n, C_out, oh, ow]`)
@@ -266,18 +279,8 @@ impl IntConv {
         pads: [usize; 4],
         out: &mut [T],
     ) -> Result<()> {
-        let mut geom = self.geom.clone();
-        geom.pads = pads;
+        let (geom, [oh, ow]) = self.checked_geom(x.len(), [n, h, w], pads, out.len(), false)?;
         let g = &geom;
-        let (oh, ow) = g.out_hw(h, w)?;
-        if x.len() != n * g.c_in * h * w || out.len() != n * g.c_out * oh * ow {
-            return Err(Error::Shape(format!(
-                "integer conv: input of {} values or output of {} values does not fit {n} x {} x {h} x {w}",
-                x.len(),
-                out.len(),
-                g.c_in
-            )));
-        }
         match &self.fast {
             Some(Fast::Gemm(c)) => {
                 return c.run(g, &self.stage, x, x_zp, [n, h, w], [oh, ow], false, out)
