@@ -531,6 +531,15 @@ fn narrow<T: WxElem>(
                             &w.data[first * w.quads * WX_MR..(first + panels) * w.quads * WX_MR];
                         gemv_vnni(w.quads, a, panels, col_words, &mut acc)
                     },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Micro::Avx2` is only chosen after detecting AVX2 with the pair
+                    // layout packed; the panels `first..first + panels` exist, each
+                    // `quads * MR * 2` words, and `col_words` holds `quads * 4` bytes.
+                    Micro::Avx2 => unsafe {
+                        let span = w.quads * WX_MR * 2;
+                        let a = &w.pairs[first * span..(first + panels) * span];
+                        gemv_avx2(w.quads, a, panels, col_words, &mut acc)
+                    },
                     _ => {
                         for (p, acc) in acc.iter_mut().enumerate().take(panels) {
                             let a = w.panel(first + p);
@@ -566,6 +575,55 @@ fn narrow<T: WxElem>(
             }
         }
     });
+}
+
+/// As [`gemv_vnni`] on the AVX2 pair layout: each quad's column bytes as the i16 pairs
+/// `(c0, c2)` and `(c1, c3)` in alternate lanes, one `vpmaddwd` against four rows' weight pairs
+/// (each row's two lanes summed at the end).
+///
+/// # Safety
+/// AVX2; `pairs` holds `panels * quads * MR * 2` words, `panels <= GEMV_PANELS`, and `col`
+/// holds `quads * 4` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gemv_avx2(
+    quads: usize,
+    pairs: &[i32],
+    panels: usize,
+    col: &[u8],
+    acc: &mut [[i32; WX_MR]; GEMV_PANELS],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(panels <= GEMV_PANELS && pairs.len() >= panels * quads * WX_MR * 2);
+    debug_assert!(col.len() >= quads * 4);
+    let mut s = [[_mm256_setzero_si256(); 2]; GEMV_PANELS];
+    let pp = pairs.as_ptr();
+    for (q, c) in col.chunks_exact(4).take(quads).enumerate() {
+        let even = i32::from(c[0]) | (i32::from(c[2]) << 16);
+        let odd = i32::from(c[1]) | (i32::from(c[3]) << 16);
+        let xv = _mm256_setr_epi32(even, odd, even, odd, even, odd, even, odd);
+        for (p, sp) in s.iter_mut().enumerate().take(panels) {
+            // SAFETY: quad `q` of panel `p` is words `(p quads + q) MR 2..+16`, inside `pairs`
+            // by the contract.
+            unsafe {
+                let at = pp.add((p * quads + q) * WX_MR * 2) as *const __m256i;
+                sp[0] = _mm256_add_epi32(sp[0], _mm256_madd_epi16(_mm256_loadu_si256(at), xv));
+                sp[1] =
+                    _mm256_add_epi32(sp[1], _mm256_madd_epi16(_mm256_loadu_si256(at.add(1)), xv));
+            }
+        }
+    }
+    for (sp, out) in s.iter().zip(acc.iter_mut()).take(panels) {
+        let mut lanes = [0i32; 16];
+        // SAFETY: stores 16 i32 into the local array.
+        unsafe {
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, sp[0]);
+            _mm256_storeu_si256(lanes.as_mut_ptr().add(8) as *mut __m256i, sp[1]);
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = lanes[2 * r].wrapping_add(lanes[2 * r + 1]);
+        }
+    }
 }
 
 /// Row panels a matrix-vector product runs side by side.
