@@ -2,6 +2,7 @@
 //! (depthwise included), strides, dilations, pads and `auto_pad`. Weights, scales, zero
 //! points and bias are prepared once when constant (the usual case), else on every run.
 
+use super::conv_nchw::pool_codes;
 use super::engine::{shift_i8_to_u8, IntConv, OutputStage};
 use super::params::{dtype_range, present, read_qparams, weights_as_i8, QTensorParams};
 use super::prepared;
@@ -9,7 +10,6 @@ use super::window::ConvAttrs;
 use crate::error::Result;
 use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
 use crate::kernels::conv::Conv2dGeom;
-use crate::kernels::pool_codes::max_2x2_planes;
 use crate::kernels::qgemm::{float_scales, WxElem};
 use crate::ops::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
 use crate::quant::QStore;
@@ -267,9 +267,6 @@ impl Prepared {
                 ))
             }
         };
-        if self.pooled {
-            return self.run_pooled(node, xs, xu8, &geom, [oh, ow]);
-        }
         let out_shape: Vec<usize> = if xs.len() == 3 {
             vec![n, geom.c_out, ow]
         } else {
@@ -292,6 +289,9 @@ impl Prepared {
             4,
         )
         .map_err(|e| node_error(node, e.to_string()))?;
+        if self.pooled {
+            return self.run_pooled(node, xs, xu8, &geom, [oh, ow], ctx);
+        }
         let cv = &self.conv;
         let dims = [n, h, w];
         let data = (|| -> Result<TensorData> {
@@ -321,8 +321,7 @@ impl Prepared {
 }
 
 impl Prepared {
-    /// The convolution and its 2x2 max pool: fused per image on the GEMM engine, else the
-    /// whole output convolved and then pooled.
+    /// The convolution and its 2x2 max pool, after [`Prepared::run`]'s checks.
     fn run_pooled(
         &self,
         node: &Node,
@@ -330,6 +329,7 @@ impl Prepared {
         xu8: &[u8],
         geom: &Conv2dGeom,
         [oh, ow]: [usize; 2],
+        ctx: &mut RunCtx,
     ) -> Result<Tensor> {
         let &[n, _, h, w] = xs else {
             return Err(node_error(
@@ -337,45 +337,24 @@ impl Prepared {
                 "a fused 2x2 max pool needs a 2-D convolution",
             ));
         };
-        let err = |e: crate::error::Error| node_error(node, e.to_string());
-        let full = crate::ir::checked_numel(&[n, geom.c_out, oh, ow], 4).map_err(err)?;
         let len = n * geom.c_out * (oh / 2) * (ow / 2);
-        let (cv, dims) = (&self.conv, [n, h, w]);
-        fn go<T: QStore + WxElem>(
-            cv: &IntConv,
-            x: &[u8],
-            x_zp: u8,
-            dims: [usize; 3],
-            [full, len]: [usize; 2],
-            g: &Conv2dGeom,
-            [oh, ow]: [usize; 2],
-        ) -> Result<Vec<T>> {
-            let mut out = vec![T::default(); len];
-            if cv.run_pooled(x, x_zp, dims, g.pads, &mut out)? {
-                return Ok(out);
-            }
-            let mut y = vec![T::default(); full];
-            cv.run(x, x_zp, dims, g.pads, &mut y)?;
-            let planes = dims[0] * g.c_out;
-            let pooled = match (T::code_bytes(&y), T::code_bytes_mut(&mut out)) {
-                (Some((s, order)), Some(d)) => max_2x2_planes(s, [planes, oh, ow], order, d),
-                _ => false,
-            };
-            if !pooled {
-                return Err(crate::error::Error::Shape(
-                    "a fused max pool needs 8-bit output codes".into(),
-                ));
-            }
-            Ok(out)
-        }
-        let sizes = [full, len];
+        let (dims, err) = ([n, h, w], |e: crate::error::Error| {
+            node_error(node, e.to_string())
+        });
         let data = match self.out_dtype {
-            DType::U8 => TensorData::U8(
-                go::<u8>(cv, xu8, self.x_zp, dims, sizes, geom, [oh, ow]).map_err(err)?,
-            ),
-            DType::I8 => TensorData::I8(
-                go::<i8>(cv, xu8, self.x_zp, dims, sizes, geom, [oh, ow]).map_err(err)?,
-            ),
+            DType::U8 => {
+                // Every element is written, as in `run`.
+                let mut o = ctx.alloc_u8_overwrite(len);
+                self.conv_pooled(xu8, dims, geom, [oh, ow], &mut o)
+                    .map_err(err)?;
+                TensorData::U8(o)
+            }
+            DType::I8 => {
+                let mut o = vec![0i8; len];
+                self.conv_pooled(xu8, dims, geom, [oh, ow], &mut o)
+                    .map_err(err)?;
+                TensorData::I8(o)
+            }
             other => {
                 return Err(node_error(
                     node,
@@ -384,6 +363,25 @@ impl Prepared {
             }
         };
         Tensor::new(vec![n, geom.c_out, oh / 2, ow / 2], data)
+    }
+
+    /// Pooled per image on the GEMM engine; on any other, the whole output convolved and
+    /// then pooled.
+    fn conv_pooled<T: QStore + WxElem>(
+        &self,
+        x: &[u8],
+        dims: [usize; 3],
+        geom: &Conv2dGeom,
+        [oh, ow]: [usize; 2],
+        out: &mut [T],
+    ) -> Result<()> {
+        if self.conv.run_pooled(x, self.x_zp, dims, geom.pads, out)? {
+            return Ok(());
+        }
+        let planes = dims[0] * geom.c_out;
+        let mut y = vec![T::default(); planes * oh * ow];
+        self.conv.run(x, self.x_zp, dims, geom.pads, &mut y)?;
+        pool_codes(&y, [planes, oh, ow], out)
     }
 }
 

@@ -358,7 +358,7 @@ fn vector_columns(g: &Conv2dGeom) -> Columns {
 }
 
 /// 2x2 / stride-2 max pooling (floor mode) of 8-bit output codes `src` (`[planes, h, w]`).
-fn pool_codes<T: WxElem>(src: &[T], dims: [usize; 3], dst: &mut [T]) -> Result<()> {
+pub(super) fn pool_codes<T: WxElem>(src: &[T], dims: [usize; 3], dst: &mut [T]) -> Result<()> {
     let pooled = match (T::code_bytes(src), T::code_bytes_mut(dst)) {
         (Some((s, order)), Some(d)) => max_2x2_planes(s, dims, order, d),
         _ => false,
