@@ -6,10 +6,11 @@
 //! transpose, and each row's requantization parameters are scalars.
 //!
 //! The fast micro-kernel is AVX-512 VNNI `vpdpbusd`, a tile row's 16 columns in one 512-bit
-//! register: u8 x s8 with four products summed straight into i32, so unlike `vpmaddubsw` nothing saturates at i16, and the
-//! result is exact whenever the true sum fits in i32. The requantization (or i32 store) is done
-//! on the registers before they leave the kernel. The portable kernel computes the same
-//! integers and the same rounding, so both are bit-identical.
+//! register: u8 x s8 with four products summed straight into i32, so unlike `vpmaddubsw`
+//! nothing saturates at i16, and the result is exact whenever the true sum fits in i32. The
+//! requantization (or i32 store) is done on the registers before they leave the kernel. The
+//! portable kernel computes the same integers and the same rounding, so both are
+//! bit-identical.
 //!
 //! The zero points are folded in afterwards: `raw - zx rowsum(W)[m] + K zx zw[m] + bias[m]` is
 //! one constant per row ([`row_offsets`]); `- zw[m] colsum(X)[j]` is only needed with weight
@@ -689,6 +690,15 @@ fn pack_x(x: &[u8], starts: &[usize], columns: Columns, c0: usize, cols: usize, 
     let last_start = starts.iter().copied().max().unwrap_or(0);
     let gather_ok = ssse3_available();
     let vbmi = vbmi_available();
+    // Columns a whole row apart with each group of four rows consecutive (a batch of
+    // vectors, `X` transposed): a column's four bytes are one word, for this many quads.
+    let word_quads = if columns.keep == 1 {
+        (0..k / 4)
+            .take_while(|&q| (1..4).all(|i| starts[4 * q + i] == starts[4 * q] + i))
+            .count()
+    } else {
+        0
+    };
     for (p, panel) in out
         .chunks_exact_mut(panel_len)
         .take(cols.div_ceil(WX_NR))
@@ -739,26 +749,17 @@ fn pack_x(x: &[u8], starts: &[usize], columns: Columns, c0: usize, cols: usize, 
         }
         #[cfg(not(target_arch = "x86_64"))]
         let full_quads = 0;
-        // Columns a whole row apart with each group of four rows consecutive (a batch of
-        // vectors, `X` transposed): a column's four bytes are one word.
-        let words = if full_quads == 0 && columns.keep == 1 {
-            (0..k / 4)
-                .take_while(|&q| (1..4).all(|i| starts[4 * q + i] == starts[4 * q] + i))
-                .count()
-        } else {
-            0
-        };
+        let words = if full_quads == 0 { word_quads } else { 0 };
         #[cfg(target_arch = "x86_64")]
         let gathered = if words > 0
             && avx2_available()
             && last_start + at[WX_NR - 1] + 4 <= x.len()
             && i32::try_from(at[WX_NR - 1]).is_ok()
         {
-            let firsts: Vec<usize> = (0..words).map(|q| starts[4 * q]).collect();
-            // SAFETY: AVX2 was detected; every word read, `x[first + at[j]..][..4]`, lies
+            // SAFETY: AVX2 was detected; every word read, `x[start + at[j]..][..4]`, lies
             // inside `x` (checked above with the largest start and column), the offsets fit
             // i32, and the panel holds `words * 64` bytes.
-            unsafe { gather_words_avx2(x, &firsts, &at, panel) };
+            unsafe { gather_words_avx2(x, &starts[..4 * words], &at, panel) };
             words
         } else {
             0
@@ -782,16 +783,16 @@ fn pack_x(x: &[u8], starts: &[usize], columns: Columns, c0: usize, cols: usize, 
     }
 }
 
-/// Quad `q` of the panel: for each of the 16 columns, the word `x[firsts[q] + at[j]..][..4]`.
+/// Quad `q` of the panel: for each of the 16 columns, the word `x[starts[4 q] + at[j]..][..4]`.
 ///
 /// # Safety
 /// AVX2; every such word lies inside `x`, each `at[j]` fits i32, and `out` holds
-/// `64 * firsts.len()` bytes.
+/// `16 * starts.len()` bytes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn gather_words_avx2(x: &[u8], firsts: &[usize], at: &[usize; WX_NR], out: &mut [u8]) {
+unsafe fn gather_words_avx2(x: &[u8], starts: &[usize], at: &[usize; WX_NR], out: &mut [u8]) {
     use std::arch::x86_64::*;
-    debug_assert!(out.len() >= 64 * firsts.len());
+    debug_assert!(out.len() >= 16 * starts.len());
     let lo: [i32; 8] = std::array::from_fn(|j| at[j] as i32);
     let hi: [i32; 8] = std::array::from_fn(|j| at[8 + j] as i32);
     // SAFETY: the gathers read the words the contract places inside `x`; the stores write
@@ -801,8 +802,8 @@ unsafe fn gather_words_avx2(x: &[u8], firsts: &[usize], at: &[usize; WX_NR], out
             _mm256_loadu_si256(lo.as_ptr() as *const __m256i),
             _mm256_loadu_si256(hi.as_ptr() as *const __m256i),
         );
-        for (q, &first) in firsts.iter().enumerate() {
-            let base = x.as_ptr().add(first) as *const i32;
+        for (q, four) in starts.chunks_exact(4).enumerate() {
+            let base = x.as_ptr().add(four[0]) as *const i32;
             let o = out.as_mut_ptr().add(64 * q) as *mut __m256i;
             _mm256_storeu_si256(o, _mm256_i32gather_epi32::<1>(base, lo));
             _mm256_storeu_si256(o.add(1), _mm256_i32gather_epi32::<1>(base, hi));
@@ -907,14 +908,8 @@ unsafe fn gather_quads_ssse3(
             )
         };
         for (q, four) in starts.chunks_exact(4).enumerate() {
-            let (a0, a1, a2, a3) = (row(four[0]), row(four[1]), row(four[2]), row(four[3]));
-            let (t0, t1) = (_mm_unpacklo_epi8(a0, a1), _mm_unpackhi_epi8(a0, a1));
-            let (t2, t3) = (_mm_unpacklo_epi8(a2, a3), _mm_unpackhi_epi8(a2, a3));
-            let o = out.as_mut_ptr().add(64 * q) as *mut __m128i;
-            _mm_storeu_si128(o, _mm_unpacklo_epi16(t0, t2));
-            _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(t0, t2));
-            _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(t1, t3));
-            _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(t1, t3));
+            let rows = [row(four[0]), row(four[1]), row(four[2]), row(four[3])];
+            interleave_quad_sse2(rows, out.as_mut_ptr().add(64 * q));
         }
     }
 }
@@ -928,10 +923,24 @@ fn transpose_quad_sse2(rows: [&[u8]; 4], out: &mut [u8]) {
     // SAFETY: SSE2 is always present on x86-64; the loads read 16 bytes of each row and the
     // stores write 64 bytes of `out`, as asserted above.
     unsafe {
-        let [a0, a1, a2, a3] = rows.map(|r| _mm_loadu_si128(r.as_ptr() as *const __m128i));
-        let (t0, t1) = (_mm_unpacklo_epi8(a0, a1), _mm_unpackhi_epi8(a0, a1));
-        let (t2, t3) = (_mm_unpacklo_epi8(a2, a3), _mm_unpackhi_epi8(a2, a3));
-        let o = out.as_mut_ptr() as *mut __m128i;
+        let rows = rows.map(|r| _mm_loadu_si128(r.as_ptr() as *const __m128i));
+        interleave_quad_sse2(rows, out.as_mut_ptr());
+    }
+}
+
+/// Four registers of 16 bytes (rows) stored as 16 columns of four bytes.
+///
+/// # Safety
+/// `out` is valid for 64 bytes of writes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn interleave_quad_sse2([a0, a1, a2, a3]: [std::arch::x86_64::__m128i; 4], out: *mut u8) {
+    use std::arch::x86_64::*;
+    let (t0, t1) = (_mm_unpacklo_epi8(a0, a1), _mm_unpackhi_epi8(a0, a1));
+    let (t2, t3) = (_mm_unpacklo_epi8(a2, a3), _mm_unpackhi_epi8(a2, a3));
+    let o = out as *mut __m128i;
+    // SAFETY: the caller guarantees 64 writable bytes at `out`.
+    unsafe {
         _mm_storeu_si128(o, _mm_unpacklo_epi16(t0, t2));
         _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(t0, t2));
         _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(t1, t3));
