@@ -100,6 +100,19 @@ impl WxConv {
         })
     }
 
+    /// Group `grp`'s GEMM (`offsets` from [`qgemm::row_offsets`] per group), split into
+    /// `tasks` blocks of rows.
+    fn job<'a>(&'a self, grp: usize, offsets: &'a [Vec<i32>], tasks: usize) -> Gemm<'a> {
+        let cout_g = self.packed[grp].m();
+        Gemm {
+            backend: self.backend,
+            packed: &self.packed[grp],
+            offsets: &offsets[grp],
+            stage: self.stage_for(grp, cout_g),
+            tasks,
+        }
+    }
+
     fn stage_for(&self, grp: usize, cout_g: usize) -> WxStage<'_> {
         match &self.requant {
             Some(r) => WxStage::Requant {
@@ -162,13 +175,7 @@ impl WxConv {
                 let input = &x[(img * g.c_in + grp * cin_g) * h * w..];
                 let planes = &input[..cin_g * h * w];
                 let dst = &mut out_img[grp * cout_g * ohw..(grp + 1) * cout_g * ohw];
-                let job = Gemm {
-                    backend: self.backend,
-                    packed,
-                    offsets: &offsets[grp],
-                    stage: self.stage_for(grp, cout_g),
-                    tasks: split_rows,
-                };
+                let job = self.job(grp, &offsets, split_rows);
                 match Lowering::of(g, [oh, ow]) {
                     Lowering::Direct => job.run(planes, h * w, dst)?,
                     Lowering::Shifted => {
@@ -244,13 +251,7 @@ impl WxConv {
         for (grp, packed) in self.packed.iter().enumerate() {
             let k = packed.k();
             let mut y = vec![T::default(); cout_g * cols_n];
-            let job = Gemm {
-                backend: self.backend,
-                packed,
-                offsets: &offsets[grp],
-                stage: self.stage_for(grp, cout_g),
-                tasks: threads,
-            };
+            let job = self.job(grp, offsets, threads);
             if fully_connected {
                 scratch::with_usize(k, |starts| {
                     vector_rows(g, grp, 0, starts);
@@ -314,13 +315,7 @@ impl WxConv {
             .try_for_each(|(t, o)| -> Result<()> {
                 let count = o.len() / g.c_out;
                 for (grp, packed) in self.packed.iter().enumerate() {
-                    let job = Gemm {
-                        backend: self.backend,
-                        packed,
-                        offsets: &offsets[grp],
-                        stage: self.stage_for(grp, cout_g),
-                        tasks: 1,
-                    };
+                    let job = self.job(grp, offsets, 1);
                     let mut y = vec![T::default(); cout_g * count];
                     scratch::with_usize(packed.k(), |starts| {
                         vector_rows(g, grp, t * per_task, starts);
