@@ -4,8 +4,9 @@
 
 use super::{alloc_output, data, f32_input, nchw, require_f32, Window};
 use crate::error::Result;
-use crate::ir::{Dim, Node, Tensor, TypeInfo};
+use crate::ir::{DType, Dim, Node, Tensor, TypeInfo};
 use crate::kernels::pool::{global_pool, pool2d, Pool2dGeom, PoolKind};
+use crate::ops::quantized::lut::{CodeTable, MaxPoolLutKernel};
 use crate::ops::{node_error, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
 
 const fn def(
@@ -165,8 +166,21 @@ impl PoolWindow {
 struct PoolKernel(PoolWindow);
 
 fn compile_pool(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    require_f32(ctx.node, ctx.input_type(0), 0)?;
-    Ok(Box::new(PoolKernel(PoolWindow::parse(ctx.node)?)))
+    let node = ctx.node;
+    // MaxPool takes 8-bit codes from opset 12 (a quantized model pools them between two
+    // integer convolutions): the integer pool with the identity table, a window over only
+    // padding giving the type's lowest code, as ONNX Runtime does.
+    if let Some(dt @ (DType::U8 | DType::I8)) = ctx.input_type(0).map(|t| t.dtype) {
+        if node.op_type == "MaxPool" {
+            let identity = CodeTable::from_outputs(dt, &CodeTable::all_codes(dt)?)?;
+            let lowest = if dt == DType::I8 { 0x80 } else { 0 };
+            return Ok(Box::new(MaxPoolLutKernel::new(
+                node, node, identity, lowest,
+            )?));
+        }
+    }
+    require_f32(node, ctx.input_type(0), 0)?;
+    Ok(Box::new(PoolKernel(PoolWindow::parse(node)?)))
 }
 
 impl Kernel for PoolKernel {
@@ -248,11 +262,53 @@ impl Kernel for GlobalKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::{Attr, DType};
+    use crate::ir::{Attr, DType, TensorData};
     use crate::ops::nn::test_support::{infer, node, run};
 
     fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
         Tensor::from_f32(shape.to_vec(), v).unwrap()
+    }
+
+    /// MaxPool on 8-bit codes (opset 12+, as quantized models write it between integer
+    /// convolutions) equals the f32 pool of the codes, padding included.
+    #[test]
+    fn max_pool_of_codes_matches_f32() {
+        let attrs = [
+            ("kernel_shape", Attr::Ints(vec![3, 3])),
+            ("strides", Attr::Ints(vec![2, 2])),
+            ("pads", Attr::Ints(vec![1, 1, 1, 1])),
+        ];
+        let mut n = node("MaxPool", 1);
+        for (k, v) in attrs.iter().cloned() {
+            n = n.with_attr(k, v);
+        }
+        let shape = [2, 3, 7, 6];
+        let count: usize = shape.iter().product();
+        let codes: Vec<u8> = (0..count).map(|i| (i * 37 % 256) as u8).collect();
+        for signed in [false, true] {
+            let (x, as_f32): (Tensor, Vec<f32>) = if signed {
+                let v: Vec<i8> = codes.iter().map(|&c| c as i8).collect();
+                let f = v.iter().map(|&c| f32::from(c)).collect();
+                (Tensor::new(shape.to_vec(), TensorData::I8(v)).unwrap(), f)
+            } else {
+                let f = codes.iter().map(|&c| f32::from(c)).collect();
+                (
+                    Tensor::new(shape.to_vec(), TensorData::U8(codes.clone())).unwrap(),
+                    f,
+                )
+            };
+            let got = run(&n, 12, &[Some(&x)], &[false], None).unwrap();
+            let want = run(&n, 12, &[Some(&t(&shape, as_f32))], &[false], None).unwrap();
+            assert_eq!(got[0].dtype(), x.dtype());
+            assert_eq!(got[0].shape(), want[0].shape());
+            let got: Vec<f32> = got[0]
+                .to_i64_vec()
+                .unwrap()
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            assert_eq!(&got, want[0].as_f32().unwrap(), "signed {signed}");
+        }
     }
 
     fn ramp(shape: &[usize]) -> Tensor {
