@@ -223,9 +223,9 @@ pub fn build(
     // Data-movement ops between two quantized tensors on the same grid (max pooling,
     // reshapes) run on the codes themselves, with no DequantizeLinear / QuantizeLinear
     // around them: the values are the same, and an integer runtime (lithe, ONNX Runtime)
-    // can fuse the pool into the convolution before it.
-    // A chain of one or two such ops (MaxPool then Flatten, say) whose last output is the
-    // quantized tensor: the tensor between them gets codes of its own.
+    // can fuse the pool into the convolution before it. For a chain of two such ops
+    // (MaxPool then Flatten, say) ending at the quantized tensor, the tensor between them
+    // gets codes of its own.
     let opset = model.opset();
     let codes_ok = |n: &Node| {
         is_pass_through(n)
