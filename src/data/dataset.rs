@@ -76,6 +76,21 @@ pub trait BatchSource: Send + Sync {
     /// Samples `start .. start + count` (clamped to the end) as an f32 tensor
     /// [n, ...sample_shape] and their labels.
     fn batch(&self, start: usize, count: usize) -> Result<(Tensor, Vec<i64>)>;
+
+    /// For a set holding one array per model input: the inputs it feeds, by name. `None` for
+    /// the sets of [`BatchSource::batch`], whose tensor feeds a model's only input.
+    fn input_names(&self) -> Option<&[String]> {
+        None
+    }
+
+    /// Samples `start .. start + count` (clamped to the end) as named model inputs; for sets
+    /// without [`BatchSource::input_names`], an error.
+    fn named_batch(&self, _start: usize, _count: usize) -> Result<Vec<(String, Tensor)>> {
+        Err(Error::Data(format!(
+            "{} feeds a single input, not inputs by name",
+            self.name()
+        )))
+    }
 }
 
 /// Iterates over `source` in batches of `batch_size` (the last may be smaller).
@@ -153,6 +168,11 @@ fn open_dataset_with(
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
         {
+            // Without an image array, a calibration archive may hold one array per model
+            // input (token ids and masks).
+            if !labels_required && image_array(&NpzArchive::open(path)?, split).is_none() {
+                return Ok(Box::new(super::named::NamedInputs::open(path)?));
+            }
             return Ok(Box::new(NpzDataset::open_with(
                 path,
                 split,
@@ -485,7 +505,12 @@ impl BatchSource for TensorSource {
 }
 
 /// `start .. start + count` clamped to `len`; a start past the end is an error.
-fn clamp_range(start: usize, count: usize, len: usize, name: &str) -> Result<(usize, usize)> {
+pub(crate) fn clamp_range(
+    start: usize,
+    count: usize,
+    len: usize,
+    name: &str,
+) -> Result<(usize, usize)> {
     if start > len {
         return Err(Error::Data(format!(
             "{name}: batch start {start} is past the {len} samples"
@@ -822,6 +847,18 @@ impl Samples {
     }
 }
 
+/// The first of `bases` the archive holds, preferring the `_{split}` form (`x_train`).
+fn split_array(archive: &NpzArchive, bases: &[&str], split: Split) -> Option<String> {
+    let suffixed = bases.iter().map(|b| format!("{b}_{split}"));
+    let plain = bases.iter().map(|b| b.to_string());
+    suffixed.chain(plain).find(|n| archive.contains(n))
+}
+
+/// The array of samples of an image archive.
+fn image_array(archive: &NpzArchive, split: Split) -> Option<String> {
+    split_array(archive, &["x", "images", "inputs"], split)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum NpzLayout {
     /// f32 samples of any shape [N, ...].
@@ -849,18 +886,13 @@ impl NpzDataset {
     ) -> Result<NpzDataset> {
         let err = |msg: String| Error::Data(format!("{}: {msg}", path.display()));
         let mut archive = NpzArchive::open(path)?;
-        let pick = |bases: &[&str], ar: &NpzArchive| -> Option<String> {
-            let suffixed = bases.iter().map(|b| format!("{b}_{split}"));
-            let plain = bases.iter().map(|b| b.to_string());
-            suffixed.chain(plain).find(|n| ar.contains(n))
-        };
         let names: Vec<String> = archive.names().map(str::to_string).collect();
-        let xname = pick(&["x", "images", "inputs"], &archive).ok_or_else(|| {
+        let xname = image_array(&archive, split).ok_or_else(|| {
             err(format!(
                 "no image array (x, images, inputs or x_{split}); arrays: {names:?}"
             ))
         })?;
-        let yname = pick(&["y", "labels"], &archive);
+        let yname = split_array(&archive, &["y", "labels"], split);
         if yname.is_none() && labels_required {
             return Err(err(format!(
                 "no label array (y, labels or y_{split}); arrays: {names:?}"

@@ -7,6 +7,7 @@ pub mod atomic;
 pub mod dataset;
 pub mod idx;
 pub mod image;
+pub mod named;
 pub mod npy;
 pub mod npz;
 pub mod preprocess;
@@ -21,6 +22,7 @@ pub use dataset::{
 };
 pub use idx::{read_idx, read_idx_images, read_idx_labels};
 pub use image::{decode_image, read_image, Image};
+pub use named::NamedInputs;
 pub use npy::{decode_npy, encode_npy, read_npy, write_npy};
 pub use npz::{read_npz, write_npz, NpzArchive};
 pub use preprocess::{Channels, Preprocess, Resize, METADATA_KEY as PREPROCESS_METADATA_KEY};

@@ -183,6 +183,36 @@ impl Tensor {
         self.numel() * self.dtype().size_of()
     }
 
+    /// Entries `start .. end` of the first axis (samples of a batch), copied.
+    pub fn rows(&self, start: usize, end: usize) -> Result<Tensor> {
+        let (&n, rest) = self
+            .shape
+            .split_first()
+            .ok_or_else(|| Error::Shape("a scalar has no rows".into()))?;
+        if start > end || end > n {
+            return Err(Error::Shape(format!(
+                "rows {start}..{end} of a tensor of shape {:?}",
+                self.shape
+            )));
+        }
+        let per: usize = rest.iter().product();
+        let (a, b) = (start * per, end * per);
+        let data = match self.data.as_ref() {
+            TensorData::F32(v) => TensorData::F32(v[a..b].to_vec()),
+            TensorData::F16(v) => TensorData::F16(v[a..b].to_vec()),
+            TensorData::F64(v) => TensorData::F64(v[a..b].to_vec()),
+            TensorData::I8(v) => TensorData::I8(v[a..b].to_vec()),
+            TensorData::U8(v) => TensorData::U8(v[a..b].to_vec()),
+            TensorData::I16(v) => TensorData::I16(v[a..b].to_vec()),
+            TensorData::I32(v) => TensorData::I32(v[a..b].to_vec()),
+            TensorData::I64(v) => TensorData::I64(v[a..b].to_vec()),
+            TensorData::Bool(v) => TensorData::Bool(v[a..b].to_vec()),
+        };
+        let mut shape = self.shape.clone();
+        shape[0] = end - start;
+        Tensor::new(shape, data)
+    }
+
     /// Same data under a new shape with the same element count.
     pub fn reshaped(mut self, shape: Vec<usize>) -> Result<Tensor> {
         let n = checked_numel(&shape, 1)?;

@@ -117,19 +117,62 @@ impl Obs {
     }
 }
 
-/// The single f32 input of a calibration model.
-fn input_name(session: &Session) -> Result<String> {
-    match session.input_names()[..] {
-        [one] => Ok(one.to_string()),
-        _ => Err(Error::Data(format!(
-            "calibration needs a model with one input, this one has {}",
-            session.input_names().len()
-        ))),
+/// The model inputs a batch of `source` feeds: the model's single input for a set of samples,
+/// every input by name for a set holding one array per input.
+pub(super) fn fed_inputs(wanted: &[&str], source: &dyn BatchSource) -> Result<Vec<String>> {
+    match source.input_names() {
+        None => match wanted[..] {
+            [one] => Ok(vec![one.to_string()]),
+            _ => Err(Error::Data(format!(
+                "this model has {} inputs ({}); calibrating it needs an .npz with one array per input, named after it",
+                wanted.len(),
+                wanted.join(", ")
+            ))),
+        },
+        Some(held) => {
+            if let Some(missing) = wanted.iter().find(|w| !held.iter().any(|h| h == *w)) {
+                return Err(Error::Data(format!(
+                    "{} has no array for the model input '{missing}' (arrays: {}; inputs: {})",
+                    source.name(),
+                    held.join(", "),
+                    wanted.join(", ")
+                )));
+            }
+            Ok(wanted.iter().map(|w| w.to_string()).collect())
+        }
     }
 }
 
+/// Samples `start .. start + count` of `source` as the feeds of `inputs` (see [`fed_inputs`]),
+/// every f32 value finite.
+pub(super) fn read_feeds(
+    source: &dyn BatchSource,
+    inputs: &[String],
+    start: usize,
+    count: usize,
+) -> Result<Vec<(String, Tensor)>> {
+    let feeds = match source.input_names() {
+        None => {
+            let (x, _) = source.batch(start, count)?;
+            vec![(inputs[0].clone(), x)]
+        }
+        Some(_) => {
+            let mut named = source.named_batch(start, count)?;
+            named.retain(|(n, _)| inputs.contains(n));
+            named
+        }
+    };
+    for (name, x) in &feeds {
+        check_batch(name, x, start)?;
+    }
+    Ok(feeds)
+}
+
 fn check_batch(input: &str, x: &Tensor, start: usize) -> Result<()> {
-    let v = x.as_f32()?;
+    // Integer inputs (token ids, masks) hold no NaN.
+    let Ok(v) = x.as_f32() else {
+        return Ok(());
+    };
     if let Some(i) = v.iter().position(|f| !f.is_finite()) {
         let per = (v.len() / x.shape().first().copied().unwrap_or(1).max(1)).max(1);
         return Err(Error::Tensor {
@@ -449,7 +492,7 @@ fn stream<S: Send + Sync + Clone>(
             source.name()
         )));
     }
-    let input = input_name(session)?;
+    let inputs = fed_inputs(&session.input_names(), source)?;
     let batch = batch.max(1);
     let batches = total.div_ceil(batch);
     // Observed value -> the states that see it.
@@ -475,19 +518,26 @@ fn stream<S: Send + Sync + Clone>(
         error: Mutex::new(None),
     };
     // Batch `k` through the session; false when the stream failed.
-    let run_batch = |x: Tensor, sink: &mut Sink| -> bool {
+    let run_batch = |feeds: Vec<(String, Tensor)>, sink: &mut Sink| -> bool {
         let mut seen = vec![false; flow.lanes.len()];
-        if let (Some(lanes), Ok(v)) = (index.get(input.as_str()), x.as_f32()) {
-            for &i in lanes {
-                if !sink(i, Some(v)) {
-                    return false;
+        for (input, x) in &feeds {
+            if let (Some(lanes), Ok(v)) = (index.get(input.as_str()), x.as_f32()) {
+                for &i in lanes {
+                    if !sink(i, Some(v)) {
+                        return false;
+                    }
+                    seen[i] = true;
                 }
-                seen[i] = true;
             }
         }
-        let count = x.shape().first().copied().unwrap_or(0);
+        let count = feeds
+            .first()
+            .and_then(|(_, x)| x.shape().first().copied())
+            .unwrap_or(0);
+        let feeds: Vec<(&str, Tensor)> =
+            feeds.iter().map(|(n, x)| (n.as_str(), x.clone())).collect();
         let mut ok = true;
-        let ran = session.run_observed(&[(input.as_str(), x)], &mut |name, t| {
+        let ran = session.run_observed(&feeds, &mut |name, t| {
             if let (Some(lanes), Ok(v)) = (index.get(name), t.as_f32()) {
                 for &i in lanes {
                     if ok && !seen[i] {
@@ -516,7 +566,7 @@ fn stream<S: Send + Sync + Clone>(
     // Batches are claimed and read under one lock, so the source is read front to back
     // (a streaming source such as gzipped MNIST never has to go back).
     let next_batch = Mutex::new(0usize);
-    let claim = || -> Option<(usize, Tensor)> {
+    let claim = || -> Option<(usize, Vec<(String, Tensor)>)> {
         let mut next = next_batch.lock().ok()?;
         let k = *next;
         if k >= batches || flow.failed.load(Ordering::SeqCst) {
@@ -525,10 +575,7 @@ fn stream<S: Send + Sync + Clone>(
         *next += 1;
         let start = k * batch;
         let count = batch.min(total - start);
-        let fed = source
-            .batch(start, count)
-            .and_then(|(x, _)| check_batch(&input, &x, start).map(|()| x));
-        match fed {
+        match read_feeds(source, &inputs, start, count) {
             Ok(x) => Some((k, x)),
             Err(e) => {
                 flow.fail(e);

@@ -263,15 +263,17 @@ fn quantize_impl(
     let skipped = graph
         .nodes
         .iter()
-        .filter(|n| matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul"))
-        .filter(|n| !quantized.contains(n.display_name().as_str()))
-        .map(|n| SkippedNode {
+        .enumerate()
+        .filter(|(_, n)| matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul"))
+        .filter(|(_, n)| !quantized.contains(n.display_name().as_str()))
+        .map(|(i, n)| SkippedNode {
             node: n.display_name(),
             op: n.op_type.clone(),
             reason: if config.exclude.contains(&n.display_name()) {
                 "excluded".into()
             } else {
-                "weight is not a constant f32 tensor or attributes unsupported".into()
+                plan::skip_reason(graph, i)
+                    .unwrap_or_else(|| "its neighbours are left in f32".into())
             },
         })
         .collect();

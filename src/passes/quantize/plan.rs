@@ -61,13 +61,29 @@ fn f32_init(graph: &Graph, name: Option<&str>) -> Option<String> {
     (t.dtype() == DType::F32).then(|| n.to_string())
 }
 
+/// Why node `i` of `graph` is not quantized, when it is not (exclusion aside).
+pub fn skip_reason(graph: &Graph, i: usize) -> Option<String> {
+    match as_target(graph, i, &graph.nodes[i]) {
+        Ok(Ok(_)) => None,
+        Ok(Err(reason)) => Some(reason),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
 /// The target description of `node`, or `None` with the reason it is left in f32.
 fn as_target(graph: &Graph, i: usize, node: &Node) -> Result<std::result::Result<Target, String>> {
     if !node.domain.is_empty() {
         return Ok(Err("not a default-domain op".into()));
     }
     let Some(weight) = f32_init(graph, node.input(1)) else {
-        return Ok(Err("weight is not a constant f32 tensor".into()));
+        let computed = node
+            .input(1)
+            .is_some_and(|w| !graph.initializers.contains_key(w));
+        return Ok(Err(if computed {
+            "its second operand is computed, not a constant weight".into()
+        } else {
+            "weight is not a constant f32 tensor".into()
+        }));
     };
     let w = &graph.initializers[&weight];
     let bias = node.input(2).map(str::to_string);

@@ -61,26 +61,30 @@ fn top1(scores: &[f32], classes: usize) -> Vec<usize> {
 /// Samples per run: bounds the activation memory of large models.
 const CHUNK: usize = 32;
 
-/// Runs `model` on `x` in chunks of samples; returns each output's values in graph order.
-fn outputs(model: &Model, input: &str, x: &Tensor) -> Result<Vec<Vec<f32>>> {
+/// Runs `model` on the first `n` samples of `source` (feeding `inputs`), in chunks; returns
+/// each output's values in graph order, and whether the first output is a [N, classes] matrix.
+fn outputs(
+    model: &Model,
+    source: &dyn BatchSource,
+    inputs: &[String],
+    n: usize,
+) -> Result<(Vec<Vec<f32>>, bool)> {
     let (simple, _) = crate::passes::simplify(model)?;
     let session = Session::new(&simple, &SessionOptions::default())?;
-    let n = x.shape().first().copied().unwrap_or(0);
-    let per = x.numel() / n.max(1);
-    let v = x.as_f32()?;
     let mut out: Vec<Vec<f32>> = Vec::new();
+    let mut classes = true;
     for start in (0..n).step_by(CHUNK) {
-        let count = CHUNK.min(n - start);
-        let mut shape = x.shape().to_vec();
-        shape[0] = count;
-        let chunk = Tensor::from_f32(shape, v[start * per..(start + count) * per].to_vec())?;
-        let got = session.run(&[(input, chunk)])?;
+        let owned = calibrate::read_feeds(source, inputs, start, CHUNK.min(n - start))?;
+        let feeds: Vec<(&str, Tensor)> =
+            owned.iter().map(|(k, x)| (k.as_str(), x.clone())).collect();
+        let got = session.run(&feeds)?;
+        classes &= got.first().is_some_and(|(_, t)| t.rank() == 2);
         out.resize_with(got.len(), Vec::new);
         for (o, (_, t)) in out.iter_mut().zip(got) {
             o.extend(t.to_f32_vec());
         }
     }
-    Ok(out)
+    Ok((out, classes))
 }
 
 /// SQNR over all outputs and the top-1 agreement of the first output when it holds one row of
@@ -129,16 +133,23 @@ pub fn sensitivity(
             calib.name()
         )));
     }
-    let (x, _) = calib.batch(0, n)?;
-    let input = match simple.graph.inputs.as_slice() {
-        [one] => one.name.clone(),
-        _ => {
-            return Err(Error::Data(
-                "sensitivity analysis needs a model with one input".into(),
-            ))
-        }
+    let wanted: Vec<&str> = simple
+        .graph
+        .inputs
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    let inputs = calibrate::fed_inputs(&wanted, calib)?;
+    let (reference, classes) = outputs(&simple, calib, &inputs, n)?;
+    // Top-1 agreement only means something for class scores, one row per sample.
+    let rows_of_scores = if classes { n } else { 0 };
+    let run = |m: &Model| -> Result<(f64, Option<f64>)> {
+        Ok(compare(
+            &reference,
+            &outputs(m, calib, &inputs, n)?.0,
+            rows_of_scores,
+        ))
     };
-    let reference = outputs(&simple, &input, &x)?;
     let names: Vec<String> = full.targets.iter().map(|t| t.name.clone()).collect();
     let mut rows = Vec::new();
     for (k, t) in full.targets.iter().enumerate() {
@@ -157,11 +168,10 @@ pub fn sensitivity(
         };
         let empty = BTreeMap::new();
         let (qw, _) = quantize_with_ranges(&simple, None, &weights_only, &empty, &mut |_| {})?;
-        let (weights_sqnr_db, weights_agreement) =
-            compare(&reference, &outputs(&qw, &input, &x)?, n);
+        let (weights_sqnr_db, weights_agreement) = run(&qw)?;
         let (layer_sqnr_db, layer_agreement) = if quantize_acts {
             let (ql, _) = quantize_with_ranges(&simple, None, &alone, &ranges, &mut |_| {})?;
-            compare(&reference, &outputs(&ql, &input, &x)?, n)
+            run(&ql)?
         } else {
             (weights_sqnr_db, weights_agreement)
         };
