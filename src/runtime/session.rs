@@ -217,10 +217,17 @@ impl Session {
                                 Some(t) => step.kernel.run_owned(t, &args, &mut ctx),
                                 None => step.kernel.run(&args, &mut ctx),
                             };
-                            result.map_err(|e| Error::Node {
-                                node: step.node_name.clone(),
-                                op_type: step.op_type.clone(),
-                                msg: e.to_string(),
+                            // A kernel that already named its node (the exact node of a
+                            // fused step) keeps that name; the step's is not repeated.
+                            result.map_err(|e| match e {
+                                Error::Node { .. }
+                                | Error::Attribute { .. }
+                                | Error::UnsupportedOp { .. } => e,
+                                other => Error::Node {
+                                    node: step.node_name.clone(),
+                                    op_type: step.op_type.clone(),
+                                    msg: other.to_string(),
+                                },
                             })?
                         };
                     if outputs.len() < step.outputs.len() {

@@ -311,6 +311,19 @@ mod tests {
         }
     }
 
+    #[test]
+    fn max_pool_of_codes_with_hostile_pads_is_an_error_not_an_allocation() {
+        let x = Tensor::new(vec![1, 2, 4, 4], TensorData::U8(vec![7; 32])).unwrap();
+        for pad in [1i64 << 16, 1 << 30, i64::MAX] {
+            let n = node("MaxPool", 1)
+                .with_attr("kernel_shape", Attr::Ints(vec![2, 2]))
+                .with_attr("pads", Attr::Ints(vec![pad; 4]));
+            let e = run(&n, 12, &[Some(&x)], &[false], None).err();
+            let msg = e.map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains("too large"), "pads {pad}: {msg}");
+        }
+    }
+
     fn ramp(shape: &[usize]) -> Tensor {
         let n = shape.iter().product::<usize>();
         t(shape, (1..=n).map(|v| v as f32).collect())

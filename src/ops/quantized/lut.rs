@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::ir::{DType, Node, Tensor, TensorData};
+use crate::ir::{checked_numel, DType, Node, Tensor, TensorData};
 use crate::kernels::pool::{Pool2dGeom, PoolKind};
 use crate::kernels::pool_codes::{max_2x2_planes, CodeOrder};
 use crate::ops::nn::PoolWindow;
@@ -404,8 +404,10 @@ impl Kernel for LutKernel {
 /// `DequantizeLinear -> MaxPool -> (elementwise ops) -> QuantizeLinear` on the codes: max
 /// pooling of the input codes, then the chain's table.
 pub struct MaxPoolLutKernel {
-    /// The DequantizeLinear that starts the chain, for errors.
+    /// The DequantizeLinear that starts the chain, for errors about its input.
     node: Node,
+    /// The MaxPool, for errors about its windows and output.
+    pool: Node,
     window: PoolWindow,
     table: CodeTable,
     /// The table is the identity: the pooled codes are the result.
@@ -424,6 +426,7 @@ impl MaxPoolLutKernel {
         }
         Ok(MaxPoolLutKernel {
             node: node.clone(),
+            pool: pool.clone(),
             window,
             identity: table.is_identity(),
             table,
@@ -436,7 +439,10 @@ impl Kernel for MaxPoolLutKernel {
     fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
         let x = required(inputs, 0)?;
         check_input(&self.node, x, self.table.input)?;
-        let s = self.window.resolve(x.shape())?;
+        let s = self
+            .window
+            .resolve(x.shape())
+            .map_err(|e| e.at_node(&self.pool))?;
         let dims = [s.planes, s.hw[0], s.hw[1]];
         fn go<I: Code, O: Code>(
             k: &MaxPoolLutKernel,
@@ -446,10 +452,11 @@ impl Kernel for MaxPoolLutKernel {
             shape: Vec<usize>,
         ) -> Result<Tensor> {
             let src = I::slice(x.data()).unwrap_or(&[]);
-            let n: usize = shape.iter().product();
+            // Pads and strides come from the file: bound the output before allocating it.
+            let (oh, ow) = g.out_hw(dims[1], dims[2])?;
+            let n = checked_numel(&shape, 1)?;
             let mut out = vec![O::from_bits(0); n];
             let empty = O::from_bits(k.empty);
-            let (oh, ow) = g.out_hw(dims[1], dims[2])?;
             let floor_halves = (oh, ow) == (dims[1] / 2, dims[2] / 2);
             if k.identity && I::ORDER == O::ORDER && is_plain_2x2(g) && floor_halves {
                 if !max_2x2_planes(bytes(src), dims, I::ORDER, bytes_mut(&mut out)) {
@@ -471,7 +478,7 @@ impl Kernel for MaxPoolLutKernel {
             (_, DType::U8) => go::<i8, u8>(self, x, &s.geom, dims, s.out_shape),
             _ => go::<i8, i8>(self, x, &s.geom, dims, s.out_shape),
         };
-        Ok(vec![out.map_err(|e| e.at_node(&self.node))?])
+        Ok(vec![out.map_err(|e| e.at_node(&self.pool))?])
     }
 }
 
