@@ -15,6 +15,7 @@
 mod calibrate;
 mod config;
 mod edit;
+mod embedding;
 mod plan;
 mod qat;
 mod qdq;
@@ -163,6 +164,14 @@ fn quantize_impl(
         weights.insert(t.name.clone(), e);
     }
 
+    let tables: Vec<(embedding::Table, EncodedWeight)> = embedding::find(graph, &config.exclude)?
+        .into_iter()
+        .map(|t| {
+            let e = embedding::encode(graph, &t, config.scheme, config.weight_bits)?;
+            Ok((t, e))
+        })
+        .collect::<Result<_>>()?;
+
     // Activations.
     let quantize_acts = config.activations != ActivationCalib::None && !plan.targets.is_empty();
     let mut acts: BTreeMap<String, ActParams> = BTreeMap::new();
@@ -231,6 +240,7 @@ fn quantize_impl(
             qop::build(&simple, &plan, &acts, &weights, config.lookup_tables)?
         }
     };
+    embedding::apply(&mut out.graph, &tables)?;
     out.set_metadata(
         METADATA_KEY,
         serde_json::to_string(config).map_err(|e| Error::Data(e.to_string()))?,
@@ -253,6 +263,22 @@ fn quantize_impl(
             output_params: acts.get(&t.act_out).map(describe),
             input_sqnr_db: act_sqnr.get(&t.input).copied(),
             output_sqnr_db: act_sqnr.get(&t.act_out).copied(),
+            bytes_before: w.bytes_before,
+            bytes_after: w.bytes_after,
+            bytes_packed: w.bytes_packed,
+        });
+    }
+    for (t, w) in &tables {
+        layers.push(LayerReport {
+            node: t.name.clone(),
+            op: "Gather".into(),
+            scheme: format!("{}{}", config.scheme, config.weight_bits),
+            weight_params: w.detail.clone(),
+            weight_sqnr_db: w.sqnr_db,
+            input_params: None,
+            output_params: None,
+            input_sqnr_db: None,
+            output_sqnr_db: None,
             bytes_before: w.bytes_before,
             bytes_after: w.bytes_after,
             bytes_packed: w.bytes_packed,
