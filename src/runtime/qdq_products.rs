@@ -24,9 +24,10 @@ use crate::ops::{self, required, CompileCtx, Kernel, RunCtx};
 
 /// A fused product, ready to become one plan step at the position of `nodes[0]`.
 pub struct ProductFusion {
-    /// The graph nodes the step replaces: the data's DequantizeLinear first, the
-    /// QuantizeLinear last, and the weight's and bias's DequantizeLinear when nothing else
-    /// reads their values.
+    /// The graph nodes the step replaces, the step's position first: the data's
+    /// DequantizeLinear when nothing else reads its value, else the product; the
+    /// QuantizeLinear last; the weight's and bias's DequantizeLinear when nothing else reads
+    /// their values.
     pub nodes: Vec<usize>,
     /// The Conv, Gemm or MatMul: the step's name.
     pub product: usize,
@@ -40,7 +41,8 @@ pub struct ProductFusion {
     pub kernel: Box<dyn Kernel>,
 }
 
-/// Every fusable product of the graph, keyed by the index of its data's DequantizeLinear.
+/// Every fusable product of the graph, keyed by the index of its first node (see
+/// [`ProductFusion::nodes`]).
 pub fn find(model: &Model, uses: &Uses) -> HashMap<usize, ProductFusion> {
     let mut out: HashMap<usize, ProductFusion> = HashMap::new();
     for (j, node) in model.graph.nodes.iter().enumerate() {
@@ -121,7 +123,6 @@ fn fuse_product(model: &Model, uses: &Uses, j: usize) -> Option<ProductFusion> {
     if dq_x.op_type != "DequantizeLinear"
         || !default_domain(dq_x)
         || !per_tensor_constants(model, dq_x)
-        || !sole_use(uses, x)
     {
         return None;
     }
@@ -316,8 +317,15 @@ fn fuse_product(model: &Model, uses: &Uses, j: usize) -> Option<ProductFusion> {
         node: p.clone(),
     };
 
-    let mut nodes = vec![dq_x_index];
+    // A data DequantizeLinear with other readers (a transformer's normalised hidden state
+    // feeds its query, key and value projections) is shared: planned for its other readers
+    // unless all of them are fused products too. The step then sits where the product was.
+    let mut nodes = Vec::new();
     let mut shared = Vec::new();
+    match sole_use(uses, x) {
+        true => nodes.push(dq_x_index),
+        false => shared.push((dq_x_index, x.to_string())),
+    }
     match sole_use(uses, p.input(1)?) {
         true => nodes.push(dq_w_index),
         false => shared.push((dq_w_index, p.input(1)?.to_string())),
@@ -327,7 +335,10 @@ fn fuse_product(model: &Model, uses: &Uses, j: usize) -> Option<ProductFusion> {
         Some(k) => shared.push((k, p.input(2)?.to_string())),
         None => {}
     }
-    nodes.push(j);
+    match nodes.first() == Some(&dq_x_index) {
+        true => nodes.push(j),
+        false => nodes.insert(0, j),
+    }
     nodes.extend(act);
     nodes.push(k);
     let mut label = vec!["DequantizeLinear", p.op_type.as_str()];
@@ -880,7 +891,72 @@ mod tests {
         assert_eq!(out[0].1, out[1].1);
     }
 
-    /// f32 weights (not quantized) and a data input with a second reader stay unfused.
+    /// One data DequantizeLinear read by two products (a transformer's query and key
+    /// projections): both fuse, and the DequantizeLinear is planned only while an unfused
+    /// reader needs its values.
+    #[test]
+    fn shared_data_fuses_into_every_product() {
+        let mut rng = Rng::new(8);
+        let (k, n) = (6, 4);
+        for extra_reader in [false, true] {
+            let mut nodes = vec![
+                node("DequantizeLinear", &["w", "ws"], "wf").with_attr("axis", Attr::Int(1)),
+                node("DequantizeLinear", &["x", "xs", "xz"], "xf"),
+                node("MatMul", &["xf", "wf"], "pa"),
+                node("MatMul", &["xf", "wf"], "pb"),
+                node("QuantizeLinear", &["pa", "ys", "yz"], "ya"),
+                node("QuantizeLinear", &["pb", "ys", "yz"], "yb"),
+            ];
+            let mut outputs = vec!["ya", "yb"];
+            if extra_reader {
+                nodes.push(node("Relu", &["xf"], "r"));
+                outputs.push("r");
+            }
+            let mut m = model(
+                &[2, k],
+                nodes,
+                [matmul_params(k, n, &mut rng), vec![("yz", scalar_u8(100))]].concat(),
+            );
+            m.graph.outputs = outputs
+                .iter()
+                .map(|&o| {
+                    let dtype = if o == "r" { DType::F32 } else { DType::U8 };
+                    ValueInfo::new(o, TypeInfo::unknown_shape(dtype))
+                })
+                .collect();
+            let x = u8s(vec![2, k], &mut rng);
+            let fused = Session::new(&m, &SessionOptions::default()).unwrap();
+            let product = "DequantizeLinear+MatMul+QuantizeLinear";
+            let want: Vec<&str> = match extra_reader {
+                false => vec![product, product],
+                true => vec!["DequantizeLinear", product, product, "Relu"],
+            };
+            assert_eq!(fused.step_labels(), want);
+            let got = fused.run(&[("x", x.clone())]).unwrap();
+            let plain = Session::new(
+                &m,
+                &SessionOptions {
+                    plan: PlanOptions::unfused(),
+                    ..SessionOptions::default()
+                },
+            )
+            .unwrap()
+            .run(&[("x", x)])
+            .unwrap();
+            assert_eq!(got.len(), plain.len());
+            // Codes within one step of the unfused f32 path; the Relu's values exact.
+            for ((name, a), (_, b)) in got.iter().zip(&plain) {
+                let (a, b) = (a.to_f32_vec(), b.to_f32_vec());
+                let tol = if name == "r" { 0.0 } else { 1.0 };
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| (p - q).abs() <= tol),
+                    "{name}"
+                );
+            }
+        }
+    }
+
+    /// f32 weights (not quantized) stay unfused.
     #[test]
     fn declines_what_it_cannot_run_on_codes() {
         let mut rng = Rng::new(5);
