@@ -105,7 +105,7 @@ impl QuantizeReport {
             "node", "op", "w SQNR", "in SQNR", "out SQNR", "before", "after"
         );
         for l in &self.layers {
-            let name: String = l.node.chars().take(name_w).collect();
+            let name = fit_name(&l.node, name_w);
             let _ = writeln!(
                 s,
                 "{name:<name_w$}  {:<6}  {:>8}  {:>7}  {:>7}  {:>10}  {:>10}  {}",
@@ -146,5 +146,30 @@ impl QuantizeReport {
             );
         }
         s
+    }
+}
+
+/// `name` in at most `width` characters: a longer one keeps its end, where node paths
+/// (`/m/encoder/layer.0/attention/self/query/MatMul`) differ, after a `…`.
+pub fn fit_name(name: &str, width: usize) -> String {
+    let n = name.chars().count();
+    if n <= width {
+        return name.to_string();
+    }
+    let tail: String = name.chars().skip(n + 1 - width.max(1)).collect();
+    format!("…{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_name;
+
+    #[test]
+    fn long_names_keep_their_distinctive_end() {
+        assert_eq!(fit_name("Conv.0", 10), "Conv.0");
+        let long = "/m/encoder/layer.0/attention/self/query/MatMul";
+        let short = fit_name(long, 20);
+        assert_eq!(short.chars().count(), 20);
+        assert_eq!(short, "…n/self/query/MatMul");
     }
 }

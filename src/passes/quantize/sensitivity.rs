@@ -218,7 +218,7 @@ pub fn sensitivity_table(rows: &[LayerSensitivity], samples: usize) -> String {
         "node", "op", "weights SQNR dB", "agreement", "layer SQNR dB", "agreement"
     );
     for r in rows {
-        let name: String = r.node.chars().take(w).collect();
+        let name = super::report::fit_name(&r.node, w);
         let _ = writeln!(
             s,
             "{name:<w$}  {:<7}  {:>15.1}  {:>10}  {:>15.1}  {:>10}",
