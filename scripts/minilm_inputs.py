@@ -56,10 +56,12 @@ def wordpiece(word, vocab):
     return pieces
 
 
-def main():
-    vocab_path, out = sys.argv[1:3]
-    sentences = sys.argv[3:] or DEFAULT
-    vocab = {w.rstrip("\n"): i for i, w in enumerate(open(vocab_path, encoding="utf-8"))}
+def read_vocab(path):
+    return {w.rstrip("\n"): i for i, w in enumerate(open(path, encoding="utf-8"))}
+
+
+def encode(sentences, vocab):
+    """The model's three inputs for `sentences`, padded to the longest."""
     ids = []
     for s in sentences:
         toks = ["[CLS]"] + [p for w in basic_tokens(s) for p in wordpiece(w, vocab)] + ["[SEP]"]
@@ -70,7 +72,12 @@ def main():
     for i, x in enumerate(ids):
         input_ids[i, : len(x)] = x
         mask[i, : len(x)] = 1
-    np.savez(out, input_ids=input_ids, attention_mask=mask, token_type_ids=np.zeros_like(input_ids))
+    return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+
+
+def main():
+    vocab_path, out = sys.argv[1:3]
+    np.savez(out, **encode(sys.argv[3:] or DEFAULT, read_vocab(vocab_path)))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from onnxruntime.quantization import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_inputs import basic_tokens, wordpiece  # noqa: E402
+from minilm_inputs import encode, read_vocab  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,20 +95,6 @@ EVALUATION = [
 ]
 
 
-def tokenize(sentences, vocab):
-    ids = []
-    for s in sentences:
-        toks = ["[CLS]"] + [p for w in basic_tokens(s) for p in wordpiece(w, vocab)] + ["[SEP]"]
-        ids.append([vocab[t] for t in toks])
-    width = max(len(x) for x in ids)
-    input_ids = np.zeros((len(ids), width), dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = x
-        mask[i, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
-
-
 class Reader(CalibrationDataReader):
     def __init__(self, feeds, batch=8):
         self.feeds, self.batch, self.i = feeds, batch, 0
@@ -161,10 +147,10 @@ def main():
     shared = Path(args.shared)
     model = shared / "models" / "minilm_l6_v2.onnx"
     vocab_path = shared / "models" / "minilm_l6_v2_tokenizer" / "vocab.txt"
-    vocab = {w.rstrip("\n"): i for i, w in enumerate(open(vocab_path, encoding="utf-8"))}
+    vocab = read_vocab(vocab_path)
     out = Path(args.out or tempfile.mkdtemp(prefix="lithe-minilm-"))
     out.mkdir(parents=True, exist_ok=True)
-    calib, test = tokenize(CALIBRATION, vocab), tokenize(EVALUATION, vocab)
+    calib, test = encode(CALIBRATION, vocab), encode(EVALUATION, vocab)
     np.savez(out / "calib.npz", **calib)
     ref = embed(model, test)
 

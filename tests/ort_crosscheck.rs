@@ -97,14 +97,7 @@ fn minilm_matches_onnx_runtime_on_sentences() {
     };
     let dir = tmp_dir("minilm-tokens");
     let tokens = dir.join("tokens.npz");
-    let ok = Command::new(&py)
-        .arg(repo().join("scripts/minilm_inputs.py"))
-        .arg(shared.join("models/minilm_l6_v2_tokenizer/vocab.txt"))
-        .arg(&tokens)
-        .status()
-        .expect("python runs")
-        .success();
-    assert!(ok, "tokenizer script failed");
+    common::minilm_tokens(&py, &shared, &tokens, &[]);
     let feeds = lithe::data::npz::read_npz(&tokens).expect("tokens");
     let model_path = shared.join("models/minilm_l6_v2.onnx");
     compare("minilm", &model_path, feeds.clone());

@@ -5,24 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{lithe, python, repo, shared, stderr, tmp_dir};
+use common::{lithe, minilm_tokens, python, shared, stderr, tmp_dir};
 use lithe::ir::Tensor;
 use lithe::runtime::{Session, SessionOptions};
-
-/// Tokenizes `sentences` (the script's own four when empty) into an .npz of model inputs.
-fn tokens(py: &str, shared: &Path, out: &Path, sentences: &[&str]) {
-    let ok = Command::new(py)
-        .arg(repo().join("scripts/minilm_inputs.py"))
-        .arg(shared.join("models/minilm_l6_v2_tokenizer/vocab.txt"))
-        .arg(out)
-        .args(sentences)
-        .status()
-        .expect("python runs")
-        .success();
-    assert!(ok, "tokenizer script failed");
-}
 
 /// Mask-weighted mean of the last hidden state per sentence, L2-normalised.
 fn embeddings(model: &Path, feeds: &[(String, Tensor)]) -> Vec<Vec<f32>> {
@@ -66,9 +52,9 @@ fn minilm_calibrates_on_named_inputs_and_keeps_its_embeddings() {
     };
     let dir = tmp_dir("quantize-minilm");
     let calib = dir.join("calib.npz");
-    tokens(&py, &shared, &calib, &[]);
+    minilm_tokens(&py, &shared, &calib, &[]);
     let test = dir.join("test.npz");
-    tokens(
+    minilm_tokens(
         &py,
         &shared,
         &test,

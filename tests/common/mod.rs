@@ -32,6 +32,20 @@ pub fn python() -> Option<String> {
     py
 }
 
+/// Tokenizes `sentences` for MiniLM (the script's own four when empty) into an .npz of its
+/// three inputs, with `scripts/minilm_inputs.py`.
+pub fn minilm_tokens(py: &str, shared: &Path, out: &Path, sentences: &[&str]) {
+    let ok = Command::new(py)
+        .arg(repo().join("scripts/minilm_inputs.py"))
+        .arg(shared.join("models/minilm_l6_v2_tokenizer/vocab.txt"))
+        .arg(out)
+        .args(sentences)
+        .status()
+        .expect("python runs")
+        .success();
+    assert!(ok, "tokenizer script failed");
+}
+
 /// A scratch folder unique to this test process, test crate and `tag`.
 pub fn tmp_dir(tag: &str) -> PathBuf {
     let krate = std::env::current_exe()
