@@ -337,6 +337,13 @@ impl Prepared {
                 "a fused 2x2 max pool needs a 2-D convolution",
             ));
         };
+        // As the MaxPool alone would say: a 2x2 window needs two rows and columns.
+        if let Some(short) = [oh, ow].into_iter().find(|&e| e < 2) {
+            return Err(node_error(
+                node,
+                format!("pool: padded input extent {short} is smaller than the window extent 2"),
+            ));
+        }
         let len = n * geom.c_out * (oh / 2) * (ow / 2);
         let (dims, err) = ([n, h, w], |e: crate::error::Error| {
             node_error(node, e.to_string())
@@ -564,7 +571,14 @@ mod tests {
             .unwrap()
             .expect("a plain 2x2 pool fuses");
         let feeds: Vec<Option<&Tensor>> = inputs.iter().map(|t| t.as_ref()).collect();
-        let got = kernel.run(&feeds, &mut RunCtx::default()).unwrap();
+        let ran = kernel.run(&feeds, &mut RunCtx::default());
+        if oh < 2 || ow < 2 {
+            // As the MaxPool alone: no 2x2 window fits.
+            let e = ran.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("smaller than the window extent 2"), "{c:?}: {e}");
+            return;
+        }
+        let got = ran.unwrap();
         let (ph, pw) = (oh / 2, ow / 2);
         let mut pooled = vec![0i64; c.n * c.c_out * ph * pw];
         for (p, o) in pooled.iter_mut().enumerate() {
@@ -729,6 +743,8 @@ mod tests {
         check(one_d, 9, false, false, true);
         // Many output pixels: several tasks per image.
         check(case(2, 3, 40, 3, 1, 1, 1), 10, false, false, true);
+        // One output row: the fused 2x2 pool has no window, an error as for the pool alone.
+        check(case(3, 4, 3, 3, 1, 0, 1), 11, false, false, true);
     }
 
     #[test]
