@@ -654,7 +654,7 @@ pub fn finite_min_max(data: &[f32], name: &str) -> Result<(f32, f32)> {
 /// single accumulator waits on the latency of `minps` each step and runs at a quarter of
 /// the load bandwidth); min and max are exact, so both routes give the same values (up to the
 /// sign of a zero extreme, which no range or scale depends on).
-pub(crate) fn min_max(data: &[f32]) -> (f32, f32) {
+pub fn min_max(data: &[f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if data.len() >= 64 && std::arch::is_x86_feature_detected!("avx") {
         // SAFETY: AVX was detected at run time.
