@@ -6,6 +6,8 @@ use super::engine::{matmul_rows, shift_i8_to_u8, IntConv, OutputStage};
 use super::params::{dtype_range, present, read_qparams, weights_as_i8};
 use super::prepared;
 use crate::error::Result;
+use std::sync::Arc;
+
 use crate::ir::{DType, Dim, Node, Tensor, TensorData, TypeInfo};
 use crate::kernels::conv::Conv2dGeom;
 use crate::kernels::qgemm::{float_scales, PackedB, WxElem};
@@ -60,7 +62,7 @@ fn infer_integer(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
 }
 
 struct Prepared {
-    b: Product,
+    b: Arc<Product>,
     a_zp: u8,
     a_signed: bool,
     stage: OutputStage,
@@ -200,7 +202,7 @@ fn prepare_qlinear(
         bias: None,
     };
     Ok(Prepared {
-        b: prepare_product(node, b, &bp.zero_points, &stage)?,
+        b: Arc::new(prepare_product(node, b, &bp.zero_points, &stage)?),
         a_zp,
         a_signed,
         stage,
@@ -208,41 +210,76 @@ fn prepare_qlinear(
     })
 }
 
-fn prepare_integer(
-    node: &Node,
-    a_dtype: DType,
-    b: &Tensor,
-    a_zp: Option<&Tensor>,
-    b_zp: Option<&Tensor>,
-) -> Result<Prepared> {
-    let za = match a_zp {
-        None => 0,
-        Some(z) if z.numel() == 1 => z.to_i64_vec()?[0] as i32,
-        Some(_) => {
-            return Err(node_error(
-                node,
-                "only a per-tensor A zero point is supported",
-            ))
-        }
-    };
+/// A's zero point as `MatMulInteger` gives it: absent (0) or one value.
+fn integer_a_zero_point(node: &Node, a_zp: Option<&Tensor>) -> Result<i32> {
+    match a_zp {
+        None => Ok(0),
+        Some(z) if z.numel() == 1 => Ok(z.to_i64_vec()?[0] as i32),
+        Some(_) => Err(node_error(
+            node,
+            "only a per-tensor A zero point is supported",
+        )),
+    }
+}
+
+/// B and its zero points packed for `MatMulInteger`.
+fn integer_product(node: &Node, b: &Tensor, b_zp: Option<&Tensor>) -> Result<Product> {
     let zb: Vec<i32> = match b_zp {
         None => vec![0],
         Some(z) => z.to_i64_vec()?.into_iter().map(|v| v as i32).collect(),
     };
-    let (a_zp, a_signed) = a_zero_point(node, za, a_dtype)?;
-    Ok(Prepared {
-        b: prepare_product(node, b, &zb, &OutputStage::Int32)?,
-        a_zp,
-        a_signed,
-        stage: OutputStage::Int32,
-        out_dtype: DType::I32,
-    })
+    prepare_product(node, b, &zb, &OutputStage::Int32)
+}
+
+/// `MatMulInteger`. A's zero point is often computed (by the `DynamicQuantizeLinear` before
+/// it), so B is packed once whenever B and its zero points are constants, and A's zero point
+/// is read on every run.
+struct MatMulInteger {
+    node: Node,
+    b: Option<Arc<Product>>,
+}
+
+fn compile_integer(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
+    let node = ctx.node;
+    let b_zp_constant = node.input(3).is_none() || ctx.constant(3).is_some();
+    let b = match (ctx.constant(1), b_zp_constant) {
+        (Some(b), true) => Some(Arc::new(integer_product(node, b, ctx.constant(3))?)),
+        _ => None,
+    };
+    Ok(Box::new(MatMulInteger {
+        node: node.clone(),
+        b,
+    }))
+}
+
+impl Kernel for MatMulInteger {
+    fn run(&self, inputs: &[Option<&Tensor>], _ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        let a = required(inputs, 0)?;
+        let b = match &self.b {
+            Some(b) => b.clone(),
+            None => Arc::new(integer_product(
+                &self.node,
+                required(inputs, 1)?,
+                present(inputs, 3),
+            )?),
+        };
+        let za = integer_a_zero_point(&self.node, present(inputs, 2))?;
+        let (a_zp, a_signed) = a_zero_point(&self.node, za, a.dtype())?;
+        let p = Prepared {
+            b,
+            a_zp,
+            a_signed,
+            stage: OutputStage::Int32,
+            out_dtype: DType::I32,
+        };
+        Ok(vec![p.run(&self.node, a)?])
+    }
 }
 
 impl Prepared {
     /// `out = A B` (requantized or i32) for `m` rows of A.
     fn product<T: QStore + WxElem>(&self, a: &[u8], m: usize, out: &mut [T]) -> Result<()> {
-        match &self.b {
+        match self.b.as_ref() {
             Product::Conv { conv, .. } => conv.run(a, self.a_zp, [m, 1, 1], [0; 4], out),
             Product::Rows(b) => matmul_rows(a, m, self.a_zp, b, &self.stage, out),
         }
@@ -312,18 +349,6 @@ fn compile_qlinear(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
             present(inputs, 5),
             required(inputs, 6)?,
             present(inputs, 7),
-        )
-    })
-}
-
-fn compile_integer(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    prepared::compile(ctx, true, |node, dtype, inputs| {
-        prepare_integer(
-            node,
-            dtype,
-            required(inputs, 1)?,
-            present(inputs, 2),
-            present(inputs, 3),
         )
     })
 }
@@ -438,6 +463,46 @@ mod tests {
             )
             .unwrap();
             assert_eq!(out[0].data(), &TensorData::I32(want), "m = {m}");
+        }
+    }
+
+    /// `DynamicQuantizeLinear -> MatMulInteger`: A's zero point arrives with A on every run
+    /// while B is a constant, packed once.
+    #[test]
+    fn a_zero_point_computed_at_run_time() {
+        use crate::ir::Node;
+        use crate::ops::{CompileCtx, RunCtx};
+        let (m, k, n) = (5, 9, 4);
+        let a: Vec<u8> = (0..m * k).map(|i| (i * 37 % 256) as u8).collect();
+        let b: Vec<i8> = (0..k * n).map(|i| (i * 11 % 255) as i8).collect();
+        let names = ["a", "b", "az"].map(String::from).to_vec();
+        let node = Node::new("mm", "MatMulInteger", names, vec!["y".into()]);
+        let bt = Tensor::new(vec![k, n], TensorData::I8(b.clone())).unwrap();
+        let ctx = CompileCtx {
+            node: &node,
+            opset: 13,
+            input_types: vec![None; 3],
+            constants: vec![None, Some(&bt), None],
+            fused_activation: None,
+        };
+        let kernel = super::compile_integer(&ctx).unwrap();
+        for za in [0u8, 3, 200] {
+            let want: Vec<i32> = (0..m * n)
+                .map(|idx| {
+                    let (i, j) = (idx / n, idx % n);
+                    (0..k)
+                        .map(|t| {
+                            (i32::from(a[i * k + t]) - i32::from(za)) * i32::from(b[t * n + j])
+                        })
+                        .sum()
+                })
+                .collect();
+            let at = Tensor::new(vec![m, k], TensorData::U8(a.clone())).unwrap();
+            let zt = Tensor::new(vec![], TensorData::U8(vec![za])).unwrap();
+            let out = kernel
+                .run(&[Some(&at), None, Some(&zt)], &mut RunCtx::default())
+                .unwrap();
+            assert_eq!(out[0].data(), &TensorData::I32(want), "zero point {za}");
         }
     }
 }
