@@ -7,7 +7,7 @@ pub use crate::kernels::activation::Activation;
 
 use super::{node_error, required, CompileCtx, InferCtx, Kernel, OpDef, RunCtx};
 use crate::error::Result;
-use crate::ir::{DType, Tensor, TypeInfo};
+use crate::ir::{Tensor, TypeInfo};
 
 /// Output has the input's type and shape.
 pub fn infer_same_as_first(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
@@ -86,14 +86,7 @@ impl Kernel for DynamicClip {
 }
 
 fn compile(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    if let Some(t) = ctx.input_type(0) {
-        if t.dtype != DType::F32 {
-            return Err(node_error(
-                ctx.node,
-                format!("only f32 input is supported, got {}", t.dtype),
-            ));
-        }
-    }
+    crate::ops::require_f32_input(ctx)?;
     match activation_of(ctx)? {
         Some(act) => Ok(Box::new(ActivationKernel(act))),
         None => Ok(Box::new(DynamicClip)),

@@ -4,7 +4,7 @@
 //! and quantized forward beside the f32 forward of each family.
 
 use crate::error::{Error, Result};
-use crate::ir::{Node, Tensor, TypeInfo};
+use crate::ir::{DType, Node, Tensor, TypeInfo};
 
 pub mod activation;
 pub mod broadcast;
@@ -259,6 +259,18 @@ pub fn node_error(node: &Node, msg: impl Into<String>) -> Error {
         node: node.display_name(),
         op_type: node.op_type.clone(),
         msg: msg.into(),
+    }
+}
+
+/// An error when shape inference knows the data input (entry 0) is not f32: for the ops that
+/// only have an f32 kernel.
+pub fn require_f32_input(ctx: &CompileCtx) -> Result<()> {
+    match ctx.input_type(0) {
+        Some(t) if t.dtype != DType::F32 => Err(node_error(
+            ctx.node,
+            format!("only f32 input is supported, got {}", t.dtype),
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -32,14 +32,7 @@ fn infer(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
 }
 
 fn compile(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
-    if let Some(t) = ctx.input_type(0) {
-        if t.dtype != DType::F32 {
-            return Err(node_error(
-                ctx.node,
-                format!("only f32 input is supported, got {}", t.dtype),
-            ));
-        }
-    }
+    crate::ops::require_f32_input(ctx)?;
     Ok(Box::new(DynamicQuantize {
         node: ctx.node.clone(),
     }))

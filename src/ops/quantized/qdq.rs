@@ -159,14 +159,7 @@ fn compile_quantize(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
         .map(|t| t.dtype)
         .or_else(|| ctx.constant(2).map(Tensor::dtype));
     let out_dtype = quantize_output_dtype(ctx.node, zp_type)?;
-    if let Some(t) = ctx.input_type(0) {
-        if t.dtype != DType::F32 {
-            return Err(node_error(
-                ctx.node,
-                format!("only f32 input is supported, got {}", t.dtype),
-            ));
-        }
-    }
+    crate::ops::require_f32_input(ctx)?;
     Ok(Box::new(QuantizeKernel {
         src: ParamSource::new(ctx, Some(out_dtype))?,
         out_dtype,
