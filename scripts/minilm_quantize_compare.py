@@ -160,7 +160,9 @@ def main():
         label = method + (f", {len(exclude)} FFN outputs f32" if exclude else "")
         dst = out / f"lithe_{method.split('=')[0]}{'_ex' if exclude else ''}.onnx"
         cmd = [args.lithe, "quantize", str(model), "-o", str(dst), "-q", "--no-activation-sqnr",
-               "--calib", str(out / "calib.npz"), "--activations", method, "--batch", "8"]
+               "--activations", method]
+        if method != "dynamic":
+            cmd += ["--calib", str(out / "calib.npz"), "--batch", "8"]
         for node in exclude:
             cmd += ["--exclude", node]
 
@@ -196,6 +198,7 @@ def main():
     ffn_out = [f"/m/encoder/layer.{i}/output/dense/MatMul" for i in range(6)]
     for m in ("minmax", "mse"):
         lithe(m, ffn_out)
+    lithe("dynamic")
 
     n = len(EVALUATION)
     print(f"f32 model {model.stat().st_size / 2**20:.1f} MiB; {n} evaluation sentences, "

@@ -131,3 +131,37 @@ fn minilm_calibrates_on_named_inputs_and_keeps_its_embeddings() {
         "{err}"
     );
 }
+
+/// `--activations dynamic` needs no calibration data and keeps the embeddings as ONNX
+/// Runtime's `quantize_dynamic` does, with every projection quantized.
+#[test]
+fn minilm_dynamic_activations_need_no_calibration() {
+    let (Some(shared), Some(py)) = (shared(), python()) else {
+        eprintln!("skipped: needs ../shared and LITHE_PYTHON");
+        return;
+    };
+    let dir = tmp_dir("quantize-minilm-dynamic");
+    let test = dir.join("test.npz");
+    minilm_tokens(&py, &shared, &test, &[]);
+    let model = shared.join("models/minilm_l6_v2.onnx");
+    let out = dir.join("minilm_dynamic.onnx");
+    let o = lithe(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-q",
+        "--activations",
+        "dynamic",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let size = |p: &Path| std::fs::metadata(p).expect("size").len() as f64;
+    assert!(size(&out) / size(&model) < 0.3);
+    let feeds = lithe::data::npz::read_npz(&test).expect("tokens");
+    let (want, got) = (embeddings(&model, &feeds), embeddings(&out, &feeds));
+    for (s, (a, b)) in want.iter().zip(&got).enumerate() {
+        let cos: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        println!("dynamic, sentence {s}: cos(f32, int8) = {cos:.4}");
+        assert!(cos > 0.985, "sentence {s}: cosine {cos}");
+    }
+}

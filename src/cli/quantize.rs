@@ -43,7 +43,8 @@ pub struct Args {
     /// Bits for activations only (overrides --bits).
     #[arg(long)]
     activation_bits: Option<u32>,
-    /// Activation ranges: kl (entropy), minmax, percentile=P, mse, sigma=K, or none (f32).
+    /// Activation ranges: kl (entropy), minmax, percentile=P, mse, sigma=K, none (f32), or
+    /// dynamic (from each batch at run time: DynamicQuantizeLinear -> MatMulInteger, no calibration).
     /// Default: kl at 8 bits and above, mse below (KL's threshold search is TensorRT's
     /// 128-level method; with 3-6 bit grids it clips far too hard).
     #[arg(long)]
@@ -204,7 +205,11 @@ pub fn run(args: Args) -> Result<()> {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "mnist".to_string());
-    let source = if config.activations == ActivationCalib::None && args.sensitivity.is_none() {
+    let uncalibrated = matches!(
+        config.activations,
+        ActivationCalib::None | ActivationCalib::Dynamic
+    );
+    let source = if uncalibrated && args.sensitivity.is_none() && !args.qat.qat {
         None
     } else {
         Some(

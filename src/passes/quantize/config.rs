@@ -66,6 +66,9 @@ pub enum ActivationCalib {
     Sigma(f32),
     /// Activations stay f32 (weight-only quantization).
     None,
+    /// Ranges taken at run time from each batch (`DynamicQuantizeLinear -> MatMulInteger`,
+    /// as ONNX Runtime's `quantize_dynamic` writes): no calibration.
+    Dynamic,
 }
 
 impl FromStr for ActivationCalib {
@@ -88,11 +91,12 @@ impl FromStr for ActivationCalib {
             "minmax" | "max" => ActivationCalib::MinMax,
             "mse" => ActivationCalib::Mse,
             "none" | "f32" => ActivationCalib::None,
+            "dynamic" => ActivationCalib::Dynamic,
             "percentile" | "pct" => ActivationCalib::Percentile(num("percentile")?),
             "sigma" | "std" => ActivationCalib::Sigma(num("sigma")? as f32),
             _ => {
                 return Err(Error::Data(format!(
-                    "unknown activation calibration '{s}' (expected kl, minmax, percentile=P, mse, sigma=K or none)"
+                    "unknown activation calibration '{s}' (expected kl, minmax, percentile=P, mse, sigma=K, none or dynamic)"
                 )))
             }
         };
@@ -124,6 +128,7 @@ impl fmt::Display for ActivationCalib {
             ActivationCalib::Mse => f.write_str("mse"),
             ActivationCalib::Sigma(k) => write!(f, "sigma={k}"),
             ActivationCalib::None => f.write_str("none"),
+            ActivationCalib::Dynamic => f.write_str("dynamic"),
         }
     }
 }
@@ -213,6 +218,19 @@ impl QuantizeConfig {
             }
         }
         self.activations.validate()?;
+        if self.activations == ActivationCalib::Dynamic {
+            if !matches!(self.scheme, WeightScheme::Linear | WeightScheme::Fixed) {
+                return Err(Error::Data(format!(
+                    "dynamic activations multiply integer weights; the {} scheme has none (use --scheme linear or fixed)",
+                    self.scheme
+                )));
+            }
+            if self.format == QuantFormat::QOperator || self.activation_bits != 8 {
+                return Err(Error::Data(
+                    "dynamic activations are 8-bit and written in their own form (DynamicQuantizeLinear -> MatMulInteger): drop --format qop and --activation-bits".into(),
+                ));
+            }
+        }
         if self.format == QuantFormat::QOperator {
             if matches!(self.scheme, WeightScheme::Log | WeightScheme::Kmeans) {
                 return Err(Error::Data(format!(

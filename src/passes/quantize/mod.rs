@@ -14,6 +14,7 @@
 
 mod calibrate;
 mod config;
+mod dynamic_form;
 mod edit;
 mod embedding;
 mod plan;
@@ -173,7 +174,9 @@ fn quantize_impl(
         .collect::<Result<_>>()?;
 
     // Activations.
-    let quantize_acts = config.activations != ActivationCalib::None && !plan.targets.is_empty();
+    let dynamic = config.activations == ActivationCalib::Dynamic;
+    let quantize_acts =
+        config.activations != ActivationCalib::None && !dynamic && !plan.targets.is_empty();
     let mut acts: BTreeMap<String, ActParams> = BTreeMap::new();
     let mut act_sqnr: BTreeMap<String, f64> = BTreeMap::new();
     let mut samples = 0;
@@ -235,6 +238,7 @@ fn quantize_impl(
     };
 
     let mut out = match config.format {
+        _ if dynamic => dynamic_form::build(&simple, &plan, &weights)?,
         QuantFormat::Qdq => qdq::build(&simple, &plan, &acts, &weights)?,
         QuantFormat::QOperator => {
             qop::build(&simple, &plan, &acts, &weights, config.lookup_tables)?
