@@ -320,11 +320,11 @@ fn fuse_product(model: &Model, uses: &Uses, j: usize) -> Option<ProductFusion> {
     // A data DequantizeLinear with other readers (a transformer's normalised hidden state
     // feeds its query, key and value projections) is shared: planned for its other readers
     // unless all of them are fused products too. The step then sits where the product was.
-    let mut nodes = Vec::new();
+    let data_shared = !sole_use(uses, x);
+    let mut nodes = vec![if data_shared { j } else { dq_x_index }];
     let mut shared = Vec::new();
-    match sole_use(uses, x) {
-        true => nodes.push(dq_x_index),
-        false => shared.push((dq_x_index, x.to_string())),
+    if data_shared {
+        shared.push((dq_x_index, x.to_string()));
     }
     match sole_use(uses, p.input(1)?) {
         true => nodes.push(dq_w_index),
@@ -335,9 +335,8 @@ fn fuse_product(model: &Model, uses: &Uses, j: usize) -> Option<ProductFusion> {
         Some(k) => shared.push((k, p.input(2)?.to_string())),
         None => {}
     }
-    match nodes.first() == Some(&dq_x_index) {
-        true => nodes.push(j),
-        false => nodes.insert(0, j),
+    if !data_shared {
+        nodes.push(j);
     }
     nodes.extend(act);
     nodes.push(k);
