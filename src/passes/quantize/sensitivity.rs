@@ -61,22 +61,27 @@ fn top1(scores: &[f32], classes: usize) -> Vec<usize> {
 /// Samples per run: bounds the activation memory of large models.
 const CHUNK: usize = 32;
 
-/// Runs `model` on the first `n` samples of `source` (feeding `inputs`), in chunks; returns
-/// each output's values in graph order, and whether the first output is a [N, classes] matrix.
-fn outputs(
-    model: &Model,
-    source: &dyn BatchSource,
-    inputs: &[String],
-    n: usize,
-) -> Result<(Vec<Vec<f32>>, bool)> {
+/// The feeds of the first `n` samples of `source` (see [`calibrate::fed_inputs`]), in chunks
+/// of [`CHUNK`]: read once, and run through every single-layer model.
+type Chunks = Vec<Vec<(String, Tensor)>>;
+
+fn read_chunks(source: &dyn BatchSource, inputs: &[String], n: usize) -> Result<Chunks> {
+    (0..n)
+        .step_by(CHUNK)
+        .map(|start| calibrate::read_feeds(source, inputs, start, CHUNK.min(n - start)))
+        .collect()
+}
+
+/// Runs `model` on `chunks`; returns each output's values in graph order, and whether the
+/// first output is a [N, classes] matrix.
+fn outputs(model: &Model, chunks: &Chunks) -> Result<(Vec<Vec<f32>>, bool)> {
     let (simple, _) = crate::passes::simplify(model)?;
     let session = Session::new(&simple, &SessionOptions::default())?;
     let mut out: Vec<Vec<f32>> = Vec::new();
     let mut classes = true;
-    for start in (0..n).step_by(CHUNK) {
-        let owned = calibrate::read_feeds(source, inputs, start, CHUNK.min(n - start))?;
+    for chunk in chunks {
         let feeds: Vec<(&str, Tensor)> =
-            owned.iter().map(|(k, x)| (k.as_str(), x.clone())).collect();
+            chunk.iter().map(|(k, x)| (k.as_str(), x.clone())).collect();
         let got = session.run(&feeds)?;
         classes &= got.first().is_some_and(|(_, t)| t.rank() == 2);
         out.resize_with(got.len(), Vec::new);
@@ -139,16 +144,12 @@ pub fn sensitivity(
         .iter()
         .map(|v| v.name.as_str())
         .collect();
-    let inputs = calibrate::fed_inputs(&wanted, calib)?;
-    let (reference, classes) = outputs(&simple, calib, &inputs, n)?;
+    let chunks = read_chunks(calib, &calibrate::fed_inputs(&wanted, calib)?, n)?;
+    let (reference, classes) = outputs(&simple, &chunks)?;
     // Top-1 agreement only means something for class scores, one row per sample.
     let rows_of_scores = if classes { n } else { 0 };
     let run = |m: &Model| -> Result<(f64, Option<f64>)> {
-        Ok(compare(
-            &reference,
-            &outputs(m, calib, &inputs, n)?.0,
-            rows_of_scores,
-        ))
+        Ok(compare(&reference, &outputs(m, &chunks)?.0, rows_of_scores))
     };
     let names: Vec<String> = full.targets.iter().map(|t| t.name.clone()).collect();
     let mut rows = Vec::new();
