@@ -5,7 +5,7 @@
 //! scales) [-> Add(bias)]`. No calibration, and no activation range that outliers can stretch
 //! (a transformer's GELU output). Other targets (Conv) get their weights quantized only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::edit::{add_init, node, zero_point_tensor};
 use super::plan::Plan;
@@ -22,7 +22,7 @@ pub fn build(
     let mut out = model.clone();
     let g = &mut out.graph;
     let mut added = Vec::new();
-    let mut replaced = Vec::new();
+    let mut replaced = HashSet::new();
     // One DynamicQuantizeLinear per input, however many products read it (a transformer's
     // query, key and value projections).
     let mut quantized_inputs = HashMap::new();
@@ -30,31 +30,23 @@ pub fn build(
         let Some(enc) = weights.get(&t.name) else {
             continue;
         };
-        let rows_of = |trans_b: bool| -> Option<bool> {
-            match t.op.as_str() {
-                "MatMul" => Some(false),
-                "Gemm" => Some(trans_b),
-                _ => None,
-            }
-        };
-        let trans_b = g.nodes[t.node].attr_int_or("transB", 0)? != 0;
-        match (rows_of(trans_b), &enc.enc) {
-            (
-                Some(n_major),
-                Encoded::Linear {
-                    codes,
-                    scales,
-                    zero_points,
-                    ..
-                },
-            ) if zero_points.iter().all(|&z| z == 0) => {
+        let product = matches!(t.op.as_str(), "MatMul" | "Gemm");
+        match &enc.enc {
+            Encoded::Linear {
+                codes,
+                scales,
+                zero_points,
+                ..
+            } if product && zero_points.iter().all(|&z| z == 0) => {
+                // A Gemm with transB stores its weight [N, K]: output channels on axis 0.
+                let n_major = t.weight_axis == 0;
                 added.extend(integer_product(
                     g,
                     t,
                     (codes, scales, n_major),
                     &mut quantized_inputs,
                 )?);
-                replaced.push(t.node);
+                replaced.insert(t.node);
             }
             _ => {
                 if g.initializers.contains_key(&t.weight) {
@@ -63,11 +55,12 @@ pub fn build(
             }
         }
     }
-    let mut index = 0;
-    g.nodes.retain(|_| {
-        index += 1;
-        !replaced.contains(&(index - 1))
-    });
+    g.nodes = std::mem::take(&mut g.nodes)
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !replaced.contains(i))
+        .map(|(_, n)| n)
+        .collect();
     g.nodes.extend(added);
     g.topo_sort()?;
     g.prune_unused_initializers();
@@ -76,8 +69,7 @@ pub fn build(
 
 /// The nodes that replace target `t` (a MatMul, or a Gemm with `[N, K]` weights when
 /// `n_major`), writing its output.
-/// Codes, scales and quantized inputs as [`build`] keeps them: `(codes, scale, zero point)`
-/// names of each input already quantized.
+/// The `(codes, scale, zero point)` names of each input already quantized.
 type QuantizedInputs = HashMap<String, [String; 3]>;
 
 fn integer_product(
