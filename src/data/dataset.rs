@@ -801,13 +801,9 @@ impl Samples {
     /// Samples `s .. e` (in range), `per` elements each.
     fn read(&self, s: usize, e: usize, per: usize) -> Result<TensorData> {
         match self {
-            Samples::Memory(t) => match t.data() {
-                TensorData::F32(v) => Ok(TensorData::F32(v[s * per..e * per].to_vec())),
-                TensorData::U8(v) => Ok(TensorData::U8(v[s * per..e * per].to_vec())),
-                other => Err(Error::Data(format!(
-                    "unexpected array type {}",
-                    other.dtype()
-                ))),
+            Samples::Memory(t) => match t.dtype() {
+                DType::F32 | DType::U8 => Ok(t.rows(s, e)?.into_data()),
+                other => Err(Error::Data(format!("unexpected array type {other}"))),
             },
             Samples::File { path, file, array } => {
                 let size = array.dtype.size_of();
