@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use super::calibrate::{self, CalibProgress, Observing};
 use super::config::{ActivationCalib, QuantFormat, QuantizeConfig};
-use super::plan;
 use super::quantize_with_ranges;
+use super::{embedding, plan};
 use crate::data::dataset::BatchSource;
 use crate::error::{Error, Result};
 use crate::ir::{Model, Tensor};
@@ -110,8 +110,9 @@ fn compare(want: &[Vec<f32>], got: &[Vec<f32>], samples: usize) -> (f64, Option<
     (sqnr_db(&w, &g), agreement)
 }
 
-/// Ranks the layers `config` would quantize by how much each alone degrades the output, on
-/// the first `samples` samples of `calib` (most sensitive first). `config.exclude` is honoured.
+/// Ranks the layers `config` would quantize (embedding tables included) by how much each
+/// alone degrades the output, on the first `samples` samples of `calib` (most sensitive
+/// first). `config.exclude` is honoured.
 pub fn sensitivity(
     model: &Model,
     calib: &dyn BatchSource,
@@ -151,12 +152,28 @@ pub fn sensitivity(
     let run = |m: &Model| -> Result<(f64, Option<f64>)> {
         Ok(compare(&reference, &outputs(m, &chunks)?.0, rows_of_scores))
     };
-    let names: Vec<String> = full.targets.iter().map(|t| t.name.clone()).collect();
+    // Embedding tables are layers too: each is ranked on its own, and every other
+    // single-layer model keeps them f32 so its row carries only its own layer's error.
+    let tables = embedding::find(&simple.graph, &config.exclude)?;
+    let layers: Vec<(String, String)> = full
+        .targets
+        .iter()
+        .map(|t| (t.name.clone(), t.op.clone()))
+        .chain(
+            tables
+                .iter()
+                .map(|t| (t.name.clone(), "Gather".to_string())),
+        )
+        .collect();
     let mut rows = Vec::new();
-    for (k, t) in full.targets.iter().enumerate() {
-        let others: Vec<String> = names.iter().filter(|n| **n != t.name).cloned().collect();
+    for (k, (name, op)) in layers.iter().enumerate() {
         let mut exclude = config.exclude.clone();
-        exclude.extend(others);
+        exclude.extend(
+            layers
+                .iter()
+                .filter(|(n, _)| n != name)
+                .map(|(n, _)| n.clone()),
+        );
         let alone = QuantizeConfig {
             exclude,
             measure_activation_sqnr: false,
@@ -170,15 +187,17 @@ pub fn sensitivity(
         let empty = BTreeMap::new();
         let (qw, _) = quantize_with_ranges(&simple, None, &weights_only, &empty, &mut |_| {})?;
         let (weights_sqnr_db, weights_agreement) = run(&qw)?;
-        let (layer_sqnr_db, layer_agreement) = if quantize_acts {
+        // A table has no activations of its own: quantizing it is the whole layer.
+        let is_table = k >= full.targets.len();
+        let (layer_sqnr_db, layer_agreement) = if quantize_acts && !is_table {
             let (ql, _) = quantize_with_ranges(&simple, None, &alone, &ranges, &mut |_| {})?;
             run(&ql)?
         } else {
             (weights_sqnr_db, weights_agreement)
         };
         rows.push(LayerSensitivity {
-            node: t.name.clone(),
-            op: t.op.clone(),
+            node: name.clone(),
+            op: op.clone(),
             weights_sqnr_db,
             layer_sqnr_db,
             weights_agreement,
@@ -187,7 +206,7 @@ pub fn sensitivity(
         progress(CalibProgress {
             phase: "sensitivity",
             done: k + 1,
-            total: full.targets.len(),
+            total: layers.len(),
         });
     }
     rows.sort_by(|a, b| a.layer_sqnr_db.total_cmp(&b.layer_sqnr_db));
@@ -244,6 +263,76 @@ pub fn sensitivity_table(rows: &[LayerSensitivity], samples: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::dataset::TensorSource;
+    use crate::ir::{Attr, DType, Graph, Node, TypeInfo, ValueInfo};
+
+    /// `y = Gather(table, Cast(ids)) x w`: a [128, 64] embedding table of arbitrary values
+    /// and a [64, 8] weight every column of which sits exactly on its own int8 grid (values
+    /// k/128 with |k| <= 127 and one |k| = 127 per column), so quantizing `w` alone is exact.
+    fn embed_then_project() -> Model {
+        let table = (0..128 * 64)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1 + i / 64) as f32)
+            .collect();
+        let w = (0..64 * 8)
+            .map(|i| match i / 8 {
+                0 => 127.0 / 128.0,
+                r => ((r * 31 + i % 8 * 17) % 255) as f32 / 128.0 - 127.0 / 128.0,
+            })
+            .collect();
+        let mut cast = Node::new("to_ids", "Cast", vec!["x".into()], vec!["ids".into()]);
+        cast.attrs
+            .insert("to".into(), Attr::Int(DType::I64.onnx_code() as i64));
+        let mut graph = Graph {
+            inputs: vec![ValueInfo::new("x", TypeInfo::unknown_shape(DType::F32))],
+            outputs: vec![ValueInfo::new("y", TypeInfo::unknown_shape(DType::F32))],
+            nodes: vec![
+                cast,
+                Node::new(
+                    "embed",
+                    "Gather",
+                    vec!["table".into(), "ids".into()],
+                    vec!["e".into()],
+                ),
+                Node::new(
+                    "project",
+                    "MatMul",
+                    vec!["e".into(), "w".into()],
+                    vec!["y".into()],
+                ),
+            ],
+            ..Graph::default()
+        };
+        graph.initializers.insert(
+            "table".into(),
+            Tensor::from_f32(vec![128, 64], table).unwrap(),
+        );
+        graph
+            .initializers
+            .insert("w".into(), Tensor::from_f32(vec![64, 8], w).unwrap());
+        Model::new(graph, 13)
+    }
+
+    #[test]
+    fn embedding_tables_get_their_own_row_and_stay_f32_in_the_others() {
+        let ids = (0..40).map(|i| (i * 37 % 128) as f32).collect();
+        let x = Tensor::from_f32(vec![10, 4], ids).unwrap();
+        let source = TensorSource::new("ids", x, None).unwrap();
+        let config = QuantizeConfig {
+            activations: ActivationCalib::None,
+            threads: 1,
+            ..QuantizeConfig::default()
+        };
+        let rows = sensitivity(&embed_then_project(), &source, &config, 10, &mut |_| {}).unwrap();
+        let row = |name: &str| rows.iter().find(|r| r.node == name).expect(name);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(row("embed").op, "Gather");
+        let table_db = row("embed").weights_sqnr_db;
+        assert!(table_db.is_finite() && table_db < 60.0, "{table_db}");
+        // The projection's row measures its own (exact) weights, not the table's error.
+        let project_db = row("project").weights_sqnr_db;
+        assert!(project_db > table_db + 40.0, "{project_db} vs {table_db}");
+        assert_eq!(rows[0].node, "embed", "most sensitive first");
+    }
 
     #[test]
     fn compare_scores_sqnr_and_agreement_per_sample() {
