@@ -99,16 +99,24 @@ impl QuantizeReport {
             .max()
             .unwrap_or(4)
             .clamp(4, 40);
+        // Fused labels ("Conv+Relu") are wider than plain op names.
+        let op_w = self
+            .layers
+            .iter()
+            .map(|l| l.op.len())
+            .max()
+            .unwrap_or(2)
+            .max(2);
         let _ = writeln!(
             s,
-            "{:<name_w$}  {:<6}  {:>8}  {:>7}  {:>7}  {:>10}  {:>10}  params",
+            "{:<name_w$}  {:<op_w$}  {:>8}  {:>7}  {:>7}  {:>10}  {:>10}  params",
             "node", "op", "w SQNR", "in SQNR", "out SQNR", "before", "after"
         );
         for l in &self.layers {
             let name = fit_name(&l.node, name_w);
             let _ = writeln!(
                 s,
-                "{name:<name_w$}  {:<6}  {:>8}  {:>7}  {:>7}  {:>10}  {:>10}  {}",
+                "{name:<name_w$}  {:<op_w$}  {:>8}  {:>7}  {:>7}  {:>10}  {:>10}  {}",
                 l.op,
                 db(Some(l.weight_sqnr_db)),
                 db(l.input_sqnr_db),
