@@ -65,8 +65,10 @@ pub struct Args {
     /// Evaluate top-1 before and after on this labelled data set.
     #[arg(long)]
     eval: Option<String>,
+    /// Split of a named evaluation set
     #[arg(long, default_value = "test")]
     eval_split: String,
+    /// Evaluate on the first N samples only (default: all)
     #[arg(long)]
     eval_limit: Option<usize>,
     /// Preprocessing (default: the model's metadata, else the data set's convention).
