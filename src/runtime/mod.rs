@@ -1,6 +1,7 @@
 //! Executes an IR graph on the CPU.
 
 pub mod plan;
+mod pointwise;
 pub mod qdq_products;
 pub mod qfuse;
 pub mod session;

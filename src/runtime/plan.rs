@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{qdq_products, qfuse};
+use super::{pointwise, qdq_products, qfuse};
 use crate::error::{Error, Result};
 use crate::ir::{Model, Node, Tensor, TypeInfo};
 use crate::ops::{self, activation::activation_of, CompileCtx, Kernel};
@@ -39,8 +39,9 @@ pub struct Plan {
 #[derive(Clone, Debug)]
 pub struct PlanOptions {
     /// Fold a lone following activation into Conv/Gemm/MatMul epilogues, and a pooling node
-    /// that alone reads a Conv's (activated) output into the Conv's step. Either way the
-    /// intermediate value is never materialised (nor shown to observers).
+    /// that alone reads a Conv's (activated) output into the Conv's step; run chains of
+    /// pointwise arithmetic (a bias add and GELU, say) as one step (see [`super::pointwise`]).
+    /// Either way the intermediate values are never materialised (nor shown to observers).
     pub fuse_activations: bool,
     /// Run a `DequantizeLinear -> f32 ops -> QuantizeLinear` chain on 8-bit codes in one step
     /// (a code table, after max pooling of the codes when the chain starts with MaxPool), with
@@ -174,6 +175,29 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
                     kernel: f.kernel,
                     inputs: vec![Some(slots.get_or_add(&node.inputs[0]))],
                     outputs: vec![slots.get_or_add(&last.outputs[0])],
+                    release_after: Vec::new(),
+                    owned_input: None,
+                });
+                continue;
+            }
+        }
+        if options.fuse_activations {
+            let uses = qfuse::Uses {
+                readers: &readers,
+                graph_outputs: &graph_outputs,
+                producers: &producer_of,
+            };
+            if let Some(c) = pointwise::find(model, i, &uses, &absorbed) {
+                for &j in &c.nodes {
+                    absorbed[j] = true;
+                }
+                steps.push(Step {
+                    node_name: node.display_name(),
+                    op_type: node.op_type.clone(),
+                    label: c.label,
+                    kernel: c.kernel,
+                    inputs: vec![Some(slots.get_or_add(&c.input))],
+                    outputs: vec![slots.get_or_add(&c.output)],
                     release_after: Vec::new(),
                     owned_input: None,
                 });
