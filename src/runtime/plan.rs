@@ -138,6 +138,8 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
         }
     }
     let mut steps = Vec::with_capacity(graph.nodes.len());
+    // Pointwise chains, by the index of their last node (where their step runs).
+    let mut pending_chains: HashMap<usize, Step> = HashMap::new();
     for (i, node) in graph.nodes.iter().enumerate() {
         if let Some(f) = products.remove(&i) {
             steps.push(Step {
@@ -153,6 +155,9 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             continue;
         }
         if absorbed[i] {
+            if let Some(step) = pending_chains.remove(&i) {
+                steps.push(step);
+            }
             continue;
         }
         if options.fuse_quantized && node.op_type == "DequantizeLinear" {
@@ -191,16 +196,22 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
                 for &j in &c.nodes {
                     absorbed[j] = true;
                 }
-                steps.push(Step {
-                    node_name: node.display_name(),
-                    op_type: node.op_type.clone(),
-                    label: c.label,
-                    kernel: c.kernel,
-                    inputs: vec![Some(slots.get_or_add(&c.input))],
-                    outputs: vec![slots.get_or_add(&c.output)],
-                    release_after: Vec::new(),
-                    owned_input: None,
-                });
+                // The step runs where the chain's last node would: values it reads from
+                // outside may be computed by nodes between its first and last.
+                let last = *c.nodes.last().unwrap_or(&i);
+                pending_chains.insert(
+                    last,
+                    Step {
+                        node_name: node.display_name(),
+                        op_type: node.op_type.clone(),
+                        label: c.label,
+                        kernel: c.kernel,
+                        inputs: c.inputs.iter().map(|n| Some(slots.get_or_add(n))).collect(),
+                        outputs: vec![slots.get_or_add(&c.output)],
+                        release_after: Vec::new(),
+                        owned_input: None,
+                    },
+                );
                 continue;
             }
         }
