@@ -247,8 +247,8 @@ fn is_2x2_stride_2(g: &Pool2dGeom, h: usize, w: usize) -> bool {
 /// 2x2 / stride 2 max pooling over whole planes: `src` holds `rows` input rows of `w`
 /// (two per output row, across plane boundaries) and `dst` the `rows / 2` output rows.
 /// Eight outputs come from four loads, two maxes and a deinterleave; a row's last block may
-/// write past the row into the next one, which is then overwritten in order, so only the
-/// last row of `dst` and reads past `src` need the scalar tail.
+/// write past the row into the next ones, which are then overwritten in order, so only the
+/// last eight outputs of `dst` and reads past `src` need the scalar tail.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn max_2x2_avx2(src: &[f32], w: usize, dst: &mut [f32]) {
@@ -261,7 +261,8 @@ unsafe fn max_2x2_avx2(src: &[f32], w: usize, dst: &mut [f32]) {
         let top = 2 * r * w;
         let mut ox = 0;
         while ox < ow {
-            let full_write = ox + 8 <= ow || r + 1 < out_rows;
+            // Spilling into the next rows is fine (they are written after), past `dst` not.
+            let full_write = r * ow + ox + 8 <= dst.len();
             let full_read = top + w + 2 * ox + 16 <= src.len();
             if !(full_write && full_read) {
                 break;
@@ -518,6 +519,36 @@ mod tests {
     const AVG_EX: PoolKind = PoolKind::Avg {
         count_include_pad: false,
     };
+
+    #[test]
+    fn narrow_2x2_pools_write_nothing_past_their_output() {
+        // One or two outputs per row: a vector store at a row start spans the next rows, and
+        // near the end would run past the output (the fuzzer found a heap overflow here).
+        for (planes, h, w) in [
+            (1, 28, 2),
+            (2, 28, 2),
+            (8, 28, 2),
+            (3, 6, 4),
+            (1, 2, 14),
+            (5, 4, 6),
+        ] {
+            let x: Vec<f32> = (0..planes * h * w).map(|i| (i * 37 % 101) as f32).collect();
+            let g = geom([2, 2], [2, 2], [1, 1], [0; 4], false);
+            let n = planes * (h / 2) * (w / 2);
+            let mut buf = vec![-7.0f32; n + 16];
+            pool2d(&g, PoolKind::Max, &x, [planes, h, w], &mut buf[..n]).unwrap();
+            assert!(
+                buf[n..].iter().all(|&v| v == -7.0),
+                "{planes}x{h}x{w}: wrote past the end"
+            );
+            for (o, &got) in buf[..n].iter().enumerate() {
+                let (p, r, c) = (o / ((h / 2) * (w / 2)), o / (w / 2) % (h / 2), o % (w / 2));
+                let at = |dy: usize, dx: usize| x[p * h * w + (2 * r + dy) * w + 2 * c + dx];
+                let want = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
+                assert_eq!(got, want, "{planes}x{h}x{w} output {o}");
+            }
+        }
+    }
 
     /// Expected values from ONNX Runtime 1.32 on a 5x5 ramp 1..=25.
     #[test]
