@@ -164,6 +164,14 @@ impl Window {
 
     /// Output extent of `axis` (the rule of ONNX Runtime, also used by the kernels).
     fn out_len(&self, node: &Node, axis: usize, size: usize, ceil_mode: bool) -> Result<usize> {
+        // As ONNX Runtime: only the batch may be empty (a window over nothing but padding
+        // has no defined value, and SAME would make one output of an empty axis).
+        if size == 0 {
+            return Err(node_error(
+                node,
+                format!("empty spatial axis {axis} (only the batch dimension may be 0)"),
+            ));
+        }
         let (lo, hi) = self.pads_for(axis, size);
         let s = self.strides[axis];
         let span = self.span(axis);
@@ -227,6 +235,9 @@ impl Window {
 /// `[n, c, h, w]` of an NCHW (or NCL, as `h = 1`) input of `rank` 3 or 4.
 fn nchw(node: &Node, shape: &[usize]) -> Result<[usize; 4]> {
     match *shape {
+        // As ONNX Runtime: only the batch may be empty.
+        [_, _, 0] => Err(empty_spatial(node, shape)),
+        [_, _, h, w] if h == 0 || w == 0 => Err(empty_spatial(node, shape)),
         [n, c, l] => Ok([n, c, 1, l]),
         [n, c, h, w] => Ok([n, c, h, w]),
         _ => Err(node_error(
@@ -234,6 +245,14 @@ fn nchw(node: &Node, shape: &[usize]) -> Result<[usize; 4]> {
             format!("input of shape {shape:?}: only 1-D and 2-D spatial inputs (rank 3 or 4) are supported"),
         )),
     }
+}
+
+/// An input with an empty spatial axis (only the batch dimension may be 0).
+pub(crate) fn empty_spatial(node: &Node, shape: &[usize]) -> crate::error::Error {
+    node_error(
+        node,
+        format!("input of shape {shape:?} has an empty spatial axis (only the batch dimension may be 0)"),
+    )
 }
 
 #[cfg(test)]

@@ -312,6 +312,26 @@ mod tests {
     }
 
     #[test]
+    fn empty_spatial_axes_are_errors_as_in_onnx_runtime() {
+        // SAME padding made one output of an empty axis, which the kernels then split into
+        // zero-sized chunks (a panic the fuzzer found); ONNX Runtime refuses such inputs.
+        let x = Tensor::from_f32(vec![1, 2, 0, 3], vec![]).unwrap();
+        let w = Tensor::from_f32(vec![2, 1, 3, 3], vec![0.5; 18]).unwrap();
+        for (op, inputs) in [("MaxPool", 1), ("AveragePool", 1), ("Conv", 2)] {
+            let mut n = node(op, inputs)
+                .with_attr("kernel_shape", Attr::Ints(vec![3, 3]))
+                .with_attr("auto_pad", Attr::String("SAME_UPPER".into()));
+            if op == "Conv" {
+                n = n.with_attr("group", Attr::Int(2));
+            }
+            let args = [Some(&x), Some(&w)];
+            let e = run(&n, 13, &args[..inputs], &[false, true][..inputs], None).err();
+            let msg = e.map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains("empty spatial axis"), "{op}: {msg}");
+        }
+    }
+
+    #[test]
     fn max_pool_of_codes_with_hostile_pads_is_an_error_not_an_allocation() {
         let x = Tensor::new(vec![1, 2, 4, 4], TensorData::U8(vec![7; 32])).unwrap();
         for pad in [1i64 << 16, 1 << 30, i64::MAX] {

@@ -228,6 +228,9 @@ impl Prepared {
     fn run(&self, node: &Node, x: &Tensor, ctx: &mut RunCtx) -> Result<Tensor> {
         let xs = x.shape();
         let (n, c, h, w) = match *xs {
+            [_, _, 0] | [_, _, 0, _] | [_, _, _, 0] => {
+                return Err(crate::ops::nn::empty_spatial(node, xs))
+            }
             [n, c, l] => (n, c, 1, l),
             [n, c, h, w] => (n, c, h, w),
             _ => {

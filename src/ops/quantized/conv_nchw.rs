@@ -666,7 +666,8 @@ fn im2col_u8(
                     let src = &plane[iy as usize * w..(iy as usize + 1) * w];
                     dst[..lo].fill(zx);
                     dst[hi..].fill(zx);
-                    if sw == 1 {
+                    // A tap that sees only padding has lo == hi, and lo + off may be < 0.
+                    if sw == 1 && hi > lo {
                         let s = (lo as isize + off) as usize;
                         dst[lo..hi].copy_from_slice(&src[s..s + hi - lo]);
                     } else {
@@ -1061,6 +1062,36 @@ mod tests {
             }
         }
     }
+    #[test]
+    fn taps_that_see_only_padding_match_the_reference() {
+        // A 5x5 window on a 1-pixel-wide map: the outer taps read nothing but padding (the
+        // stride-1 column copy started before the row there: a panic the fuzzer found).
+        let mut rng = Rng::new(5);
+        for (g, [h, wd]) in [
+            (geom(3, 4, 1, [5, 5], [1, 1], [1, 1], [2, 2, 2, 2]), [1, 1]),
+            (geom(3, 4, 1, [5, 5], [1, 1], [1, 1], [2, 2, 2, 2]), [4, 1]),
+            (geom(2, 2, 2, [3, 7], [1, 1], [1, 1], [1, 3, 1, 3]), [2, 1]),
+        ] {
+            let k = g.c_in / g.groups * g.kernel[0] * g.kernel[1];
+            let w: Vec<i8> = (0..g.c_out * k)
+                .map(|_| rng.range_i32(-128, 127) as i8)
+                .collect();
+            let x: Vec<u8> = (0..g.c_in * h * wd)
+                .map(|_| rng.range_i32(0, 255) as u8)
+                .collect();
+            let (oh, ow) = g.out_hw(h, wd).unwrap();
+            let run = |fast: bool| {
+                let conv = IntConv::with_fast_paths(g.clone(), &w, &[0], OutputStage::Int32, fast);
+                let mut out = vec![0i32; g.c_out * oh * ow];
+                conv.unwrap()
+                    .run(&x, 9, [1, h, wd], g.pads, &mut out)
+                    .unwrap();
+                out
+            };
+            assert_eq!(run(true), run(false), "{:?} on {h}x{wd}", g.kernel);
+        }
+    }
+
     /// A fully connected layer (1x1 pixels) over a batch large enough to split its images
     /// across threads, against the HWC reference engine.
     #[test]

@@ -47,12 +47,7 @@ fn full_pads(rank: usize, pads: &[i64], axes: Option<&[i64]>) -> Result<Vec<(i64
 
 /// Source index for each output position along one dim; `None` is padding.
 fn index_map(dim: usize, (begin, end): (i64, i64), mode: Mode) -> Result<Vec<Option<usize>>> {
-    let out = dim as i64 + begin + end;
-    if out < 0 {
-        return Err(Error::Shape(format!(
-            "pads ({begin}, {end}) remove more than the {dim} elements of a dim"
-        )));
-    }
+    let out = padded_len(dim, (begin, end))? as i64;
     if dim == 0 && out > 0 && mode != Mode::Constant {
         return Err(Error::Shape(format!(
             "{mode:?} padding needs a non-empty dim"
@@ -81,6 +76,21 @@ fn index_map(dim: usize, (begin, end): (i64, i64), mode: Mode) -> Result<Vec<Opt
         .collect())
 }
 
+/// Length of a dim of `dim` elements with `begin` and `end` added (negative pads remove).
+fn padded_len(dim: usize, (begin, end): (i64, i64)) -> Result<usize> {
+    let out = i64::try_from(dim)
+        .ok()
+        .and_then(|d| d.checked_add(begin)?.checked_add(end));
+    match out {
+        Some(o) if o >= 0 => usize::try_from(o)
+            .map_err(|_| Error::Shape(format!("pads ({begin}, {end}) are too large"))),
+        Some(_) => Err(Error::Shape(format!(
+            "pads ({begin}, {end}) remove more than the {dim} elements of a dim"
+        ))),
+        None => Err(Error::Shape(format!("pads ({begin}, {end}) are too large"))),
+    }
+}
+
 fn pad_typed<T: Elem>(
     x: &Tensor,
     pads: &[(i64, i64)],
@@ -88,14 +98,24 @@ fn pad_typed<T: Elem>(
     fill: T,
     ctx: &mut RunCtx,
 ) -> Result<Tensor> {
+    // The output's size is checked before the per-dim index maps are built: pads come from
+    // the file, and one huge dim of an otherwise empty tensor must not allocate either.
+    let shape = x
+        .shape()
+        .iter()
+        .zip(pads)
+        .map(|(&d, &p)| padded_len(d, p))
+        .collect::<Result<Vec<_>>>()?;
+    let n = checked_numel(&shape, T::DTYPE.size_of())?;
+    if n == 0 {
+        return tensor::<T>(shape, Vec::new());
+    }
     let maps = x
         .shape()
         .iter()
         .zip(pads)
         .map(|(&d, &p)| index_map(d, p, mode))
         .collect::<Result<Vec<_>>>()?;
-    let shape: Vec<usize> = maps.iter().map(Vec::len).collect();
-    let n = checked_numel(&shape, T::DTYPE.size_of())?;
     let src = view::<T>(x)?;
     let mut out = T::filled(ctx, n);
     out.fill(fill);
@@ -103,9 +123,6 @@ fn pad_typed<T: Elem>(
         out.copy_from_slice(src);
         return tensor(shape, out);
     };
-    if n == 0 {
-        return tensor(shape, out);
-    }
     let strides = dense_strides(x.shape());
     let row = last_map.len();
     let begin = pads.last().map_or(0, |p| p.0);
@@ -309,6 +326,25 @@ mod tests {
         assert_eq!(s, vec![1, 3]);
         assert_eq!(v, vec![9., 3., 4.]);
         assert!(run("Pad", 13, &[], vec![iota(&[2]), i64t(&[2], &[-3, 0])], 1).is_err());
+    }
+
+    #[test]
+    fn huge_pads_are_errors_not_allocations() {
+        // The per-dim index maps used to be built before the output's size was checked.
+        for pads in [[0, 1 << 40], [0, 1 << 62], [i64::MAX, 1], [0, i64::MAX]] {
+            let r = run("Pad", 13, &[], vec![iota(&[3]), i64t(&[2], &pads)], 1);
+            let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains("too large"), "{pads:?}: {msg}");
+        }
+        // An empty tensor stays empty however far another dim is padded.
+        let (s, v) = run_f32(
+            "Pad",
+            13,
+            &[],
+            vec![iota(&[0, 2]), i64t(&[4], &[0, 0, 0, 1 << 40])],
+        );
+        assert_eq!(s, vec![0, (1 << 40) + 2]);
+        assert!(v.is_empty());
     }
 
     #[test]
