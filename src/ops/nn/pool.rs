@@ -180,7 +180,38 @@ fn compile_pool(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
         }
     }
     require_f32(node, ctx.input_type(0), 0)?;
-    Ok(Box::new(PoolKernel(PoolWindow::parse(node)?)))
+    let f32_pool = PoolKernel(PoolWindow::parse(node)?);
+    // Input type unknown until run time (a QLinearConv's output in a file without value
+    // types, say): a MaxPool may still be handed codes.
+    if node.op_type == "MaxPool" && ctx.input_type(0).is_none() {
+        let codes = |dt: DType, lowest: u8| -> Result<MaxPoolLutKernel> {
+            let identity = CodeTable::from_outputs(dt, &CodeTable::all_codes(dt)?)?;
+            MaxPoolLutKernel::new(node, node, identity, lowest)
+        };
+        return Ok(Box::new(AnyMaxPool {
+            f32_pool,
+            u8_pool: codes(DType::U8, 0)?,
+            i8_pool: codes(DType::I8, 0x80)?,
+        }));
+    }
+    Ok(Box::new(f32_pool))
+}
+
+/// MaxPool compiled before its input's type is known: picks the pool by the input's type.
+struct AnyMaxPool {
+    f32_pool: PoolKernel,
+    u8_pool: MaxPoolLutKernel,
+    i8_pool: MaxPoolLutKernel,
+}
+
+impl Kernel for AnyMaxPool {
+    fn run(&self, inputs: &[Option<&Tensor>], ctx: &mut RunCtx) -> Result<Vec<Tensor>> {
+        match inputs.first().copied().flatten().map(Tensor::dtype) {
+            Some(DType::U8) => self.u8_pool.run(inputs, ctx),
+            Some(DType::I8) => self.i8_pool.run(inputs, ctx),
+            _ => self.f32_pool.run(inputs, ctx),
+        }
+    }
 }
 
 impl Kernel for PoolKernel {
@@ -308,6 +339,37 @@ mod tests {
                 .map(|&v| v as f32)
                 .collect();
             assert_eq!(&got, want[0].as_f32().unwrap(), "signed {signed}");
+        }
+    }
+
+    #[test]
+    fn max_pool_of_an_untyped_input_takes_codes_and_floats() {
+        // lithe's own `--lookup-tables` QOperator files pool a QLinearConv's output, whose
+        // type the file does not declare: compiled untyped, the pool must still take codes.
+        let n = node("MaxPool", 1).with_attr("kernel_shape", Attr::Ints(vec![2, 2]));
+        let kernel = (crate::ops::lookup(&n, 13).unwrap().compile)(&CompileCtx {
+            node: &n,
+            opset: 13,
+            input_types: vec![None],
+            constants: vec![None],
+            fused_activation: None,
+        })
+        .unwrap();
+        let codes: Vec<u8> = (0..2 * 16).map(|i| (i * 37 % 256) as u8).collect();
+        let mut ctx = RunCtx::default();
+        for x in [
+            Tensor::new(vec![1, 2, 4, 4], TensorData::U8(codes.clone())).unwrap(),
+            Tensor::new(
+                vec![1, 2, 4, 4],
+                TensorData::I8(codes.iter().map(|&c| c as i8).collect()),
+            )
+            .unwrap(),
+            t(&[1, 2, 4, 4], codes.iter().map(|&c| f32::from(c)).collect()),
+        ] {
+            let got = kernel.run(&[Some(&x)], &mut ctx).unwrap();
+            let want = run(&n, 13, &[Some(&x)], &[false], None).unwrap();
+            assert_eq!(got[0].dtype(), x.dtype());
+            assert_eq!(got[0].to_f32_vec(), want[0].to_f32_vec());
         }
     }
 
