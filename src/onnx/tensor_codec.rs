@@ -292,8 +292,18 @@ fn read_vec<T, const N: usize>(
     r: &mut dyn Read,
     conv: impl Fn([u8; N]) -> T,
 ) -> io::Result<Vec<T>> {
-    // Callers validated numel against the bytes actually available, so this is bounded.
-    let mut out = Vec::with_capacity(numel);
+    // Callers validated numel against the bytes actually available; a large external data
+    // file may still hold more than memory does: an error, not an abort.
+    let mut out = Vec::new();
+    out.try_reserve_exact(numel).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!(
+                "cannot allocate {} bytes for the tensor",
+                numel.saturating_mul(N)
+            ),
+        )
+    })?;
     let mut left = numel * N;
     let mut buf = vec![0u8; left.min(CHUNK)];
     while left > 0 {

@@ -250,7 +250,8 @@ fn attr_axes(node: &crate::ir::Node, opset: i64) -> Result<Option<Vec<i64>>> {
 
 fn squeeze_shape(shape: &[usize], axes: Option<&[i64]>) -> Result<Vec<usize>> {
     match axes {
-        None => Ok(shape.iter().copied().filter(|&d| d != 1).collect()),
+        // An empty axes list squeezes every unit axis, as no list does (ONNX Runtime).
+        None | Some([]) => Ok(shape.iter().copied().filter(|&d| d != 1).collect()),
         Some(axes) => {
             let axes = axes_in(axes, shape.len())?;
             for &a in &axes {
@@ -343,6 +344,8 @@ pub fn infer_squeeze(ctx: &InferCtx) -> Result<Vec<TypeInfo>> {
         Some(a) => Some(a),
         None => const_ints(ctx, 1)?,
     };
+    // Squeeze with an empty axes list is Squeeze without one.
+    let axes = axes.filter(|a| unsqueeze || !a.is_empty());
     let axes_given = axes.is_some() || (ctx.opset >= 13 && has_input(node, 1));
     let shape = match (&x.shape, axes) {
         (Some(dims), Some(axes)) if unsqueeze => {
@@ -520,6 +523,9 @@ mod tests {
         assert_eq!(s, vec![3]);
         let (s, _) = run_f32("Squeeze", 13, &[], vec![x.clone(), i64t(&[1], &[-1])]);
         assert_eq!(s, vec![1, 3]);
+        // An empty axes list squeezes every unit axis, as ONNX Runtime does.
+        let (s, _) = run_f32("Squeeze", 13, &[], vec![x.clone(), i64t(&[0], &[])]);
+        assert_eq!(s, vec![3]);
         let (s, _) = run_f32(
             "Squeeze",
             11,
