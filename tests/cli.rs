@@ -156,3 +156,41 @@ fn bad_files_give_one_line_errors() {
         "no-such-set",
     );
 }
+
+/// A tiny model asking for one tensor larger than the process may allocate (here under
+/// `ulimit -v`): a one-line error naming the node, not an abort in the allocator.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_tensor_larger_than_memory_is_an_error_not_an_abort() {
+    use lithe::ir::{Attr, DType, Graph, Model, Node, Tensor, TensorData, TypeInfo, ValueInfo};
+    let mut g = Graph {
+        outputs: vec![ValueInfo::new("y", TypeInfo::unknown_shape(DType::F32))],
+        nodes: vec![Node::new(
+            "fill",
+            "ConstantOfShape",
+            vec!["shape".into()],
+            vec!["y".into()],
+        )
+        .with_attr(
+            "value",
+            Attr::Tensor(Tensor::from_f32(vec![1], vec![0.5]).expect("value")),
+        )],
+        ..Graph::default()
+    };
+    // 2^31 floats: 8 GiB, under the 16 GiB per-tensor cap but over the 2 GB allowed below.
+    let shape = Tensor::new(vec![1], TensorData::I64(vec![1 << 31])).expect("shape");
+    g.initializers.insert("shape".into(), shape);
+    let path = tmp("eight_gib.onnx");
+    lithe::onnx::save_model(&Model::new(g, 13), &path, &Default::default()).expect("save");
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 2000000 && exec '{}' run '{}'",
+            env!("CARGO_BIN_EXE_lithe"),
+            path.display()
+        ))
+        .output()
+        .expect("sh");
+    assert_one_line_failure(&o, "memory available");
+    assert!(stderr(&o).contains("fill"), "{}", stderr(&o));
+}
