@@ -9,6 +9,7 @@ pub mod error;
 pub mod eval;
 pub mod ir;
 pub mod kernels;
+pub mod memory;
 pub mod onnx;
 pub mod ops;
 pub mod passes;

@@ -296,22 +296,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&trainer.history)?);
     }
-    match peak_rss_mib() {
+    match lithe::memory::peak_rss_mib() {
         Some(mib) => println!("wrote {} (peak memory {mib:.0} MiB)", args.output.display()),
         None => println!("wrote {}", args.output.display()),
     }
     Ok(())
-}
-
-/// Peak resident memory of this process (VmHWM), where /proc exposes it.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
 }

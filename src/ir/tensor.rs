@@ -80,7 +80,7 @@ pub fn checked_numel(shape: &[usize], elem_size: usize) -> Result<usize> {
             "shape {shape:?} needs {bytes} bytes, more than the {MAX_TENSOR_BYTES} byte limit"
         )));
     }
-    if let Some(available) = memory_available() {
+    if let Some(available) = crate::memory::available() {
         if bytes > available {
             return Err(Error::TooLarge(format!(
                 "shape {shape:?} needs {bytes} bytes, more than the {available} bytes of memory available (byte limit {MAX_TENSOR_BYTES})"
@@ -88,56 +88,6 @@ pub fn checked_numel(shape: &[usize], elem_size: usize) -> Result<usize> {
         }
     }
     Ok(n)
-}
-
-/// Memory the process could use when first asked: the smaller of the system's available
-/// memory and its cgroup's limit (Linux; `None` elsewhere or when unreadable). A tensor larger
-/// than that would abort in the allocator, or push the machine into swap, before any error.
-fn memory_available() -> Option<usize> {
-    static AVAILABLE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let kib: usize = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        let system = kib.saturating_mul(1024);
-        let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok());
-        Some(
-            [cgroup, address_space_left()]
-                .into_iter()
-                .flatten()
-                .fold(system, usize::min),
-        )
-    })
-}
-
-/// Room left under the process's address-space limit (`ulimit -v`), if it has one.
-fn address_space_left() -> Option<usize> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let limit: usize = limits
-        .lines()
-        .find_map(|l| l.strip_prefix("Max address space"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let used_kib: usize = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(limit.saturating_sub(used_kib.saturating_mul(1024)))
 }
 
 impl Tensor {
