@@ -118,18 +118,16 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
         .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i)))
         .collect();
 
+    let uses = qfuse::Uses {
+        readers: &readers,
+        graph_outputs: &graph_outputs,
+        producers: &producer_of,
+    };
     let mut absorbed = vec![false; graph.nodes.len()];
     // Quantized products are found first: their weights' DequantizeLinear nodes come before
     // them in the graph and must not be planned when the fused step alone read them.
     let mut products = match options.fuse_qdq_products {
-        true => qdq_products::find(
-            model,
-            &qfuse::Uses {
-                readers: &readers,
-                graph_outputs: &graph_outputs,
-                producers: &producer_of,
-            },
-        ),
+        true => qdq_products::find(model, &uses),
         false => HashMap::new(),
     };
     for f in products.values() {
@@ -161,11 +159,6 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             continue;
         }
         if options.fuse_quantized && node.op_type == "DequantizeLinear" {
-            let uses = qfuse::Uses {
-                readers: &readers,
-                graph_outputs: &graph_outputs,
-                producers: &producer_of,
-            };
             let chain = qfuse::fuse_chain(model, i, &uses)
                 .filter(|f| f.nodes.iter().all(|&j| !absorbed[j]));
             if let Some(f) = chain {
@@ -187,11 +180,6 @@ pub fn build(model: &Model, options: &PlanOptions) -> Result<Plan> {
             }
         }
         if options.fuse_activations {
-            let uses = qfuse::Uses {
-                readers: &readers,
-                graph_outputs: &graph_outputs,
-                producers: &producer_of,
-            };
             if let Some(c) = pointwise::find(model, i, &uses, &absorbed) {
                 for &j in &c.nodes {
                     absorbed[j] = true;
