@@ -113,7 +113,8 @@ pub struct Chain {
 /// What [`find`] has gathered so far.
 struct Building<'a> {
     model: &'a Model,
-    start: usize,
+    /// The chain starts with a Cast of its i32 input, which no later node may read.
+    cast_first: bool,
     /// Chain value -> register.
     regs: HashMap<&'a str, usize>,
     /// Values computed before the chain that it reads, in order.
@@ -159,7 +160,7 @@ pub fn find(model: &Model, start: usize, uses: &Uses, absorbed: &[bool]) -> Opti
         });
     let mut b = Building {
         model,
-        start,
+        cast_first: first_op == Op::CastI32,
         regs: HashMap::from([(input, 0)]),
         exts: Vec::new(),
         last_dim,
@@ -255,17 +256,13 @@ fn instruction<'a>(b: &mut Building<'a>, node: &'a Node, first: bool) -> Option<
         return None;
     }
     let graph = &b.model.graph;
-    let cast_first = b.regs.len() > 1 && {
-        let first_node = &graph.nodes[b.start];
-        Op::of(first_node) == Some(Op::CastI32)
-    };
     let mut args = Vec::with_capacity(node.inputs.len());
     let mut consts = Vec::with_capacity(node.inputs.len());
     for name in &node.inputs {
         consts.push(None);
         if let Some(&r) = b.regs.get(name.as_str()) {
             // The i32 input of a chain that starts with a Cast is for the Cast alone.
-            if r == 0 && cast_first {
+            if r == 0 && b.cast_first && !first {
                 return None;
             }
             args.push(Operand::Reg(r));
