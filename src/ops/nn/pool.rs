@@ -168,15 +168,10 @@ struct PoolKernel(PoolWindow);
 fn compile_pool(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
     let node = ctx.node;
     // MaxPool takes 8-bit codes from opset 12 (a quantized model pools them between two
-    // integer convolutions): the integer pool with the identity table, a window over only
-    // padding giving the type's lowest code, as ONNX Runtime does.
+    // integer convolutions), as ONNX Runtime does.
     if let Some(dt @ (DType::U8 | DType::I8)) = ctx.input_type(0).map(|t| t.dtype) {
         if node.op_type == "MaxPool" {
-            let identity = CodeTable::from_outputs(dt, &CodeTable::all_codes(dt)?)?;
-            let lowest = if dt == DType::I8 { 0x80 } else { 0 };
-            return Ok(Box::new(MaxPoolLutKernel::new(
-                node, node, identity, lowest,
-            )?));
+            return Ok(Box::new(max_pool_of_codes(node, dt)?));
         }
     }
     require_f32(node, ctx.input_type(0), 0)?;
@@ -184,17 +179,21 @@ fn compile_pool(ctx: &CompileCtx) -> Result<Box<dyn Kernel>> {
     // Input type unknown until run time (a QLinearConv's output in a file without value
     // types, say): a MaxPool may still be handed codes.
     if node.op_type == "MaxPool" && ctx.input_type(0).is_none() {
-        let codes = |dt: DType, lowest: u8| -> Result<MaxPoolLutKernel> {
-            let identity = CodeTable::from_outputs(dt, &CodeTable::all_codes(dt)?)?;
-            MaxPoolLutKernel::new(node, node, identity, lowest)
-        };
         return Ok(Box::new(AnyMaxPool {
             f32_pool,
-            u8_pool: codes(DType::U8, 0)?,
-            i8_pool: codes(DType::I8, 0x80)?,
+            u8_pool: max_pool_of_codes(node, DType::U8)?,
+            i8_pool: max_pool_of_codes(node, DType::I8)?,
         }));
     }
     Ok(Box::new(f32_pool))
+}
+
+/// MaxPool on 8-bit codes of type `dt`: the integer pool with the identity table, a window
+/// over only padding giving the type's lowest code.
+fn max_pool_of_codes(node: &Node, dt: DType) -> Result<MaxPoolLutKernel> {
+    let identity = CodeTable::from_outputs(dt, &CodeTable::all_codes(dt)?)?;
+    let lowest = if dt == DType::I8 { 0x80 } else { 0 };
+    MaxPoolLutKernel::new(node, node, identity, lowest)
 }
 
 /// MaxPool compiled before its input's type is known: picks the pool by the input's type.
