@@ -45,9 +45,10 @@ fn full_pads(rank: usize, pads: &[i64], axes: Option<&[i64]>) -> Result<Vec<(i64
     Ok(out)
 }
 
-/// Source index for each output position along one dim; `None` is padding.
-fn index_map(dim: usize, (begin, end): (i64, i64), mode: Mode) -> Result<Vec<Option<usize>>> {
-    let out = padded_len(dim, (begin, end))? as i64;
+/// Source index for each of the `out` output positions along one dim of `dim` elements
+/// padded by `begin` in front ([`padded_len`] gives `out`); `None` is padding.
+fn index_map(dim: usize, begin: i64, out: usize, mode: Mode) -> Result<Vec<Option<usize>>> {
+    let out = out as i64;
     if dim == 0 && out > 0 && mode != Mode::Constant {
         return Err(Error::Shape(format!(
             "{mode:?} padding needs a non-empty dim"
@@ -114,7 +115,8 @@ fn pad_typed<T: Elem>(
         .shape()
         .iter()
         .zip(pads)
-        .map(|(&d, &p)| index_map(d, p, mode))
+        .zip(&shape)
+        .map(|((&d, &(begin, _)), &out)| index_map(d, begin, out, mode))
         .collect::<Result<Vec<_>>>()?;
     let src = view::<T>(x)?;
     let mut out = T::filled(ctx, n);
